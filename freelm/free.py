@@ -1,0 +1,250 @@
+"""The free() operation: parse the Free-Module's deletion commands and apply them.
+
+The Free-Module never rewrites text; it names spans to delete with two string
+anchors. This module is the deterministic executor that turns those anchors into
+character spans. It is pure Python with no dependencies so that the loop, the
+training-data tools and the tests all share exactly one definition.
+
+Semantics (see docs/free.md for worked examples):
+
+* every command is resolved against the ORIGINAL text, never against the text
+  left by an earlier command of the same round;
+* ``prefix`` must occur exactly once (occurrences may overlap), else the command
+  is skipped as ``prefix_not_found`` / ``prefix_ambiguous``;
+* the span starts at the prefix and ends at the end of the first occurrence of
+  ``suffix`` that starts at or after the end of the prefix (``suffix_not_found``
+  otherwise); both anchors are deleted;
+* empty anchors are skipped (``empty_anchor``);
+* overlapping or touching spans are merged by default (the union of what the
+  cleaner asked for); with ``overlap="skip"`` a span that overlaps an earlier
+  accepted one (in command order) is skipped as ``overlap``.
+
+Model output is untrusted: :func:`parse_commands` never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "Deletion",
+    "Edit",
+    "ParsedCommands",
+    "SKIP_REASONS",
+    "apply_deletions",
+    "format_commands",
+    "parse_commands",
+    "remove_spans",
+]
+
+SKIP_REASONS = ("empty_anchor", "prefix_not_found", "prefix_ambiguous", "suffix_not_found", "overlap")
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One command: delete from the unique ``prefix`` to the end of the next ``suffix``."""
+
+    prefix: str
+    suffix: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"prefix": self.prefix, "suffix": self.suffix}
+
+
+class ParsedCommands(list):
+    """A ``list[Deletion]`` that also says why parsing failed or what it dropped.
+
+    ``error`` is set when nothing usable was found (the caller logs it and skips
+    the round); ``dropped`` lists malformed items that were ignored while the
+    valid ones were kept.
+    """
+
+    def __init__(self, items: Iterable[Deletion] = (), error: str | None = None, dropped: list[str] | None = None):
+        super().__init__(items)
+        self.error = error
+        self.dropped: list[str] = dropped or []
+
+
+@dataclass
+class Edit:
+    """Result of applying deletions: ``text`` is the original minus ``spans``.
+
+    ``spans`` are disjoint, sorted ``(start, end)`` pairs in the ORIGINAL text's
+    coordinates; ``applied`` are the commands that resolved; ``skipped`` pairs each
+    rejected command with its reason (one of :data:`SKIP_REASONS`).
+    """
+
+    text: str
+    spans: list[Span] = field(default_factory=list)
+    applied: list[Deletion] = field(default_factory=list)
+    skipped: list[tuple[Deletion, str]] = field(default_factory=list)
+
+    @property
+    def chars_deleted(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_THINK_CLOSE = "</think>"
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_DECODER = json.JSONDecoder()
+
+
+def parse_commands(raw: str) -> ParsedCommands:
+    """Extract deletion commands from a cleaner's raw output.
+
+    Accepts a bare JSON list, a list inside a code fence, a list with prose
+    around it, a ``<think>...</think>`` block before it (only the text after the
+    last ``</think>`` is read), a single ``{"prefix", "suffix"}`` object, and a
+    list cut off mid-way (the complete objects before the cut are recovered, as
+    happens when the cleaner hits its token limit). ``[]`` is a valid "delete
+    nothing". Never raises.
+    """
+    if not isinstance(raw, str):
+        return ParsedCommands(error=f"not_text: {type(raw).__name__}")
+    text = raw.rsplit(_THINK_CLOSE, 1)[-1] if _THINK_CLOSE in raw else raw
+    text = text.strip()
+    if not text:
+        return ParsedCommands(error="empty_output")
+
+    candidates = [m.group(1).strip() for m in _FENCE.finditer(text)] + [text]
+    for candidate in candidates:
+        value = _first_json_value(candidate)
+        if value is not _NOTHING:
+            return _commands_from_value(value)
+    recovered = _recover_objects(text)
+    if recovered:
+        return _commands_from_value(recovered, note="truncated_list_recovered")
+    return ParsedCommands(error="no_json_list")
+
+
+_NOTHING = object()
+
+
+def _first_json_value(text: str):
+    """The first JSON list (or object) that decodes completely, else ``_NOTHING``."""
+    try:
+        value = json.loads(text)
+        if isinstance(value, (list, dict)):
+            return value
+    except ValueError:
+        pass
+    for match in re.finditer(r"[\[{]", text):
+        try:
+            value, _ = _DECODER.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, (list, dict)):
+            return value
+    return _NOTHING
+
+
+def _recover_objects(text: str) -> list:
+    """Complete ``{...}`` objects of a list whose closing bracket never came."""
+    start = text.find("[")
+    if start < 0:
+        return []
+    found, pos = [], start + 1
+    while True:
+        brace = text.find("{", pos)
+        if brace < 0:
+            return found
+        try:
+            value, pos = _DECODER.raw_decode(text, brace)
+        except ValueError:
+            return found
+        found.append(value)
+
+
+def _commands_from_value(value, note: str | None = None) -> ParsedCommands:
+    if isinstance(value, dict):
+        value = [value]
+    commands, dropped = [], []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            dropped.append(f"item {i}: not an object")
+        elif not isinstance(item.get("prefix"), str) or not isinstance(item.get("suffix"), str):
+            dropped.append(f"item {i}: needs string 'prefix' and 'suffix'")
+        else:
+            commands.append(Deletion(item["prefix"], item["suffix"]))
+    if note:
+        dropped.insert(0, note)
+    return ParsedCommands(commands, dropped=dropped)
+
+
+def format_commands(deletions: Iterable[Deletion]) -> str:
+    """The canonical JSON the Free-Module is trained to write (one source of truth)."""
+    return json.dumps([d.to_dict() for d in deletions], ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def _resolve(text: str, d: Deletion) -> Span | str:
+    if not d.prefix or not d.suffix:
+        return "empty_anchor"
+    start = text.find(d.prefix)
+    if start < 0:
+        return "prefix_not_found"
+    if text.find(d.prefix, start + 1) >= 0:
+        return "prefix_ambiguous"
+    suffix_at = text.find(d.suffix, start + len(d.prefix))
+    if suffix_at < 0:
+        return "suffix_not_found"
+    return (start, suffix_at + len(d.suffix))
+
+
+def apply_deletions(text: str, deletions: Iterable[Deletion], overlap: Literal["merge", "skip"] = "merge") -> Edit:
+    """Delete every resolvable command's span from ``text``.
+
+    ``text`` must be the editable region only (the thinking so far): the caller
+    keeps the problem statement and chat template out of reach. Cost is linear in
+    ``len(text)`` per command.
+    """
+    if overlap not in ("merge", "skip"):
+        raise ValueError(f"overlap must be 'merge' or 'skip', got {overlap!r}")
+    resolved: list[tuple[Span, Deletion]] = []
+    skipped: list[tuple[Deletion, str]] = []
+    for d in deletions:
+        span = _resolve(text, d)
+        if isinstance(span, str):
+            skipped.append((d, span))
+        elif overlap == "skip" and any(span[0] < e and s < span[1] for (s, e), _ in resolved):
+            skipped.append((d, "overlap"))
+        else:
+            resolved.append((span, d))
+    edit = remove_spans(text, [span for span, _ in resolved])
+    edit.applied = [d for _, d in resolved]
+    edit.skipped = skipped
+    return edit
+
+
+def remove_spans(text: str, spans: Iterable[Span]) -> Edit:
+    """Remove character spans (merging overlapping or touching ones).
+
+    The shared tail of :func:`apply_deletions` and of cleaners that pick spans
+    directly (e.g. the head-and-tail truncation baseline).
+    """
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if not 0 <= start <= end <= len(text):
+            raise ValueError(f"span ({start}, {end}) outside text of length {len(text)}")
+        if start == end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces, pos = [], 0
+    for start, end in merged:
+        pieces.append(text[pos:start])
+        pos = end
+    pieces.append(text[pos:])
+    return Edit(text="".join(pieces), spans=[(s, e) for s, e in merged])

@@ -1,0 +1,253 @@
+"""Records that cross module boundaries: one schema, written by the runner, read by evaluation.
+
+Data flows one way: ``loop`` produces a :class:`RolloutResult` (with one
+:class:`RoundRecord` per reasoning call), ``runner`` wraps it with the problem's
+identity into a :class:`RolloutRecord` and appends it as one JSONL line, and
+``evaluation`` / the trace viewer read those lines back with :func:`read_rollouts`.
+
+A rollout's history is replayable from its rounds: the thinking text before
+round *r*'s cleaning is the thinking after round *r-1*'s cleaning plus round
+*r*'s ``generated_text``; ``clean.deleted_spans`` are in that text's coordinates
+(see :meth:`RolloutRecord.replay`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+
+RolloutFinish = Literal["stop", "length", "context_overflow", "error"]
+
+
+@dataclass
+class CleanRecord:
+    """One cleaning round (Free-Module call + executor)."""
+
+    cleaner: str
+    context_tokens_before: int
+    context_tokens_after: int
+    deleted_spans: list[tuple[int, int]] = field(default_factory=list)
+    chars_deleted: int = 0
+    tokens_deleted: int = 0
+    applied: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"prefix", "suffix", "reason"}
+    parse_error: str | None = None
+    dropped: list[str] = field(default_factory=list)
+    raw_output: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RoundRecord:
+    """One reasoning call, and the cleaning that followed it (if any)."""
+
+    index: int
+    generated_text: str
+    generated_tokens: int
+    prompt_tokens: int  # context sent to the reasoner
+    context_tokens: int  # context after this call, before cleaning
+    reused_tokens: int  # prompt tokens equal to the previous reasoning request's prefix
+    cached_tokens: int | None  # as reported by the server (None: not reported)
+    finish_reason: str
+    latency_s: float
+    clean: CleanRecord | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        d = dict(d)
+        clean = d.pop("clean", None)
+        if clean is not None:
+            clean = CleanRecord(**{**clean, "deleted_spans": [tuple(s) for s in clean.get("deleted_spans", [])]})
+        return cls(**d, clean=clean)
+
+
+@dataclass
+class RolloutResult:
+    """Everything one rollout of the loop produced."""
+
+    response: str  # the final kept text after the prompt: pruned thinking, "</think>", answer
+    finish_reason: RolloutFinish
+    prompt_tokens: int  # the reasoning prompt (chat template + problem)
+    generated_tokens: int  # every token the reasoner generated, deleted or not
+    final_context_tokens: int
+    peak_context_tokens: int
+    rounds: list[RoundRecord] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def cleaning_rounds(self) -> int:
+        return sum(1 for r in self.rounds if r.clean is not None)
+
+    @property
+    def reasoning_time_s(self) -> float:
+        return sum(r.latency_s for r in self.rounds)
+
+    @property
+    def cleaning_time_s(self) -> float:
+        return sum(r.clean.latency_s for r in self.rounds if r.clean is not None)
+
+
+@dataclass
+class RolloutRecord:
+    """One line of the runner's output JSONL: problem identity + rollout result."""
+
+    id: str
+    source: str
+    rollout: int
+    seed: int
+    answer: str | None
+    mode: str  # "freelm", "vanilla", or a baseline cleaner's name
+    config_hash: str
+    response: str
+    finish_reason: RolloutFinish
+    prompt_tokens: int
+    generated_tokens: int
+    final_context_tokens: int
+    peak_context_tokens: int
+    cleaning_rounds: int
+    wall_time_s: float
+    reasoning_time_s: float
+    cleaning_time_s: float
+    rounds: list[RoundRecord] = field(default_factory=list)
+    prompt: str | None = None
+    error: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_result(
+        cls,
+        result: RolloutResult,
+        *,
+        id: str,
+        source: str,
+        rollout: int,
+        seed: int,
+        answer: str | None,
+        mode: str,
+        config_hash: str,
+        prompt: str | None = None,
+    ) -> RolloutRecord:
+        return cls(
+            id=id,
+            source=source,
+            rollout=rollout,
+            seed=seed,
+            answer=answer,
+            mode=mode,
+            config_hash=config_hash,
+            response=result.response,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            generated_tokens=result.generated_tokens,
+            final_context_tokens=result.final_context_tokens,
+            peak_context_tokens=result.peak_context_tokens,
+            cleaning_rounds=result.cleaning_rounds,
+            wall_time_s=result.wall_time_s,
+            reasoning_time_s=result.reasoning_time_s,
+            cleaning_time_s=result.cleaning_time_s,
+            rounds=result.rounds,
+            prompt=prompt,
+            error=result.error,
+        )
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.id, self.rollout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutRecord:
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"not a rollout record: missing field(s) {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["rounds"] = [RoundRecord.from_dict(r) for r in d.get("rounds", [])]
+        return cls(**kwargs)
+
+    def replay(self) -> Iterator[tuple[RoundRecord, str]]:
+        """Yield ``(round, thinking_before_cleaning)`` for every round, in order."""
+        thinking = ""
+        for rnd in self.rounds:
+            thinking += rnd.generated_text
+            yield rnd, thinking
+            if rnd.clean is not None and rnd.clean.deleted_spans:
+                kept, pos = [], 0
+                for start, end in rnd.clean.deleted_spans:
+                    kept.append(thinking[pos:start])
+                    pos = end
+                kept.append(thinking[pos:])
+                thinking = "".join(kept)
+
+
+# --------------------------------------------------------------------------- JSONL I/O
+
+
+def append_jsonl(handle, obj: dict[str, Any]) -> None:
+    """Append one line and push it to disk: a kill can lose only what is in flight."""
+    handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)``; a torn LAST line (a writer killed mid-line) is dropped.
+
+    Any other unparseable line is an error naming the file and line.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    torn_tail = not data.endswith(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            if tolerate_torn_tail and torn_tail and number == len(lines):
+                return
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def repair_torn_tail(path: str | Path) -> int:
+    """Truncate a torn last line left by a killed writer; returns the bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        cut = data.rfind(b"\n") + 1
+        f.truncate(cut)
+        return len(data) - cut
+
+
+def read_rollouts(path: str | Path) -> list[RolloutRecord]:
+    """Read a runner output file, naming the file and line of any bad record."""
+    records = []
+    for number, obj in iter_jsonl(path):
+        try:
+            records.append(RolloutRecord.from_dict(obj))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from exc
+    return records

@@ -7,7 +7,7 @@ identity into a :class:`RolloutRecord` and appends it as one JSONL line, and
 
 A rollout's history is replayable from its rounds: the thinking text before
 round *r*'s cleaning is the thinking after round *r-1*'s cleaning plus round
-*r*'s ``generated_text``; ``clean.deleted_spans`` are in that text's coordinates
+*r*'s ``generated_text`` (less ``rewound_chars``, almost always 0); ``clean.deleted_spans`` are in that text's coordinates
 (see :meth:`RolloutRecord.replay`).
 """
 
@@ -61,6 +61,7 @@ class RoundRecord:
     finish_reason: str
     latency_s: float
     clean: CleanRecord | None = None
+    rewound_chars: int = 0  # trailing chars of the previous text redecoded (a split multi-byte character)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
@@ -183,7 +184,7 @@ class RolloutRecord:
         """Yield ``(round, thinking_before_cleaning)`` for every round, in order."""
         thinking = ""
         for rnd in self.rounds:
-            thinking += rnd.generated_text
+            thinking = thinking[: len(thinking) - rnd.rewound_chars] + rnd.generated_text
             yield rnd, thinking
             if rnd.clean is not None and rnd.clean.deleted_spans:
                 kept, pos = [], 0

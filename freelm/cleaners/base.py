@@ -1,0 +1,36 @@
+"""The cleaner interface: given the problem and the thinking so far, say what to delete.
+
+One small interface (in the spirit of kvpress' presses) so that the Free-Module,
+the vanilla no-op and non-learned baselines are interchangeable in the loop and
+in the runner's ``--cleaner`` flag. A cleaner returns an :class:`~freelm.free.Edit`
+of the thinking text; the loop owns the token bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from freelm.free import Edit
+
+
+@dataclass
+class CleanOutcome:
+    """A cleaner's answer for one round, with what is needed for telemetry."""
+
+    edit: Edit
+    raw_output: str | None = None
+    parse_error: str | None = None
+    dropped: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+
+
+@runtime_checkable
+class Cleaner(Protocol):
+    """``clean`` must not raise on bad model output; backend failures may raise ``BackendError``."""
+
+    name: str
+
+    async def clean(self, problem: str, thinking: str) -> CleanOutcome: ...

@@ -1,0 +1,223 @@
+"""One Free()LM rollout: reasoning mode and cleaning mode, alternating.
+
+What the model sees
+-------------------
+Reasoning mode sends ``prompt_ids + response_ids`` to the reasoner with no
+adapter. ``prompt_ids`` is the rendered reasoning prompt (chat template applied
+to the problem, ending with ``<think>\\n``) and never changes; ``response_ids`` is
+everything generated since, minus what cleaning deleted. Generation runs in
+chunks of at most ``clean_every`` tokens.
+
+After each full chunk, while the response is still inside ``<think>`` (no
+``</think>`` yet), cleaning mode asks the cleaner about the thinking text (only
+that text is editable: the problem and template are out of reach). The edit is
+applied to the text; the token ids before the first deleted character are kept
+verbatim and only the remainder is re-tokenized, so the server's prefix (radix)
+cache still covers the unchanged prefix (SGLang reuses only the longest common
+token prefix, apis.md §1.6). Reasoning then resumes on the pruned context.
+
+Budgets
+-------
+``max_tokens`` caps the tokens the reasoner generates in total (deleted ones
+included); ``context_limit`` caps prompt + response. Running out of context ends
+the rollout as ``context_overflow`` exactly as a vanilla run is truncated, and
+running out of ``max_tokens`` as ``length``. With no cleaner (vanilla) the
+whole budget is one call.
+
+Everything measured is recorded per round (:class:`~freelm.records.RoundRecord`)
+and per rollout (:class:`~freelm.records.RolloutResult`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from freelm.backends.base import Backend, BackendError, GenerateRequest, SamplingParams
+from freelm.cleaners.base import Cleaner
+from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
+from freelm.records import CleanRecord, RolloutResult, RoundRecord
+from freelm.tokenizer import Tokenizer
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of one rollout. The paper leaves most of them unknown (paper.md §19)."""
+
+    clean_every: int = 4096
+    max_tokens: int = 32768
+    context_limit: int = 40960
+    max_clean_rounds: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    problem_suffix: str = PROBLEM_SUFFIX
+
+    def __post_init__(self) -> None:
+        for name in ("clean_every", "max_tokens", "context_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_clean_rounds is not None and self.max_clean_rounds < 0:
+            raise ValueError(f"LoopConfig.max_clean_rounds must be >= 0, got {self.max_clean_rounds}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _call_seed(seed: int | None, index: int) -> int | None:
+    """A distinct, reproducible seed per reasoning call of a rollout."""
+    return None if seed is None else (seed * 1_000_003 + index) % (2**31 - 1)
+
+
+async def run_rollout(
+    problem: str,
+    *,
+    reasoner: Backend,
+    tokenizer: Tokenizer,
+    cleaner: Cleaner | None,
+    config: LoopConfig = LoopConfig(),
+    seed: int | None = None,
+    initial_response: str = "",
+) -> RolloutResult:
+    """Run one rollout to completion; never raises on model output or backend failure.
+
+    ``initial_response`` continues from a given (e.g. pruned) partial thinking,
+    which is how reward filtering compares pruned and unpruned contexts.
+    """
+    started = time.perf_counter()
+    prompt_ids = tokenizer.encode(render_reasoning_prompt(problem, tokenizer, config.problem_suffix))
+    ids = tokenizer.encode(initial_response)
+    text = tokenizer.decode(ids)
+    rounds: list[RoundRecord] = []
+    generated = 0
+    peak = len(prompt_ids) + len(ids)
+    since_clean = 0
+    reused = 0  # prompt tokens shared with what the server saw last (its prefix cache)
+    finish, error = None, None
+
+    while finish is None:
+        context = len(prompt_ids) + len(ids)
+        room = config.context_limit - context
+        left = config.max_tokens - generated
+        if room <= 0 or left <= 0:
+            finish = "context_overflow" if room <= left else "length"
+            break
+        cleaning_on = (
+            cleaner is not None
+            and THINK_CLOSE not in text
+            and (config.max_clean_rounds is None or sum(r.clean is not None for r in rounds) < config.max_clean_rounds)
+        )
+        budget = min(room, left, config.clean_every - since_clean) if cleaning_on else min(room, left)
+        request = GenerateRequest(
+            input_ids=prompt_ids + ids,
+            max_new_tokens=budget,
+            sampling=config.sampling,
+            seed=_call_seed(seed, len(rounds)),
+        )
+        try:
+            result = await reasoner.generate(request)
+        except BackendError as exc:
+            finish, error = "error", f"reasoner: {exc}"
+            break
+        new_ids = result.output_ids or tokenizer.encode(result.text)
+        ids = ids + new_ids
+        new_text = tokenizer.decode(ids)
+        kept = _common_prefix_len(text, new_text)  # < len(text) only if a split character completed
+        generated += len(new_ids)
+        since_clean += len(new_ids)
+        context = len(prompt_ids) + len(ids)
+        peak = max(peak, context)
+        record = RoundRecord(
+            index=len(rounds),
+            generated_text=new_text[kept:],
+            generated_tokens=len(new_ids),
+            prompt_tokens=len(request.input_ids),
+            context_tokens=context,
+            reused_tokens=reused,
+            cached_tokens=result.cached_tokens,
+            finish_reason=result.finish_reason,
+            latency_s=result.latency_s,
+            rewound_chars=len(text) - kept,
+        )
+        rounds.append(record)
+        text = new_text
+        reused = context  # the server caches prompt + output
+
+        if result.finish_reason == "stop":
+            finish = "stop"
+        elif result.finish_reason == "abort":
+            finish, error = "error", "reasoner aborted the request"
+        elif not new_ids:
+            finish, error = "error", "reasoner returned no tokens without stopping"
+        elif cleaning_on and since_clean >= config.clean_every and THINK_CLOSE not in text:
+            if text.endswith(_REPLACEMENT_CHAR):
+                continue  # mid-character: clean at the next boundary instead
+            record.clean, ids, text, reused = await _clean(problem, text, ids, prompt_ids, tokenizer, cleaner)
+            since_clean = 0
+
+    return RolloutResult(
+        response=text,
+        finish_reason=finish,
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=generated,
+        final_context_tokens=len(prompt_ids) + len(ids),
+        peak_context_tokens=peak,
+        rounds=rounds,
+        wall_time_s=time.perf_counter() - started,
+        error=error,
+    )
+
+
+async def _clean(
+    problem: str, text: str, ids: list[int], prompt_ids: list[int], tokenizer: Tokenizer, cleaner: Cleaner
+) -> tuple[CleanRecord, list[int], str, int]:
+    """One cleaning round. Returns the record, the new response ids and text, and the reusable prefix length."""
+    before = len(prompt_ids) + len(ids)
+    started = time.perf_counter()
+    try:
+        outcome = await cleaner.clean(problem, text)
+    except BackendError as exc:  # a dead cleaner costs this round, never the rollout
+        record = CleanRecord(
+            cleaner=cleaner.name, context_tokens_before=before, context_tokens_after=before,
+            latency_s=time.perf_counter() - started, error=str(exc),
+        )  # fmt: skip
+        return record, ids, text, before
+    edit = outcome.edit
+    if edit.spans:
+        keep = tokenizer.common_prefix_tokens(ids, text, edit.spans[0][0])
+        head = tokenizer.decode(ids[:keep])
+        ids = ids[:keep] + tokenizer.encode(edit.text[len(head) :])
+        text = tokenizer.decode(ids)
+        reusable = len(prompt_ids) + keep
+    else:
+        reusable = before
+    after = len(prompt_ids) + len(ids)
+    record = CleanRecord(
+        cleaner=cleaner.name,
+        context_tokens_before=before,
+        context_tokens_after=after,
+        deleted_spans=list(edit.spans),
+        chars_deleted=edit.chars_deleted,
+        tokens_deleted=before - after,
+        applied=len(edit.applied),
+        skipped=[{**d.to_dict(), "reason": reason} for d, reason in edit.skipped],
+        parse_error=outcome.parse_error,
+        dropped=outcome.dropped,
+        raw_output=outcome.raw_output,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        cached_tokens=outcome.cached_tokens,
+        latency_s=time.perf_counter() - started,
+    )
+    return record, ids, text, reusable
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,174 @@
+"""The reasoning/cleaning loop on the deterministic counting model (no torch, milliseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+
+import pytest
+
+from freelm.backends.base import BackendError, TransientBackendError
+from freelm.cleaners import HeadTailCleaner, LoRACleaner
+from freelm.loop import LoopConfig, run_rollout
+from freelm.prompts import THINK_CLOSE
+from freelm.records import RolloutRecord
+from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.tinymodel import train_tokenizer
+from freelm.tokenizer import Tokenizer
+
+TARGET = 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    corpus = [f"step {n}\n" for n in range(200)] + [counting_answer(TARGET)]
+    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def rollout(tokenizer, backend, cleaner, **config):
+    return run(
+        run_rollout("Count to 60.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=LoopConfig(**config))
+    )
+
+
+def as_record(result) -> RolloutRecord:
+    return RolloutRecord.from_result(
+        result, id="p", source="t", rollout=0, seed=0, answer="60", mode="x", config_hash="h"
+    )
+
+
+def test_vanilla_with_room_finishes_in_one_call(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    result = rollout(tokenizer, backend, None, context_limit=4000, max_tokens=4000, clean_every=50)
+    assert result.finish_reason == "stop"
+    assert backend.calls == 1 and result.cleaning_rounds == 0
+    assert result.response.endswith(counting_answer(TARGET))
+    assert result.generated_tokens == result.final_context_tokens - result.prompt_tokens
+
+
+def test_vanilla_small_context_overflows(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    result = rollout(tokenizer, backend, None, context_limit=200, max_tokens=4000)
+    assert result.finish_reason == "context_overflow"
+    assert result.final_context_tokens == 200 and result.peak_context_tokens == 200
+    assert THINK_CLOSE not in result.response
+
+
+def test_freelm_small_context_finishes_and_stays_small(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    cleaner = LoRACleaner(backend)
+    result = rollout(tokenizer, backend, cleaner, context_limit=200, max_tokens=4000, clean_every=40)
+    assert result.finish_reason == "stop", result.error
+    assert result.response.endswith(counting_answer(TARGET))
+    assert result.cleaning_rounds >= 3
+    assert result.peak_context_tokens <= 200
+    assert result.generated_tokens > result.final_context_tokens - result.prompt_tokens
+    for rnd in result.rounds[:-1]:
+        clean = rnd.clean
+        assert clean.applied == 1 and clean.skipped == [] and clean.parse_error is None
+        assert clean.tokens_deleted == clean.context_tokens_before - clean.context_tokens_after > 0
+    # the prefix before the first deletion is reused: the next request shares it with the last
+    assert all(r.reused_tokens >= result.prompt_tokens for r in result.rounds[1:])
+
+
+def test_replay_reproduces_the_final_response(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=300, max_tokens=4000, clean_every=30)
+    record = as_record(result)
+    *_, (last, before) = record.replay()
+    assert before == result.response
+    # the JSON line round-trips through the schema
+    again = RolloutRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+
+
+def test_malformed_and_unresolvable_cleaner_output_never_crashes(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.clean_responses = deque(
+        [
+            "this is not json",
+            '[{"prefix": "step 999\\n", "suffix": "x"}]',
+            '[{"prefix": "step", "suffix": "\\n"}]',
+            "[]",
+        ]
+    )
+    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=4000, clean_every=30)
+    assert result.finish_reason == "stop"
+    cleans = [r.clean for r in result.rounds if r.clean is not None]
+    assert cleans[0].parse_error == "no_json_list" and cleans[0].raw_output == "this is not json"
+    assert cleans[1].skipped[0]["reason"] == "prefix_not_found"
+    assert cleans[2].skipped[0]["reason"] == "prefix_ambiguous"
+    assert cleans[3].applied == 0 and cleans[3].tokens_deleted == 0
+
+
+def test_deleting_needed_state_costs_tokens_not_the_run(tokenizer):
+    backend = CountingBackend(tokenizer, target=20)
+    # delete everything including the last step: the counting model restarts from 0
+    backend.clean_responses = deque(['[{"prefix": "step 1\\n", "suffix": "step 8\\n"}]'])
+    result = rollout(
+        tokenizer,
+        backend,
+        LoRACleaner(backend),
+        context_limit=4000,
+        max_tokens=4000,
+        clean_every=24,
+        max_clean_rounds=1,
+    )
+    assert result.finish_reason == "stop"
+    assert result.generated_tokens > 20 * 2
+
+
+def test_max_tokens_ends_as_length(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=100, clean_every=40)
+    assert result.finish_reason == "length" and result.generated_tokens == 100
+
+
+def test_reasoner_failure_ends_rollout_as_error_cleaner_failure_does_not(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.fail_next = deque([BackendError("boom")])
+    result = rollout(tokenizer, backend, None, context_limit=4000, max_tokens=4000)
+    assert result.finish_reason == "error" and "boom" in result.error
+
+    reasoner = CountingBackend(tokenizer, target=TARGET)
+    dead_cleaner = CountingBackend(tokenizer, target=TARGET)
+    dead_cleaner.fail_next = deque([TransientBackendError("cleaner down")])
+    result = rollout(
+        tokenizer, reasoner, LoRACleaner(dead_cleaner), context_limit=4000, max_tokens=4000, clean_every=40
+    )
+    assert result.finish_reason == "stop"
+    assert result.rounds[0].clean.error == "cleaner down"
+
+
+def test_max_clean_rounds_caps_cleaning(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    result = rollout(
+        tokenizer,
+        backend,
+        LoRACleaner(backend),
+        context_limit=4000,
+        max_tokens=4000,
+        clean_every=20,
+        max_clean_rounds=2,
+    )
+    assert result.cleaning_rounds == 2 and result.finish_reason == "stop"
+
+
+def test_headtail_baseline_keeps_head_and_tail(tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    cleaner = HeadTailCleaner(tokenizer, head_tokens=10, tail_tokens=20)
+    result = rollout(tokenizer, backend, cleaner, context_limit=4000, max_tokens=4000, clean_every=60)
+    assert result.finish_reason == "stop"
+    first = result.rounds[0].clean
+    assert first.deleted_spans and first.tokens_deleted > 0
+    assert result.response.startswith("step 1\n")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="clean_every"):
+        LoopConfig(clean_every=0)

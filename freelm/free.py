@@ -116,34 +116,38 @@ def parse_commands(raw: str) -> ParsedCommands:
 
     candidates = [m.group(1).strip() for m in _FENCE.finditer(text)] + [text]
     for candidate in candidates:
-        value = _first_json_value(candidate)
-        if value is not _NOTHING:
+        value = _first_json_value(candidate, "[")
+        if value is not None:
             return _commands_from_value(value)
     recovered = _recover_objects(text)
     if recovered:
         return _commands_from_value(recovered, note="truncated_list_recovered")
+    for candidate in candidates:
+        value = _first_json_value(candidate, "{")
+        if value is not None:
+            return _commands_from_value(value)
     return ParsedCommands(error="no_json_list")
 
 
-_NOTHING = object()
-
-
-def _first_json_value(text: str):
-    """The first JSON list (or object) that decodes completely, else ``_NOTHING``."""
+def _first_json_value(text: str, opener: str) -> list | dict | None:
+    """The first JSON list (``opener="["``) or object (``"{"``) that decodes completely."""
+    kind = list if opener == "[" else dict
     try:
         value = json.loads(text)
-        if isinstance(value, (list, dict)):
+        if isinstance(value, kind):
             return value
     except ValueError:
         pass
-    for match in re.finditer(r"[\[{]", text):
+    pos = text.find(opener)
+    while pos >= 0:
         try:
-            value, _ = _DECODER.raw_decode(text, match.start())
+            value, _ = _DECODER.raw_decode(text, pos)
+            if isinstance(value, kind):
+                return value
         except ValueError:
-            continue
-        if isinstance(value, (list, dict)):
-            return value
-    return _NOTHING
+            pass
+        pos = text.find(opener, pos + 1)
+    return None
 
 
 def _recover_objects(text: str) -> list:

@@ -1,0 +1,200 @@
+"""EndpointPool: least-loaded routing, failover of the same request, health re-probing (no network, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+
+from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, TransientBackendError
+from freelm.backends.pool import EndpointPool
+
+
+@dataclass
+class FakeEndpoint:
+    """Answers its own name after ``delay``; ``healthy=False`` makes both requests and probes fail."""
+
+    name: str
+    delay: float = 0.01
+    healthy: bool = True
+    fail: deque = field(default_factory=deque)
+    calls: int = 0
+    probes: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    closed: bool = False
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        if self.fail:
+            raise self.fail.popleft()
+        if not self.healthy:
+            raise TransientBackendError(f"{self.name}: connection refused")
+        return GenerateResult(
+            text=self.name,
+            output_ids=list(request.input_ids),
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+        )
+
+    async def health(self) -> bool:
+        self.probes += 1
+        return self.healthy
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def request(i: int = 0) -> GenerateRequest:
+    return GenerateRequest(input_ids=[i], max_new_tokens=4)
+
+
+def gather(pool: EndpointPool, n: int) -> list[GenerateResult]:
+    async def go():
+        try:
+            return await asyncio.gather(*(pool.generate(request(i)) for i in range(n)))
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go())
+
+
+def test_least_loaded_routing_spreads_concurrent_requests():
+    a, b, c = FakeEndpoint("a"), FakeEndpoint("b"), FakeEndpoint("c")
+    results = gather(EndpointPool([a, b, c]), 30)
+    assert [r.output_ids for r in results] == [[i] for i in range(30)]
+    assert (a.calls, b.calls, c.calls) == (10, 10, 10)
+    assert a.closed and b.closed and c.closed
+
+
+def test_least_loaded_prefers_the_idle_endpoint():
+    a, b = FakeEndpoint("a", delay=0.5), FakeEndpoint("b", delay=0.5)
+    pool = EndpointPool([a, b])
+
+    async def go():
+        first = asyncio.create_task(pool.generate(request()))  # occupies one endpoint for 0.5 s
+        await asyncio.sleep(0.01)
+        a.delay = b.delay = 0.001
+        sequential = [await pool.generate(request(i)) for i in range(5)]
+        await first
+        await pool.aclose()
+        return sequential
+
+    # whichever endpoint took the first request, the next ones go to the other, idle one
+    names = {r.text for r in asyncio.run(go())}
+    assert len(names) == 1
+
+
+def test_transient_failure_retries_the_same_request_elsewhere_and_reprobes():
+    dead, alive = FakeEndpoint("dead", healthy=False), FakeEndpoint("alive")
+    pool = EndpointPool([dead, alive], probe_interval=0.05)
+
+    async def go():
+        results = await asyncio.gather(*(pool.generate(request(i)) for i in range(8)))
+        assert not pool.endpoints[0].up and pool.endpoints_up == 1
+        dead.healthy = True
+        for _ in range(100):
+            if pool.endpoints[0].up:
+                break
+            await asyncio.sleep(0.02)
+        after = await asyncio.gather(*(pool.generate(request(i)) for i in range(8)))
+        await pool.aclose()
+        return results, after
+
+    results, after = asyncio.run(go())
+    assert [r.output_ids for r in results] == [[i] for i in range(8)]  # each request kept its own payload
+    assert all(r.text == "alive" for r in results)
+    assert pool.retries >= 1 and dead.probes >= 1
+    assert pool.endpoints[0].up and {r.text for r in after} == {"dead", "alive"}
+
+
+def test_backend_error_is_not_retried():
+    a, b = FakeEndpoint("a"), FakeEndpoint("b")
+    a.fail.append(BackendError("HTTP 400: unknown adapter"))
+    b.fail.append(BackendError("HTTP 400: unknown adapter"))
+    pool = EndpointPool([a, b])
+
+    async def go():
+        with pytest.raises(BackendError, match="unknown adapter") as info:
+            await pool.generate(request())
+        await pool.aclose()
+        return info.value
+
+    exc = asyncio.run(go())
+    assert not isinstance(exc, TransientBackendError)
+    assert a.calls + b.calls == 1 and pool.retries == 0 and pool.endpoints_up == 2
+
+
+def test_gives_up_after_max_retries():
+    flaky = FakeEndpoint("flaky")
+    flaky.fail.extend(TransientBackendError(f"HTTP 503 #{i}") for i in range(10))
+    pool = EndpointPool([flaky], max_retries=2, probe_interval=0.01)
+
+    async def go():
+        with pytest.raises(TransientBackendError, match="gave up after 3 failed attempts; last: HTTP 503 #2"):
+            await pool.generate(request())
+        await pool.aclose()
+
+    asyncio.run(go())
+    assert flaky.calls == 3 and pool.retries == 2
+
+
+def test_all_down_waits_for_a_probe_then_succeeds():
+    only = FakeEndpoint("only", healthy=False)
+    pool = EndpointPool([only], max_retries=5, probe_interval=0.05)
+
+    async def go():
+        task = asyncio.create_task(pool.generate(request(7)))
+        await asyncio.sleep(0.1)
+        assert pool.endpoints_up == 0 and not task.done()
+        only.healthy = True
+        result = await asyncio.wait_for(task, 5)
+        await pool.aclose()
+        return result
+
+    assert asyncio.run(go()).output_ids == [7]
+
+
+def test_no_endpoint_up_for_down_wait_fails_clearly():
+    only = FakeEndpoint("only", healthy=False)
+    pool = EndpointPool([only], max_retries=5, probe_interval=0.05, down_wait=0.2)
+
+    async def go():
+        with pytest.raises(
+            TransientBackendError, match=r"no healthy endpoint for 0.2s \(only: only: connection refused"
+        ):
+            await pool.generate(request())
+        await pool.aclose()
+
+    asyncio.run(go())
+
+
+def test_check_health_takes_out_unhealthy_endpoints():
+    up, down = FakeEndpoint("up"), FakeEndpoint("down", healthy=False)
+    pool = EndpointPool([up, down], probe_interval=10)
+
+    async def go():
+        n = await pool.check_health()
+        results = await asyncio.gather(*(pool.generate(request(i)) for i in range(4)))
+        await pool.aclose()
+        return n, results
+
+    n, results = asyncio.run(go())
+    assert n == 1 and down.calls == 0 and {r.text for r in results} == {"up"}
+    assert pool.stats()["endpoints"][1] == {
+        "name": "down", "up": False, "requests": 0, "failures": 0, "last_error": "health check failed"
+    }  # fmt: skip
+
+
+def test_empty_pool_is_an_error():
+    with pytest.raises(ValueError, match="at least one backend"):
+        EndpointPool([])

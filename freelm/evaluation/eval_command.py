@@ -1,0 +1,103 @@
+"""``freelm eval`` / ``eval_passk.py``: grade runner outputs and write metrics.json, the table and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from freelm.evaluation.metrics import COMBINE_MODES, TOKEN_METRICS, grade_records, run_metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="[NAME=]PATH", help="runner output JSONL(s)")
+    parser.add_argument(
+        "--baseline",
+        metavar="NAME|[NAME=]PATH",
+        help="reference run for the Average deltas (an --input name or a file)",
+    )
+    parser.add_argument("--output", type=Path, default=Path("metrics.json"), help="machine-readable metrics")
+    parser.add_argument("--markdown", type=Path, help="write the paper-format table here (also printed)")
+    parser.add_argument("--plots-dir", type=Path, help="write accuracy_vs_tokens.png and peak_context.png here")
+    parser.add_argument(
+        "--token-metric",
+        choices=sorted(TOKEN_METRICS),
+        default="generated",
+        help="what #Token counts: every generated token (default: the compute actually spent) "
+        "or the tokens kept after pruning",
+    )
+    parser.add_argument("--benchmarks", nargs="+", metavar="SOURCE", help="benchmark columns, in order (default: all)")
+    parser.add_argument("--judgments", type=Path, help="judge.jsonl written by llm_judge.py")
+    parser.add_argument(
+        "--combine",
+        choices=COMBINE_MODES,
+        help="how judge verdicts combine with the rule grade: rule, judge, either, both, or fallback "
+        "(judge only where the rule grader could not decide); default: judge if --judgments else rule",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="grading processes")
+    parser.add_argument("--grade-timeout", type=float, default=30.0, help="hard seconds per answer before 'timeout'")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from freelm.evaluation.grade import GraderPool
+    from freelm.evaluation.judge import read_judgments, verdicts_for_grading
+    from freelm.evaluation.runs import load_runs
+    from freelm.evaluation.table import paper_table
+
+    combine = args.combine or ("judge" if args.judgments else "rule")
+    if combine != "rule" and not args.judgments:
+        print(f"error: --combine {combine} needs --judgments", file=sys.stderr)
+        return 2
+    try:
+        runs, base = load_runs(args.input, args.baseline)
+        verdicts = verdicts_for_grading(read_judgments(args.judgments)) if args.judgments else None
+        benchmarks = args.benchmarks or list(dict.fromkeys(r.source for r in runs[0].records))
+        metrics = []
+        with GraderPool(args.workers, timeout_s=args.grade_timeout) as pool:
+            for r in runs:
+                bar = tqdm(desc=f"grading {r.name}", unit="answer", disable=args.no_progress)
+                graded = grade_records(r.records, pool, judgments=verdicts, combine=combine, progress=bar)
+                bar.close()
+                graded = [g for g in graded if g.record.source in benchmarks]
+                metrics.append(
+                    run_metrics(
+                        r.name, str(r.path), graded, combine=combine, duplicates=r.duplicates, benchmarks=benchmarks
+                    )
+                )
+            restarts = pool.restarts
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    base_metrics = metrics[runs.index(base)] if base is not None else None
+    table = paper_table(metrics, base_metrics, args.token_metric)
+    payload = {
+        "token_metric": args.token_metric,
+        "combine": combine,
+        "baseline": base.name if base else None,
+        "grading": {"workers": args.workers, "timeout_s": args.grade_timeout, "worker_restarts": restarts},
+        "runs": [m.to_dict() for m in metrics],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    if args.plots_dir:
+        from freelm.evaluation.plots import plot_accuracy_vs_tokens, plot_peak_context
+
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        plot_accuracy_vs_tokens(metrics, args.plots_dir / "accuracy_vs_tokens.png", args.token_metric)
+        plot_peak_context({r.name: r.records for r in runs}, args.plots_dir / "peak_context.png")
+    print(table, end="")
+    for m in metrics:
+        o = m.overall
+        print(
+            f"{m.name}: {o.problems} problems x n={o.n_min}..{o.n_max}; unanswered {o.unanswered}/{o.rollouts}; "
+            f"rule undecided {o.rule_undecided}; finish {o.finish_reasons}",
+            file=sys.stderr,
+        )
+    return 0

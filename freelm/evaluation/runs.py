@@ -1,0 +1,56 @@
+"""Naming runs on the command line (``NAME=PATH`` or ``PATH``) and loading them once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freelm.evaluation.metrics import dedupe_records
+from freelm.records import RolloutRecord, read_rollouts
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    records: list[RolloutRecord] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def parse_run_spec(spec: str) -> Run:
+    """``NAME=PATH`` names a run explicitly; a bare ``PATH`` is named by its file stem."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).stem, spec
+    if not name or not path:
+        raise ValueError(f"bad run spec {spec!r}: expected NAME=PATH or PATH")
+    return Run(name, Path(path))
+
+
+def load_run(run: Run) -> Run:
+    if not run.path.is_file():
+        raise ValueError(f"{run.path}: runner output not found")
+    records = read_rollouts(run.path)
+    if not records:
+        raise ValueError(f"{run.path}: no rollout records")
+    run.records, run.duplicates = dedupe_records(records)
+    return run
+
+
+def load_runs(specs: list[str], baseline: str | None = None) -> tuple[list[Run], Run | None]:
+    """Runs from ``--input`` specs; ``baseline`` is an input's name or a spec of its own."""
+    runs = [parse_run_spec(s) for s in specs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique, got {names}: name them with NAME=PATH")
+    base = None
+    if baseline is not None:
+        base = next((r for r in runs if r.name == baseline), None)
+        if base is None:
+            base = parse_run_spec(baseline)
+            if base.name in names:
+                raise ValueError(f"baseline name {base.name!r} clashes with an input run")
+            runs.insert(0, base)
+    for run in runs:
+        load_run(run)
+    return runs, base

@@ -107,7 +107,9 @@ async def run_rollout(
             and THINK_CLOSE not in text
             and (config.max_clean_rounds is None or sum(r.clean is not None for r in rounds) < config.max_clean_rounds)
         )
-        budget = min(room, left, config.clean_every - since_clean) if cleaning_on else min(room, left)
+        # past the chunk size only while a split multi-byte character completes
+        chunk_left = max(1, config.clean_every - since_clean)
+        budget = min(room, left, chunk_left) if cleaning_on else min(room, left)
         request = GenerateRequest(
             input_ids=prompt_ids + ids,
             max_new_tokens=budget,

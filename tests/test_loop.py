@@ -172,3 +172,38 @@ def test_headtail_baseline_keeps_head_and_tail(tokenizer):
 def test_config_validation():
     with pytest.raises(ValueError, match="clean_every"):
         LoopConfig(clean_every=0)
+
+
+class _ByteStream:
+    """Emits a fixed token stream (multi-byte characters split over byte tokens), then stops."""
+
+    name = "bytes"
+
+    def __init__(self, tokenizer: Tokenizer, text: str):
+        self.ids = tokenizer.encode(text)
+        self.tokenizer = tokenizer
+        self.pos = 0
+
+    async def generate(self, request):
+        from freelm.backends.base import GenerateResult
+
+        if request.adapter is not None:
+            return GenerateResult("[]", [], "stop", 0, 0)
+        out = self.ids[self.pos : self.pos + request.max_new_tokens]
+        self.pos += len(out)
+        done = self.pos >= len(self.ids)
+        return GenerateResult(self.tokenizer.decode(out), out, "stop" if done else "length", 0, len(out))
+
+    async def aclose(self):
+        return None
+
+
+def test_chunk_boundary_inside_a_multibyte_character(tokenizer):
+    text = "ééé≤≤ step 1\n" * 6 + counting_answer(1)
+    backend = _ByteStream(tokenizer, text)
+    assert tokenizer.decode(backend.ids[:1]).endswith("\ufffd")  # "é" really is split over tokens
+    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=4000, clean_every=3)
+    assert result.finish_reason == "stop"
+    assert result.response == text
+    *_, (_, before) = as_record(result).replay()
+    assert before == text

@@ -1,0 +1,177 @@
+"""Client for SGLang's native ``/generate`` endpoint (HTTP only: never ``import sglang``).
+
+Why the native endpoint and not the OpenAI one: it takes ``input_ids`` (the loop
+keeps exact token ids so the radix cache matches after a deletion), returns
+``output_ids`` and always reports ``cached_tokens``.
+
+Request mapping (checked against sglang ``api/v1/api_types.py`` and
+``srt/sampling/sampling_params.py``): ``sampling_params`` is validated strictly
+by SGLang (unknown keys -> HTTP 400), so only documented keys are sent:
+
+* ``temperature``, ``top_p``, ``top_k``, ``min_p`` always (SGLang otherwise falls
+  back to the model's generation_config); ``top_k=-1`` ("off") is sent as
+  ``1073741824``, the API's own "whole vocabulary" value, accepted by every version;
+* ``sampling_seed`` only when the request has a seed;
+* ``skip_special_tokens: false`` so ``</think>`` and ``<|im_end|>`` survive in ``text``;
+* ``no_stop_trim: true`` so ``text == decode(output_ids)``: by default SGLang cuts
+  the matched stop string from ``text`` and drops a matched stop token before
+  decoding, which would desynchronise the loop's text from its token ids.
+
+``lora_path`` is the adapter NAME (``--lora-paths NAME=PATH``), omitted for the base model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+
+from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, TransientBackendError
+
+#: SGLang's "top_k off" in the API contract (``TOP_K_ALL = 1 << 30``).
+TOP_K_ALL = 1 << 30
+
+
+def generate_payload(request: GenerateRequest) -> dict[str, Any]:
+    """The ``/generate`` JSON body for one request."""
+    s = request.sampling
+    params: dict[str, Any] = {
+        "max_new_tokens": request.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": TOP_K_ALL if s.top_k < 1 else s.top_k,
+        "min_p": s.min_p,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+    }
+    if request.stop:
+        params["stop"] = list(request.stop)
+    if request.seed is not None:
+        params["sampling_seed"] = request.seed
+    body: dict[str, Any] = {"sampling_params": params}
+    if request.input_ids is not None:
+        body["input_ids"] = list(request.input_ids)
+    else:
+        body["text"] = request.text
+    if request.adapter is not None:
+        body["lora_path"] = request.adapter
+    return body
+
+
+def parse_generate_response(data: Any, endpoint: str) -> GenerateResult:
+    """Turn one ``/generate`` response object into a result; an ``abort`` finish is a BackendError."""
+    if not isinstance(data, dict) or not isinstance(data.get("meta_info"), dict):
+        raise BackendError(f"{endpoint}: malformed /generate response (no meta_info): {str(data)[:200]}")
+    meta = data["meta_info"]
+    finish = meta.get("finish_reason") or {}
+    kind = finish.get("type") if isinstance(finish, dict) else finish
+    if kind == "abort":
+        status = finish.get("status_code")
+        raise BackendError(f"{endpoint}: generation aborted (status {status}): {finish.get('message')}")
+    if kind not in ("stop", "length"):
+        raise BackendError(f"{endpoint}: unexpected finish_reason {finish!r}")
+    try:
+        return GenerateResult(
+            text=str(data.get("text", "")),
+            output_ids=[int(t) for t in data.get("output_ids") or []],
+            finish_reason=kind,
+            prompt_tokens=int(meta["prompt_tokens"]),
+            completion_tokens=int(meta["completion_tokens"]),
+            cached_tokens=None if meta.get("cached_tokens") is None else int(meta["cached_tokens"]),
+            endpoint=endpoint,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BackendError(f"{endpoint}: malformed /generate meta_info {meta!r}: {exc}") from exc
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own error text: SGLang answers ``{"error": {"message": ...}}``, FastAPI ``{"detail": ...}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        for key in ("message", "detail", "error_message", "error"):
+            if key in body:
+                return str(body[key])
+    return str(body)[:500]
+
+
+class SGLangBackend:
+    """One SGLang server. Retries connection errors, timeouts and 5xx with jittered exponential backoff."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        name: str | None = None,
+        max_connections: int = 512,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.name = name or f"sglang@{self.base_url}"
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        # A long generation is one request: the read timeout is the whole call, connect fails fast.
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        start = time.perf_counter()
+        data = await self._request("POST", "/generate", json=generate_payload(request))
+        result = parse_generate_response(data, self.base_url)
+        result.latency_s = time.perf_counter() - start
+        return result
+
+    async def health(self) -> bool:
+        """True when ``GET /health`` answers 200 (SGLang runs a 1-token generation for it)."""
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self._request("GET", "/model_info")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call with retries; 4xx fails at once with the server's message."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retries of many rollouts spread out
+            try:
+                response = await self._client.request(method, path, **kwargs)
+            except httpx.TimeoutException as exc:
+                last = f"timeout ({type(exc).__name__})"
+                continue
+            except httpx.TransportError as exc:
+                last = f"connection error ({type(exc).__name__}: {exc})"
+                continue
+            if response.status_code >= 500:
+                last = f"HTTP {response.status_code}: {error_message(response)}"
+                continue
+            if response.status_code >= 400:
+                raise BackendError(f"{self.base_url}{path}: HTTP {response.status_code}: {error_message(response)}")
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise BackendError(f"{self.base_url}{path}: response is not JSON: {response.text[:200]!r}") from exc
+        raise TransientBackendError(f"{self.base_url}{path}: failed after {self.max_retries + 1} attempts: {last}")

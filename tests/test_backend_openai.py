@@ -1,0 +1,120 @@
+"""OpenAIBackend over real HTTP against the test server's /v1/completions (SGLang's served:adapter convention)."""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+
+import pytest
+
+from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
+from freelm.backends.openai_compat import OpenAIBackend
+from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer
+
+GREEDY = SamplingParams.greedy()
+SECRET = "sk-test-0123456789-do-not-leak"
+
+
+def run(coro_fn, *args, **kwargs):
+    async def main():
+        backend = OpenAIBackend(*args, **kwargs)
+        try:
+            return await coro_fn(backend)
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    with SGLangTestServer(ScriptedEngine({None: "thinking...", "free": "[]"}), served_model_name="m") as server:
+        yield server
+
+
+@pytest.fixture
+def scripted(scripted_server, monkeypatch):
+    monkeypatch.setenv("FREELM_TEST_KEY", SECRET)
+    scripted_server.reset()
+    return scripted_server
+
+
+def test_adapter_via_model_name_and_token_prompt(local_sglang_server, free_example):
+    async def go(backend):
+        on = await backend.generate(
+            GenerateRequest(64, input_ids=free_example.prompt_ids, sampling=GREEDY, adapter="free")
+        )
+        again = await backend.generate(
+            GenerateRequest(64, input_ids=free_example.prompt_ids, sampling=GREEDY, adapter="free")
+        )
+        off = await backend.generate(GenerateRequest(64, text=free_example.prompt, sampling=GREEDY))
+        return on, again, off
+
+    on, again, off = run(go, local_sglang_server.url + "/v1", "tiny")
+    # OpenAI convention: the server trims the eos; output ids are not part of the API
+    assert on.text == free_example.target and on.output_ids == [] and on.finish_reason == "stop"
+    assert on.prompt_tokens == len(free_example.prompt_ids) and on.completion_tokens == len(free_example.target_ids)
+    assert again.cached_tokens == len(free_example.prompt_ids) - 1
+    assert off.text != free_example.target
+    assert local_sglang_server.adapter_requests == {"free": 2, None: 1}
+    body = local_sglang_server.bodies[0]
+    assert body["model"] == "tiny:free" and body["prompt"] == free_example.prompt_ids
+    assert body["top_k"] == -1 and body["skip_special_tokens"] is False
+
+
+def test_explicit_adapter_model_map(scripted):
+    backend_kw = {"api_key_env": "FREELM_TEST_KEY", "adapter_models": {"free": "m:free"}}
+    res = run(
+        lambda b: b.generate(GenerateRequest(32, text="p", adapter="free")), scripted.url + "/v1", "m", **backend_kw
+    )
+    assert res.text == "[]" and scripted.adapter_requests == {"free": 1}
+
+
+def test_unknown_adapter_is_final_and_the_key_never_leaks(scripted):
+    scripted.fail_next(401, message=f"invalid api key {SECRET}")  # a server that echoes the key
+    with pytest.raises(BackendError) as bad_key:
+        run(
+            lambda b: b.generate(GenerateRequest(4, text="p")), scripted.url + "/v1", "m", api_key_env="FREELM_TEST_KEY"
+        )
+    with pytest.raises(BackendError, match="never been loaded") as ghost:
+        run(
+            lambda b: b.generate(GenerateRequest(4, text="p", adapter="ghost")),
+            scripted.url + "/v1",
+            "m",
+            api_key_env="FREELM_TEST_KEY",
+        )
+    for info in (bad_key, ghost):
+        assert not isinstance(info.value, TransientBackendError)
+        rendered = "".join(traceback.format_exception(info.value)) + repr(info.value)
+        assert SECRET not in rendered
+    assert "***" in str(bad_key.value)
+    assert scripted.requests["/v1/completions"] == 2  # 4xx: no client retries
+
+
+def test_5xx_retried_by_the_client_then_transient(scripted):
+    scripted.fail_next(503, times=1)
+    ok = run(lambda b: b.generate(GenerateRequest(32, text="p")), scripted.url + "/v1", "m", max_retries=1)
+    assert ok.text == "thinking..." and scripted.requests["/v1/completions"] == 2
+    scripted.reset()
+    scripted.fail_next(500, message="boom", times=3)
+    with pytest.raises(TransientBackendError, match="HTTP 500"):
+        run(lambda b: b.generate(GenerateRequest(4, text="p")), scripted.url + "/v1", "m", max_retries=1)
+    assert scripted.requests["/v1/completions"] == 2
+
+
+def test_timeout_and_dropped_connection_are_transient(scripted):
+    scripted.delay_next(1.0, times=1)
+    with pytest.raises(TransientBackendError, match="Timeout"):
+        run(lambda b: b.generate(GenerateRequest(4, text="p")), scripted.url + "/v1", "m", timeout=0.3, max_retries=0)
+    scripted.drop_next(times=1)
+    with pytest.raises(TransientBackendError, match="Connection"):
+        run(lambda b: b.generate(GenerateRequest(4, text="p")), scripted.url + "/v1", "m", max_retries=0)
+
+
+def test_length_finish_and_health(scripted):
+    async def go(backend):
+        return await backend.generate(GenerateRequest(3, text="p")), await backend.health()
+
+    res, healthy = run(go, scripted.url + "/v1", "m")
+    assert res.finish_reason == "length" and res.text == "thi" and res.completion_tokens == 3
+    assert healthy

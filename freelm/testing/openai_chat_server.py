@@ -1,0 +1,207 @@
+"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for tests of the project's OpenAI clients.
+
+Why a real HTTP server rather than a mocked client: the teacher (``freelm synth``)
+and the LLM judge rely on the ``openai`` client's own retry, backoff and response
+parsing, and only real HTTP exercises them. Replies come from a FIFO queue of
+scripted items first, then from a responder function of the request body, so
+concurrent clients can be answered by content (which order they arrive in is
+not deterministic) while a test can still force "the next call fails with 429".
+
+Endpoints: ``POST /v1/chat/completions`` (non-streaming) and ``GET /v1/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChatFault:
+    """One scripted misbehaviour: an HTTP error (429, 5xx, ...) or, with ``status=200``, a malformed body.
+
+    ``body`` is sent verbatim; ``None`` sends an OpenAI-style error object.
+    ``retry_after_ms`` sets the header the openai client honours, so retry tests
+    do not sleep through its default backoff.
+    """
+
+    status: int = 500
+    body: str | None = None
+    retry_after_ms: int | None = 1
+
+
+Reply = str | ChatFault
+Responder = Callable[[dict[str, Any]], Reply]
+
+
+def count_words(text: str) -> int:
+    """The server's stand-in token count (no tokenizer): whitespace-separated words."""
+    return len(text.split())
+
+
+class OpenAIChatTestServer:
+    """``with OpenAIChatTestServer(responder) as srv: AsyncOpenAI(base_url=srv.base_url, ...)``.
+
+    ``responder`` is a fixed reply or a function of the request body (a ``str``
+    is the assistant message content, a :class:`ChatFault` a failure).
+    Counters for assertions: ``bodies`` (every chat request body, in arrival
+    order), ``statuses`` (Counter of answered HTTP statuses), ``completions``
+    (well-formed completions sent) and ``malformed`` (scripted bad 200 bodies sent).
+    """
+
+    def __init__(self, responder: Responder | str = "[]", *, model: str = "teacher", delay_s: float = 0.0):
+        self.responder: Responder = responder if callable(responder) else (lambda _body, text=responder: text)
+        self.model = model
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+        self._queue: deque[Reply] = deque()
+        self.bodies: list[dict[str, Any]] = []
+        self.statuses: Counter[int] = Counter()
+        self.completions = 0
+        self.malformed = 0
+        self._httpd: ThreadingHTTPServer | None = None
+
+    # ----- lifecycle ------------------------------------------------------
+
+    def start(self) -> OpenAIChatTestServer:
+        handler = type("Handler", (_Handler,), {"server_state": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> OpenAIChatTestServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """The ``base_url`` an OpenAI client takes (ends in ``/v1``)."""
+        if self._httpd is None:
+            raise RuntimeError("server not started")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    # ----- scripting ------------------------------------------------------
+
+    def script(self, *replies: Reply) -> None:
+        """Answer the next requests with ``replies`` in order, before the responder is asked again."""
+        with self._lock:
+            self._queue.extend(replies)
+
+    # ----- request handling (handler threads) -----------------------------
+
+    def chat(self, body: Any) -> tuple[int, str, dict[str, str]]:
+        """Status, body text and extra headers for one ``/v1/chat/completions`` request."""
+        error = _validate_chat(body, self.model)
+        if error is not None:
+            return error[0], _error_body(error[1], "invalid_request_error"), {}
+        with self._lock:
+            self.bodies.append(body)
+            queued = self._queue.popleft() if self._queue else None
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        reply = queued if queued is not None else self.responder(body)
+        if isinstance(reply, ChatFault):
+            headers = {} if reply.retry_after_ms is None else {"retry-after-ms": str(reply.retry_after_ms)}
+            if reply.status == 200:
+                with self._lock:
+                    self.malformed += 1
+            text = reply.body if reply.body is not None else _error_body(f"scripted error {reply.status}", "server")
+            return reply.status, text, headers
+        prompt_words = sum(count_words(str(m.get("content") or "")) for m in body["messages"])
+        completion = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_words,
+                "completion_tokens": count_words(reply),
+                "total_tokens": prompt_words + count_words(reply),
+            },
+        }
+        with self._lock:
+            self.completions += 1
+        return 200, json.dumps(completion), {}
+
+    def models(self) -> str:
+        return json.dumps({"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "test"}]})
+
+    def record_status(self, status: int) -> None:
+        with self._lock:
+            self.statuses[status] += 1
+
+
+def _validate_chat(body: Any, model: str) -> tuple[int, str] | None:
+    if not isinstance(body, dict):
+        return 400, "request body must be a JSON object"
+    if body.get("stream"):
+        return 400, "stream=true is not supported by this test server"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return 400, "'messages' must be a non-empty list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return 400, f"messages[{i}] needs a string 'role'"
+    if body.get("model") != model:
+        return 404, f"The model {body.get('model')!r} does not exist (served: {model!r})"
+    return None
+
+
+def _error_body(message: str, kind: str) -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_state: OpenAIChatTestServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
+        return None
+
+    def _send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        data = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+        self.server_state.record_status(status)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, self.server_state.models())
+        else:
+            self._send(404, _error_body(f"no route {self.path}", "not_found"))
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, _error_body(f"no route {self.path}", "not_found"))
+            return
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            self._send(400, _error_body("request body is not JSON", "invalid_request_error"))
+            return
+        self._send(*self.server_state.chat(body))

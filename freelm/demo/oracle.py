@@ -1,0 +1,48 @@
+"""The exact Free-Module teacher for the dials task.
+
+In a dials solution only the last complete line is ever needed again (the next
+line is computed from it and the key in the problem), so the ideal cleaning
+deletes every complete line before it in ONE span: ``prefix`` is the label of
+the first line (``"#17 "``, unique because labels are), ``suffix`` is the whole
+line before the last complete one including its newline (the first match after
+the prefix is that line itself, since the label makes it unique). A partial line
+after the last complete one is kept: generation resumes inside it.
+"""
+
+from __future__ import annotations
+
+from freelm.demo.task import LINE_RE
+from freelm.free import Deletion, apply_deletions, format_commands
+
+
+def _complete_lines(thinking: str) -> list[tuple[int, int, str]]:
+    """``(start, end_after_newline, label)`` of every well-formed line that starts a line and ends in ``\\n``."""
+    found = []
+    for m in LINE_RE.finditer(thinking):
+        at_line_start = m.start() == 0 or thinking[m.start() - 1] == "\n"
+        if at_line_start and thinking[m.end() : m.end() + 1] == "\n":
+            found.append((m.start(), m.end() + 1, m.group(1)))
+    return found
+
+
+def oracle_deletions(thinking: str) -> list[Deletion]:
+    """Delete everything before the last complete line; ``[]`` when there is nothing to delete.
+
+    The anchors are checked against :func:`freelm.free.apply_deletions`: when the
+    thinking is malformed (e.g. a model repeated a label) and they would not
+    delete exactly the intended span, the oracle says ``[]`` rather than guess.
+    """
+    lines = _complete_lines(thinking)
+    if len(lines) < 2:
+        return []
+    first_start, _, first_label = lines[0]
+    last_deleted_start, last_deleted_end, _ = lines[-2]
+    commands = [Deletion(prefix=f"#{first_label} ", suffix=thinking[last_deleted_start:last_deleted_end])]
+    if apply_deletions(thinking, commands).spans != [(first_start, last_deleted_end)]:
+        return []
+    return commands
+
+
+def oracle_output(thinking: str) -> str:
+    """The text the Free-Module is trained to write for this thinking (canonical JSON)."""
+    return format_commands(oracle_deletions(thinking))

@@ -1,0 +1,92 @@
+"""The dials task and its oracle: determinism, answers by construction, deletions that always resolve."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from freelm.demo.oracle import oracle_deletions, oracle_output
+from freelm.demo.task import continuation, generate_problems, parse_problem, solution
+from freelm.free import apply_deletions, parse_commands
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    assert generate_problems(20, seed=3) == generate_problems(20, seed=3)
+    assert generate_problems(20, seed=3) != generate_problems(20, seed=4)
+    ids = [p.id for p in generate_problems(50, seed=3)]
+    assert len(set(ids)) == 50
+
+
+def test_rows_are_in_the_evaluation_format_and_answers_follow_the_rule():
+    for p in generate_problems(50, seed=0, min_turns=5, max_turns=12):
+        row = p.to_row()
+        assert set(row) == {"id", "source", "prompt", "answer"}
+        dials = list(p.start)
+        for _ in range(p.turns):  # simulate the turns one by one, independently of DialsProblem.state
+            dials = [(d + k) % 10 for d, k in zip(dials, p.key, strict=True)]
+        assert int(row["answer"]) == int("".join(map(str, dials)))
+        assert parse_problem(row["prompt"]).key == p.key
+        assert solution(p).endswith(f"\\boxed{{{''.join(map(str, dials))}}}")
+
+
+def test_solution_has_one_line_per_turn_and_grades_with_math_verify():
+    from math_verify import parse, verify
+
+    p = generate_problems(1, seed=7, min_turns=9, max_turns=9)[0]
+    thinking, after = solution(p).split("</think>")
+    assert thinking.splitlines()[0] == "#0 " + " ".join(map(str, p.start))
+    assert len(thinking.splitlines()) == 10
+    assert verify(parse(p.to_row()["answer"]), parse(after))
+
+
+def test_parse_problem_rejects_other_text():
+    with pytest.raises(ValueError, match="not a dials problem"):
+        parse_problem("What is 2 + 2?")
+
+
+def test_nothing_to_delete_before_two_complete_lines():
+    text = solution(generate_problems(1, seed=1)[0])
+    assert oracle_deletions("") == []
+    assert oracle_deletions(text[:5]) == []
+    first_line = text[: text.index("\n") + 1]
+    assert oracle_output(first_line + "#1 ") == "[]"
+
+
+def test_continuation_fails_when_the_state_was_deleted():
+    p = generate_problems(1, seed=1)[0]
+    with pytest.raises(ValueError, match="state it needs is lost"):
+        continuation(p, "#5 ")
+    lines = solution(p).splitlines(keepends=True)
+    with pytest.raises(ValueError, match="state it needs is lost"):  # the line of turn 1 deleted
+        continuation(p, lines[0] + "#2 ")
+
+
+@st.composite
+def cleaning_rounds(draw):
+    """A problem, and the thinking as the loop would see it after several oracle rounds at random points."""
+    p = draw(st.sampled_from(generate_problems(30, seed=11, min_turns=3, max_turns=25)))
+    full = solution(p)
+    end = full.index("</think>")
+    cuts = sorted(draw(st.lists(st.integers(1, end), min_size=1, max_size=5)))
+    return p, full, cuts
+
+
+@settings(max_examples=200, deadline=None)
+@given(cleaning_rounds())
+def test_oracle_deletions_resolve_and_keep_what_the_solution_needs(case):
+    p, full, cuts = case
+    kept, consumed = "", 0  # consumed: how much of the full solution has been generated
+    for cut in cuts:
+        thinking = kept + full[consumed:cut]
+        consumed = cut
+        raw = oracle_output(thinking)
+        commands = parse_commands(raw)
+        assert commands.error is None
+        edit = apply_deletions(thinking, commands)
+        assert not edit.skipped, edit.skipped
+        if commands:
+            assert edit.spans[0][0] == 0  # one span from the first line ...
+            assert edit.text.count("\n") == 1  # ... up to the last complete line, which is kept
+        kept = edit.text
+        assert continuation(p, kept) == full[consumed:]

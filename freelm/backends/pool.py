@@ -142,7 +142,7 @@ class EndpointPool:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
                 await asyncio.wait_for(event.wait(), timeout=max(remaining, 0.0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 errors = "; ".join(f"{e.backend.name}: {e.last_error}" for e in self.endpoints)
                 raise TransientBackendError(
                     f"{self.name}: no healthy endpoint for {self.down_wait:g}s ({errors})"

@@ -1,0 +1,69 @@
+"""The run manifest next to a runner output (``OUT.manifest.json``) and the files' naming.
+
+The manifest answers "what produced this file?" long after the run: the full
+config, the results-deciding settings and their hash, package versions, start
+and end times, counts and the end summary. A resumed run keeps the earlier
+invocations under ``previous_runs``. It is rewritten atomically (temp file +
+rename), so a kill at any moment leaves either the old or the new manifest,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_VERSION = 1
+
+#: Distributions whose versions can change results or behaviour (looked up without importing them).
+TRACKED_PACKAGES = ("freelm", "torch", "transformers", "peft", "tokenizers", "httpx", "openai", "math-verify")
+
+
+def manifest_path(output: str | Path) -> Path:
+    return Path(f"{output}.manifest.json")
+
+
+def errors_path(output: str | Path) -> Path:
+    return Path(f"{output}.errors.jsonl")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_manifest(output: str | Path) -> dict[str, Any] | None:
+    """The manifest of ``output``, or None when there is none (or it is unreadable: it is advisory)."""
+    path = manifest_path(output)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_manifest(output: str | Path, manifest: dict[str, Any]) -> Path:
+    path = manifest_path(output)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump({"manifest_version": MANIFEST_VERSION, **manifest}, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,506 @@
+"""Concurrent, multi-endpoint, resumable batch inference: ``runner.py`` / ``freelm run``.
+
+One rollout per ``(problem, rollout index)``, ``--concurrency`` of them in flight
+on one asyncio loop, each a :func:`freelm.loop.run_rollout` over an
+:class:`~freelm.backends.pool.EndpointPool` (least-loaded healthy endpoint, a
+failed request retried elsewhere without losing the rollout's state).
+
+Why the output is safe to kill at any moment: each finished rollout is one JSONL
+line written, flushed and fsynced on its own (``records.append_jsonl``), so a
+SIGKILL loses at most the rollouts in flight and can only tear the last line,
+which the next start truncates (``records.repair_torn_tail``). Failed rollouts
+(``finish_reason == "error"``: a server that stayed down, a 4xx) are not written
+to the output but to ``OUT.errors.jsonl``, so re-running the same command retries
+exactly them and the rest is skipped.
+
+Why resuming refuses a different config: every line carries the hash of the
+settings that decide results (:mod:`freelm.runner_config`); mixing two
+experiments in one file would silently corrupt pass@k. ``--force`` moves the
+old files aside instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from freelm.backends.base import Backend
+from freelm.backends.pool import EndpointPool
+from freelm.cleaners import HeadTailCleaner, LoRACleaner
+from freelm.cleaners.base import Cleaner
+from freelm.data import Problem, load_problems
+from freelm.loop import LoopConfig, run_rollout
+from freelm.manifest import errors_path, manifest_path, now_iso, package_versions, read_manifest, write_manifest
+from freelm.records import RolloutRecord, append_jsonl, read_rollouts, repair_torn_tail
+from freelm.runner_config import (
+    RunSettings,
+    add_arguments,
+    loop_config,
+    normalize_endpoint,
+    read_endpoints_file,
+    rollout_seed,
+    run_settings,
+    settings_differences,
+    validate_args,
+)
+from freelm.tokenizer import Tokenizer
+
+__all__ = ["ConfigMismatch", "Job", "RunSummary", "add_arguments", "inspect_output", "run", "run_batch"]
+
+RolloutKey = tuple[str, str, int]  # (source, id, rollout): ids repeat across benchmarks
+
+
+class ConfigMismatch(ValueError):
+    """The output was written with other settings; raised before anything is sent or written."""
+
+
+@dataclass(frozen=True)
+class Job:
+    problem: Problem
+    rollout: int
+    seed: int
+
+    @property
+    def key(self) -> RolloutKey:
+        return (self.problem.source, self.problem.id, self.rollout)
+
+
+@dataclass
+class RunSummary:
+    """Counts of one invocation; printed at the end and stored in the manifest."""
+
+    total: int = 0  # rollouts wanted: problems x n_rollouts
+    present_at_start: int = 0
+    done: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+    cleaning_rounds: int = 0
+    retries: int = 0
+    wall_time_s: float = 0.0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.present_at_start - self.done
+
+    @property
+    def mean_cleaning_rounds(self) -> float:
+        return self.cleaning_rounds / self.done if self.done else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "remaining": self.remaining,
+            "mean_cleaning_rounds": round(self.mean_cleaning_rounds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+        }
+
+    def format(self) -> str:
+        return (
+            f"rollouts: {self.done} done, {self.failed} failed, {self.present_at_start} already present, "
+            f"{self.remaining} remaining of {self.total}\n"
+            f"tokens generated: {self.generated_tokens} ({self.tokens_per_s:.1f}/s); "
+            f"mean cleaning rounds: {self.mean_cleaning_rounds:.2f}; retries: {self.retries}; "
+            f"wall time: {self.wall_time_s:.1f}s; finish: {self.finish_reasons}"
+        )
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class ExistingOutput:
+    """What an output file already holds, checked against this run's settings."""
+
+    keys: set[RolloutKey] = field(default_factory=set)
+    mismatch: str | None = None  # why the file cannot be resumed with these settings (then --force replaces it)
+
+
+def inspect_output(output: Path, settings: RunSettings, *, force: bool) -> ExistingOutput:
+    """Read ``output`` (if any) without changing it; raise ConfigMismatch unless ``force``.
+
+    A torn last line is ignored here and truncated by :func:`run_batch` when the
+    run starts; any other bad line is an error naming file and line.
+    """
+    existing = ExistingOutput()
+    if not output.exists():
+        return existing
+    records = read_rollouts(output)
+    ours = settings.config_hash
+    theirs = sorted({r.config_hash for r in records} - {ours})
+    existing.keys = {(r.source, r.id, r.rollout) for r in records if r.config_hash == ours}
+    if theirs:
+        existing.mismatch = _mismatch_message(output, theirs, settings)
+        if not force:
+            raise ConfigMismatch(existing.mismatch + "\nre-run with --force to move the old files aside and start over")
+        existing.keys = set()
+    return existing
+
+
+def _mismatch_message(output: Path, theirs: list[str], settings: RunSettings) -> str:
+    message = f"{output} was written with config hash {', '.join(theirs)}; this run's is {settings.config_hash}"
+    old = read_manifest(output)
+    if old and old.get("config_hash") in theirs and isinstance(old.get("settings"), dict):
+        diffs = settings_differences(old["settings"], settings.to_dict())
+        message += "\ndiffering settings (old -> new):\n  " + "\n  ".join(diffs)
+    else:
+        message += f"\n(no matching manifest {manifest_path(output)}: cannot list the differing settings)"
+    return message
+
+
+def _move_aside(output: Path) -> Path:
+    target = Path(f"{output}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    for path, moved in zip(
+        (output, manifest_path(output), errors_path(output)), (target, manifest_path(target), errors_path(target))
+    ):
+        if path.exists():
+            path.rename(moved)
+    return target
+
+
+def plan_jobs(problems: list[Problem], n_rollouts: int, seed: int, skip: set[RolloutKey]) -> list[Job]:
+    """Problem-major order: rollouts of one problem run together and share the server's prompt cache."""
+    jobs = []
+    for problem in problems:
+        for index in range(n_rollouts):
+            job = Job(problem, index, rollout_seed(seed, problem.source, problem.id, index))
+            if job.key not in skip:
+                jobs.append(job)
+    return jobs
+
+
+# --------------------------------------------------------------------------- execution
+
+
+async def run_batch(
+    problems: list[Problem],
+    *,
+    output: Path,
+    settings: RunSettings,
+    config: LoopConfig,
+    reasoner: Backend,
+    tokenizer: Tokenizer,
+    cleaner: Cleaner | None,
+    n_rollouts: int,
+    concurrency: int,
+    force: bool = False,
+    existing: ExistingOutput | None = None,
+    pools: tuple[EndpointPool, ...] = (),
+    manifest_config: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> RunSummary:
+    """Resume-aware batch: skip what ``output`` holds, run the rest, keep the manifest current.
+
+    ``progress=None`` shows the bar only on a terminal.
+    """
+    output = Path(output)
+    if existing is None:
+        existing = inspect_output(output, settings, force=force)
+    history: list[dict[str, Any]] = []
+    if existing.mismatch:
+        print(f"--force: moved the old output aside to {_move_aside(output)}", file=sys.stderr)
+    else:
+        repair_torn_tail(output)
+        old = read_manifest(output)
+        if old and old.get("config_hash") == settings.config_hash:
+            history = [*old.get("previous_runs", []), _run_entry(old)]
+
+    jobs = plan_jobs(problems, n_rollouts, settings.seed, existing.keys)
+    summary = RunSummary(total=len(problems) * n_rollouts, present_at_start=len(problems) * n_rollouts - len(jobs))
+    manifest: dict[str, Any] = {
+        "output": str(output),
+        "command": sys.argv,
+        "config": manifest_config or {},
+        "settings": settings.to_dict(),
+        "config_hash": settings.config_hash,
+        "mode": settings.mode,
+        "versions": package_versions(),
+        "problems": len(problems),
+        "n_rollouts": n_rollouts,
+        "started_at": now_iso(),
+        "ended_at": None,
+        "status": "running",
+        "previous_runs": history,
+    }
+
+    def save(status: str) -> None:
+        manifest.update(status=status, summary=summary.to_dict(), endpoints=[p.stats() for p in pools])
+        if status != "running":
+            manifest["ended_at"] = now_iso()
+        write_manifest(output, manifest)
+
+    save("running")
+    started = time.perf_counter()
+    try:
+        await _execute(
+            jobs, output=output, settings=settings, config=config, reasoner=reasoner, tokenizer=tokenizer,
+            cleaner=cleaner, concurrency=concurrency, summary=summary, pools=pools, progress=progress,
+            started=started,
+        )  # fmt: skip
+    except BaseException:
+        summary.wall_time_s = time.perf_counter() - started
+        save("interrupted")
+        raise
+    summary.wall_time_s = time.perf_counter() - started
+    save("complete" if summary.failed == 0 else "incomplete")
+    return summary
+
+
+def _run_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: manifest.get(key) for key in ("started_at", "ended_at", "status", "summary", "command")}
+
+
+async def _execute(
+    jobs: list[Job],
+    *,
+    output: Path,
+    settings: RunSettings,
+    config: LoopConfig,
+    reasoner: Backend,
+    tokenizer: Tokenizer,
+    cleaner: Cleaner | None,
+    concurrency: int,
+    summary: RunSummary,
+    pools: tuple[EndpointPool, ...],
+    progress: bool | None,
+    started: float,
+) -> None:
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    pending = iter(jobs)  # shared by the workers; next() never awaits, so no lock is needed
+    write_lock = asyncio.Lock()
+    config_hash = settings.config_hash
+    bar = tqdm(
+        total=summary.total, initial=summary.present_at_start, unit="rollout", dynamic_ncols=True,
+        disable=None if progress is None else not progress,
+    )  # fmt: skip
+
+    with output.open("a", encoding="utf-8") as out:
+
+        async def write(path_handle, obj: dict[str, Any]) -> None:
+            async with write_lock:  # fsync off the event loop; one line at a time
+                await asyncio.to_thread(append_jsonl, path_handle, obj)
+
+        async def worker() -> None:
+            for job in pending:
+                try:
+                    result = await run_rollout(
+                        job.problem.prompt, reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner,
+                        config=config, seed=job.seed,
+                    )  # fmt: skip
+                    error = result.error if result.finish_reason == "error" else None
+                except Exception as exc:  # a bug or unexpected input must cost one rollout, not the run
+                    result, error = None, f"{type(exc).__name__}: {exc}"
+                if error is None:
+                    record = RolloutRecord.from_result(
+                        result, id=job.problem.id, source=job.problem.source, rollout=job.rollout, seed=job.seed,
+                        answer=job.problem.answer, mode=settings.mode, config_hash=config_hash,
+                        prompt=job.problem.prompt,
+                    )  # fmt: skip
+                    await write(out, record.to_dict())
+                    summary.done += 1
+                    summary.generated_tokens += result.generated_tokens
+                    summary.cleaning_rounds += result.cleaning_rounds
+                    summary.finish_reasons[result.finish_reason] = (
+                        summary.finish_reasons.get(result.finish_reason, 0) + 1
+                    )
+                else:
+                    await _log_error(output, job, error, result, config_hash, write_lock)
+                    summary.failed += 1
+                summary.retries = sum(p.retries for p in pools)
+                bar.update(1)
+                bar.set_postfix(_postfix(summary, pools, started), refresh=False)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
+        finally:
+            bar.close()
+
+
+async def _log_error(output: Path, job: Job, error: str, result, config_hash: str, lock: asyncio.Lock) -> None:
+    entry = {
+        "time": now_iso(),
+        "source": job.problem.source,
+        "id": job.problem.id,
+        "rollout": job.rollout,
+        "seed": job.seed,
+        "config_hash": config_hash,
+        "error": error,
+        "generated_tokens": result.generated_tokens if result is not None else 0,
+        "rounds": len(result.rounds) if result is not None else 0,
+    }
+
+    def append() -> None:
+        with errors_path(output).open("a", encoding="utf-8") as f:
+            append_jsonl(f, entry)
+
+    async with lock:
+        await asyncio.to_thread(append)
+
+
+def _postfix(summary: RunSummary, pools: tuple[EndpointPool, ...], started: float) -> dict[str, Any]:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    postfix: dict[str, Any] = {
+        "tok/s": f"{summary.generated_tokens / elapsed:.0f}",
+        "clean": summary.cleaning_rounds,
+        "failed": summary.failed,
+        "retries": summary.retries,
+    }
+    if pools:
+        postfix["up"] = "+".join(f"{p.endpoints_up}/{len(p.endpoints)}" for p in pools)
+    return postfix
+
+
+# --------------------------------------------------------------------------- building from flags
+
+
+@dataclass
+class Components:
+    """The live objects a run needs, built from flags."""
+
+    reasoner: EndpointPool
+    tokenizer: Tokenizer
+    cleaner: Cleaner | None
+    pools: tuple[EndpointPool, ...]
+
+    async def aclose(self) -> None:
+        for pool in self.pools:
+            await pool.aclose()
+
+
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    endpoints = [normalize_endpoint(e) for e in args.endpoint]
+    if args.endpoints_file:
+        endpoints += read_endpoints_file(args.endpoints_file)
+    return list(dict.fromkeys(endpoints))
+
+
+def _remote_backends(kind: str, endpoints: list[str], args: argparse.Namespace) -> list[Backend]:
+    """One fail-fast client per endpoint: the pool retries elsewhere (see freelm.backends.pool)."""
+    from freelm.backends import make_backend
+
+    if kind == "sglang":
+        connections = max(512, args.concurrency)
+        return [
+            make_backend("sglang", base_url=url, timeout=args.timeout, max_retries=0, max_connections=connections)
+            for url in endpoints
+        ]
+    return [
+        make_backend(
+            "openai",
+            base_url=url if _has_path(url) else f"{url}/v1",
+            model=args.served_model,
+            api_key_env=args.api_key_env,
+            timeout=args.timeout,
+            max_retries=0,
+        )  # fmt: skip
+        for url in endpoints
+    ]
+
+
+def _has_path(url: str) -> bool:
+    return bool(url.split("://", 1)[1].partition("/")[2])
+
+
+def build_components(args: argparse.Namespace) -> Components:
+    """Backends, pools, tokenizer and cleaner; loading a local model happens here (slow, after all checks)."""
+    pool_options = {"max_retries": args.max_retries, "down_wait": args.down_wait}
+    if args.backend == "local":
+        from freelm.backends import make_backend
+
+        adapters = {args.adapter_name: args.adapter} if args.adapter else None
+        local = make_backend("local", model_dir=args.model, adapters=adapters)
+        reasoner = EndpointPool([local], name="local", **pool_options)
+        tokenizer = local.tokenizer
+    else:
+        reasoner = EndpointPool(_remote_backends(args.backend, _endpoints(args), args), name="reasoner", **pool_options)
+        tokenizer_dir = args.tokenizer or args.model
+        if not Path(tokenizer_dir).is_dir():  # never let a typo become a Hub download
+            raise ValueError(f"--tokenizer {tokenizer_dir}: not a directory")
+        try:
+            tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer ({exc})") from exc
+    pools = [reasoner]
+    cleaner: Cleaner | None = None
+    if args.mode == "freelm" and args.cleaner == "headtail":
+        cleaner = HeadTailCleaner(tokenizer, head_tokens=args.head_tokens, tail_tokens=args.tail_tokens)
+    elif args.mode == "freelm":
+        cleaner_pool = reasoner
+        if args.cleaner_endpoint:
+            urls = list(dict.fromkeys(normalize_endpoint(e, "--cleaner-endpoint") for e in args.cleaner_endpoint))
+            kind = args.cleaner_backend or ("sglang" if args.backend == "local" else args.backend)
+            cleaner_pool = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
+            pools.append(cleaner_pool)
+        cleaner = LoRACleaner(
+            cleaner_pool, adapter=args.adapter_name, template=args.clean_template, max_new_tokens=args.clean_max_tokens
+        )
+    return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
+
+
+def _manifest_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+async def _run_async(
+    args: argparse.Namespace, components: Components, problems: list[Problem], settings: RunSettings, existing
+) -> int:
+    try:
+        for pool in components.pools:
+            if await pool.check_health() == 0:
+                names = ", ".join(e.backend.name for e in pool.endpoints)
+                print(f"error: no healthy endpoint in {pool.name}: {names}", file=sys.stderr)
+                return 2
+        summary = await run_batch(
+            problems, output=args.output, settings=settings, config=loop_config(args),
+            reasoner=components.reasoner, tokenizer=components.tokenizer, cleaner=components.cleaner,
+            n_rollouts=args.n_rollouts, concurrency=args.concurrency, existing=existing,
+            pools=components.pools, manifest_config=_manifest_config(args),
+            progress=False if args.no_progress else None,
+        )  # fmt: skip
+    finally:
+        await components.aclose()
+    print(summary.format())
+    if summary.failed:
+        print(
+            f"{summary.failed} rollout(s) failed (see {errors_path(args.output)}); re-run the same command to retry them"
+        )
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 all rollouts present, 1 some failed (re-run retries them), 2 bad input or config, 130 interrupted."""
+    try:
+        validate_args(args)
+        settings = run_settings(args)
+        if args.backend != "local":
+            _endpoints(args)
+        problems = load_problems(args.data, split=args.split, limit=args.limit)
+        existing = inspect_output(args.output, settings, force=args.force)
+        components = build_components(args)
+    except ValueError as exc:  # includes ConfigMismatch: nothing was sent or written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run_async(args, components, problems, settings, existing))
+    except KeyboardInterrupt:
+        print("interrupted: finished rollouts are saved; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

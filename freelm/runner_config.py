@@ -1,0 +1,362 @@
+"""The runner's command line, and the settings that decide its results (hashed into every record).
+
+Two kinds of flags: those that change what the model produces (mode, cleaner,
+budgets, sampling, seed, a local model's weights) form :class:`RunSettings`, whose
+hash is stored in every output line so resuming never mixes two experiments;
+those that only change how fast it runs (endpoints, concurrency, timeouts,
+retries) are deliberately left out, so a resume may use other servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from freelm.backends import BACKEND_KINDS
+from freelm.backends.base import SamplingParams
+from freelm.loop import LoopConfig
+from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, PROBLEM_SUFFIX, load_clean_template
+
+MODES = ("freelm", "vanilla")
+RUNNER_CLEANERS = ("free", "headtail")  # "none" is --mode vanilla
+
+_LOOP = LoopConfig()
+_SAMPLING = SamplingParams()
+
+
+EPILOG = """\
+files:
+  OUT                 one JSON line per finished rollout (freelm.records.RolloutRecord), fsynced as each ends
+  OUT.manifest.json   full config, settings + config hash, package versions, times, counts, summary
+  OUT.errors.jsonl    rollouts that failed (server down past --max-retries/--down-wait, HTTP 4xx);
+                      they are not in OUT, so re-running the same command retries them
+
+resume: re-running the same command skips every (source, id, rollout) already in OUT; a torn last
+line (kill -9 mid-write) is dropped. Different results-deciding settings (mode, cleaner, budgets,
+sampling, seed, local weights) are refused unless --force; endpoints, concurrency and timeouts may change.
+
+exit codes: 0 every rollout present; 1 some failed (re-run to retry); 2 bad input/config, nothing sent;
+130 interrupted (finished rollouts are kept)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults only where there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every runner flag; shared by ``runner.py`` and ``freelm run``."""
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = EPILOG
+    g = parser.add_argument_group("data and output")
+    g.add_argument(
+        "--data",
+        metavar="PATH_OR_HF_NAME",
+        required=True,
+        help="problem JSONL ({id, source, prompt, answer}) or a Hugging Face dataset name",
+    )
+    g.add_argument(
+        "--split", metavar="NAME", default=None, help="dataset split for a Hugging Face name (default: test)"
+    )
+    g.add_argument("--limit", metavar="K", type=int, default=None, help="only the first K problems")
+    g.add_argument(
+        "--output",
+        metavar="OUT",
+        required=True,
+        type=Path,
+        help="output JSONL; OUT.manifest.json and OUT.errors.jsonl sit next to it",
+    )
+    g.add_argument("--n-rollouts", metavar="N", type=int, default=8, help="rollouts per problem")
+    g.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=0,
+        help="base seed; each rollout's seed derives from it, the problem and the rollout index",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="if OUT was written with different settings, move it aside (OUT.replaced-TIMESTAMP) and start over",
+    )
+
+    g = parser.add_argument_group("backends (endpoints are never built in: pass them)")
+    g.add_argument("--backend", choices=BACKEND_KINDS, default="sglang", help="reasoner backend")
+    g.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="reasoner endpoint (repeatable; http:// optional)",
+    )
+    g.add_argument(
+        "--endpoints-file",
+        metavar="FILE",
+        type=Path,
+        help="file with one HOST:PORT per line (# comments); adds to --endpoint",
+    )
+    g.add_argument(
+        "--cleaner-endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="cleaner endpoint(s) serving the adapter (repeatable; default: the reasoner endpoints)",
+    )
+    g.add_argument(
+        "--cleaner-backend", choices=("sglang", "openai"), default=None, help="cleaner backend (default: --backend)"
+    )
+    g.add_argument("--model", metavar="DIR", type=Path, help="--backend local: Hugging Face checkpoint directory")
+    g.add_argument(
+        "--adapter", metavar="DIR", type=Path, help="--backend local: PEFT adapter directory of the Free-Module"
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        type=Path,
+        help="the reasoner's tokenizer directory (default: --model); required for remote backends, the loop sends token ids",
+    )
+    g.add_argument(
+        "--served-model",
+        metavar="NAME",
+        default=None,
+        help="--backend openai: the served model name (adapters as NAME:ADAPTER)",
+    )
+    g.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default="OPENAI_API_KEY",
+        help="--backend openai: environment variable holding the API key",
+    )
+
+    g = parser.add_argument_group("method")
+    g.add_argument("--mode", choices=MODES, default="freelm", help="freelm: reason + clean; vanilla: reason only")
+    g.add_argument(
+        "--cleaner",
+        choices=RUNNER_CLEANERS,
+        default="free",
+        help="with --mode freelm: free = the LoRA Free-Module, headtail = truncation baseline",
+    )
+    g.add_argument(
+        "--adapter-name",
+        metavar="NAME",
+        default="free",
+        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH)",
+    )
+    g.add_argument(
+        "--clean-template",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help=f"cleaning prompt template (default: {DEFAULT_CLEAN_TEMPLATE.name})",
+    )
+    g.add_argument("--clean-max-tokens", metavar="N", type=int, default=1024, help="max tokens of one cleaner answer")
+    g.add_argument(
+        "--head-tokens", metavar="N", type=int, default=256, help="--cleaner headtail: tokens kept at the start"
+    )
+    g.add_argument(
+        "--tail-tokens", metavar="N", type=int, default=1024, help="--cleaner headtail: tokens kept at the end"
+    )
+    g.add_argument(
+        "--clean-every", metavar="N", type=int, default=_LOOP.clean_every, help="clean after every N generated tokens"
+    )
+    g.add_argument(
+        "--max-tokens",
+        metavar="N",
+        type=int,
+        default=_LOOP.max_tokens,
+        help="total generation budget per rollout (deleted tokens count)",
+    )
+    g.add_argument(
+        "--context-limit", metavar="N", type=int, default=_LOOP.context_limit, help="max prompt + response tokens"
+    )
+    g.add_argument(
+        "--max-clean-rounds",
+        metavar="N",
+        type=int,
+        default=None,
+        help="cap on cleaning rounds per rollout (default: none)",
+    )
+    g.add_argument(
+        "--problem-suffix", metavar="TEXT", default=PROBLEM_SUFFIX, help="instruction appended to every problem"
+    )
+
+    g = parser.add_argument_group("reasoner sampling (defaults: Qwen3 thinking mode; always sent)")
+    g.add_argument("--temperature", metavar="T", type=float, default=_SAMPLING.temperature, help="0 = greedy")
+    g.add_argument("--top-p", metavar="P", type=float, default=_SAMPLING.top_p, help="nucleus mass")
+    g.add_argument("--top-k", metavar="K", type=int, default=_SAMPLING.top_k, help="-1 = off")
+    g.add_argument("--min-p", metavar="P", type=float, default=_SAMPLING.min_p, help="0 = off")
+
+    g = parser.add_argument_group("execution (not part of the config hash)")
+    g.add_argument("--concurrency", metavar="N", type=int, default=64, help="rollouts in flight")
+    g.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=600.0,
+        help="seconds per request (one reasoning chunk or cleaning call)",
+    )
+    g.add_argument(
+        "--max-retries",
+        metavar="N",
+        type=int,
+        default=3,
+        help="failed attempts of one request (each on another healthy endpoint) before its rollout fails",
+    )
+    g.add_argument(
+        "--down-wait",
+        metavar="SECONDS",
+        type=float,
+        default=600.0,
+        help="seconds a request waits for any endpoint to become healthy again",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What determines the results. ``mode`` is the record's label: vanilla, freelm, or the baseline's name."""
+
+    mode: str
+    seed: int
+    loop: dict[str, Any]
+    cleaner: dict[str, Any] | None
+    model: dict[str, Any] | None  # local weights; a remote server's model is the operator's responsibility
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        return settings_hash(self.to_dict())
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def loop_config(args: argparse.Namespace) -> LoopConfig:
+    return LoopConfig(
+        clean_every=args.clean_every,
+        max_tokens=args.max_tokens,
+        context_limit=args.context_limit,
+        max_clean_rounds=args.max_clean_rounds,
+        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p),
+        problem_suffix=args.problem_suffix,
+    )
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """Settings from parsed flags; raises ValueError on a bad value (before any output exists)."""
+    config = loop_config(args)
+    loop = config.to_dict()
+    cleaner: dict[str, Any] | None = None
+    if args.mode == "vanilla":
+        mode = "vanilla"
+        del (
+            loop["clean_every"],
+            loop["max_clean_rounds"],
+        )  # unused without a cleaner: changing them is no new experiment
+    elif args.cleaner == "free":
+        mode = "freelm"
+        template = load_clean_template(args.clean_template)  # validates the file before any request
+        cleaner = {
+            "name": "free",
+            "adapter": args.adapter_name,
+            "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "max_new_tokens": args.clean_max_tokens,
+            "sampling": SamplingParams.greedy().to_dict(),
+        }
+    else:
+        mode = args.cleaner
+        cleaner = {"name": args.cleaner, "head_tokens": args.head_tokens, "tail_tokens": args.tail_tokens}
+    model = None
+    if args.backend == "local":
+        model = {
+            "model": str(args.model.resolve()) if args.model else None,
+            "adapter": str(args.adapter.resolve()) if args.adapter else None,
+        }
+    return RunSettings(mode=mode, seed=args.seed, loop=loop, cleaner=cleaner, model=model)
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["loop.clean_every: 4096 -> 2048", ...]``: what a refused resume would change."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(settings_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def rollout_seed(seed: int, source: str, problem_id: str, rollout: int) -> int:
+    """A stable per-rollout seed: independent of run order, concurrency and resumption."""
+    digest = hashlib.sha256(f"{seed}\0{source}\0{problem_id}\0{rollout}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+
+
+def normalize_endpoint(spec: str, where: str = "--endpoint") -> str:
+    """``HOST:PORT`` or a URL -> ``http(s)://HOST:PORT[/path]``; anything else is a clear error."""
+    text = spec.strip()
+    url = text if "://" in text else f"http://{text}"
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ValueError(f"{where}: bad endpoint {spec!r}: expected HOST:PORT (http:// or https:// optional)")
+    return url.rstrip("/")
+
+
+def read_endpoints_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read endpoints file ({exc})") from exc
+    endpoints = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            endpoints.append(normalize_endpoint(entry, f"{path}:{number}"))
+    if not endpoints:
+        raise ValueError(f"{path}: no endpoints in file")
+    return endpoints
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot check; raises ValueError naming the flag."""
+    for flag in ("n_rollouts", "concurrency", "clean_max_tokens", "head_tokens", "tail_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.timeout <= 0 or args.down_wait <= 0:
+        raise ValueError("--timeout and --down-wait must be > 0")
+    if args.backend == "local":
+        if args.model is None:
+            raise ValueError("--backend local needs --model DIR")
+        if args.endpoint or args.endpoints_file:
+            raise ValueError("--backend local runs in-process: drop --endpoint/--endpoints-file")
+        if args.mode == "freelm" and args.cleaner == "free" and args.adapter is None and not args.cleaner_endpoint:
+            raise ValueError("--backend local with --cleaner free needs --adapter DIR (or --cleaner-endpoint)")
+    else:
+        if not (args.endpoint or args.endpoints_file):
+            raise ValueError(f"--backend {args.backend} needs --endpoint HOST:PORT or --endpoints-file")
+        if args.tokenizer is None and args.model is None:
+            raise ValueError(f"--backend {args.backend} needs --tokenizer DIR (the loop sends token ids)")
+    if "openai" in (args.backend, args.cleaner_backend) and not args.served_model:
+        raise ValueError("--backend/--cleaner-backend openai needs --served-model NAME")

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Batch rollouts over a benchmark (same as ``freelm run``); ``python3 runner.py --help`` lists every flag."""
+
+import sys
+
+from freelm.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

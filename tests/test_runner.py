@@ -1,0 +1,325 @@
+"""The batch runner on the counting model (no torch, no network): output, resume, config hash, errors, CLI checks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from freelm.backends.base import BackendError, TransientBackendError
+from freelm.backends.pool import EndpointPool
+from freelm.cleaners import HeadTailCleaner, LoRACleaner
+from freelm.data import Problem
+from freelm.manifest import errors_path, manifest_path
+from freelm.records import iter_jsonl, read_rollouts
+from freelm.runner import ConfigMismatch, run, run_batch
+from freelm.runner_config import (
+    add_arguments,
+    loop_config,
+    normalize_endpoint,
+    read_endpoints_file,
+    rollout_seed,
+    run_settings,
+)
+from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.tinymodel import train_tokenizer
+from freelm.tokenizer import Tokenizer
+
+TARGET = 30
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    corpus = [f"step {n}\n" for n in range(100)] + [counting_answer(TARGET)]
+    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+
+
+def problems(n: int = 3) -> list[Problem]:
+    return [
+        Problem(id=str(i), source="count", prompt=f"Count to {TARGET}, puzzle {i}.", answer=str(TARGET))
+        for i in range(n)
+    ]
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--data", "unused.jsonl", "--output", "unused.jsonl", *flags])
+
+
+BATCH_FLAGS = ("--clean-every", "20", "--context-limit", "400", "--max-tokens", "600")
+
+
+def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None, **kwargs):
+    """run_batch over a pool of one counting backend; returns (summary, backend)."""
+    args = parse(*BATCH_FLAGS, *flags)
+    settings = run_settings(args)
+    backend = backend or CountingBackend(tokenizer, target=TARGET)
+    pool = EndpointPool([backend], probe_interval=0.01)
+    cleaner = None
+    if settings.mode == "freelm":
+        cleaner = LoRACleaner(pool)
+    elif settings.mode == "headtail":
+        cleaner = HeadTailCleaner(tokenizer, head_tokens=args.head_tokens, tail_tokens=args.tail_tokens)
+
+    async def go():
+        try:
+            return await run_batch(
+                problems() if probs is None else probs, output=tmp_path / "out.jsonl", settings=settings,
+                config=loop_config(args), reasoner=pool, tokenizer=tokenizer, cleaner=cleaner,
+                n_rollouts=n_rollouts, concurrency=4, pools=(pool,), progress=False, **kwargs,
+            )  # fmt: skip
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go()), backend
+
+
+def keys(path: Path) -> list[tuple[str, str, int]]:
+    return [(r.source, r.id, r.rollout) for r in read_rollouts(path)]
+
+
+def test_batch_writes_one_record_per_rollout_with_identity_seed_and_hash(tmp_path, tokenizer):
+    summary, _ = batch(tmp_path, tokenizer, "--seed", "7", n_rollouts=3)
+    out = tmp_path / "out.jsonl"
+    records = read_rollouts(out)
+    assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(3)]
+    settings = run_settings(parse(*BATCH_FLAGS, "--seed", "7"))
+    for rec in records:
+        assert rec.mode == "freelm" and rec.config_hash == settings.config_hash
+        assert rec.seed == rollout_seed(7, "count", rec.id, rec.rollout)
+        assert rec.finish_reason == "stop" and rec.response.endswith(counting_answer(TARGET))
+        assert rec.answer == str(TARGET) and rec.prompt.startswith("Count to")
+        assert rec.cleaning_rounds >= 1 and rec.peak_context_tokens <= 400
+    assert len({r.seed for r in records}) == 9
+    assert summary.done == 9 and summary.failed == 0 and summary.present_at_start == 0 and summary.remaining == 0
+    assert summary.generated_tokens == sum(r.generated_tokens for r in records)
+    assert summary.mean_cleaning_rounds == pytest.approx(sum(r.cleaning_rounds for r in records) / 9)
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["status"] == "complete" and manifest["config_hash"] == settings.config_hash
+    assert manifest["settings"]["loop"]["clean_every"] == 20 and manifest["settings"]["seed"] == 7
+    assert manifest["summary"]["done"] == 9 and manifest["ended_at"] is not None
+    assert manifest["versions"]["freelm"] and manifest["endpoints"][0]["retries"] == 0
+    assert not errors_path(out).exists()
+
+
+def test_resume_skips_present_rollouts_and_extends(tmp_path, tokenizer):
+    batch(tmp_path, tokenizer, n_rollouts=2)
+    first = (tmp_path / "out.jsonl").read_bytes()
+    summary, backend = batch(tmp_path, tokenizer, n_rollouts=3)
+    out = tmp_path / "out.jsonl"
+    assert out.read_bytes().startswith(first)  # append-only
+    assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(3)]
+    assert summary.present_at_start == 6 and summary.done == 3
+    # nothing left: no request at all
+    summary, backend = batch(tmp_path, tokenizer, n_rollouts=3)
+    assert summary.done == 0 and backend.calls == 0
+    manifest = json.loads(manifest_path(out).read_text())
+    assert [run["summary"]["done"] for run in manifest["previous_runs"]] == [6, 3]
+
+
+def test_torn_tail_is_dropped_and_the_rollout_redone(tmp_path, tokenizer):
+    batch(tmp_path, tokenizer, n_rollouts=2)
+    out = tmp_path / "out.jsonl"
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    summary, _ = batch(tmp_path, tokenizer, n_rollouts=2)
+    assert summary.done == 1
+    assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(2)]
+    assert all(obj for _, obj in iter_jsonl(out, tolerate_torn_tail=False))
+
+
+def test_failed_rollouts_go_to_the_errors_file_and_are_retried_next_run(tmp_path, tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.fail_next = deque([BackendError("HTTP 400: bad request"), BackendError("HTTP 400: bad request")])
+    summary, _ = batch(tmp_path, tokenizer, n_rollouts=2, backend=backend)
+    out = tmp_path / "out.jsonl"
+    assert summary.failed == 2 and summary.done == 4 and len(keys(out)) == 4
+    errors = [obj for _, obj in iter_jsonl(errors_path(out))]
+    assert len(errors) == 2 and all("HTTP 400" in e["error"] for e in errors)
+    assert json.loads(manifest_path(out).read_text())["status"] == "incomplete"
+    summary, _ = batch(tmp_path, tokenizer, n_rollouts=2)
+    assert summary.done == 2 and summary.failed == 0
+    assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(2)]
+
+
+def test_transient_failures_are_retried_without_losing_the_rollout(tmp_path, tokenizer):
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.fail_next = deque([TransientBackendError("connection reset")] * 3)
+    summary, _ = batch(tmp_path, tokenizer, n_rollouts=2, backend=backend)
+    assert summary.done == 6 and summary.failed == 0 and summary.retries == 3
+    assert all(r.finish_reason == "stop" for r in read_rollouts(tmp_path / "out.jsonl"))
+
+
+def test_different_config_is_refused_with_the_differences_then_forced(tmp_path, tokenizer):
+    batch(tmp_path, tokenizer, n_rollouts=2)
+    old_hash = read_rollouts(tmp_path / "out.jsonl")[0].config_hash
+    with pytest.raises(ConfigMismatch) as info:
+        batch(tmp_path, tokenizer, "--clean-every", "25", "--temperature", "0.7", n_rollouts=2)
+    message = str(info.value)
+    new_hash = run_settings(parse(*BATCH_FLAGS, "--clean-every", "25", "--temperature", "0.7")).config_hash
+    assert old_hash in message and new_hash in message
+    assert "loop.clean_every: 20 -> 25" in message and "loop.sampling.temperature: 0.6 -> 0.7" in message
+    assert "--force" in message
+    summary, _ = batch(tmp_path, tokenizer, "--clean-every", "25", n_rollouts=2, force=True)
+    assert summary.done == 6
+    assert {r.config_hash for r in read_rollouts(tmp_path / "out.jsonl")} != {old_hash}
+    moved = [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+    assert len(moved) == 2  # the old output and its manifest, kept
+
+
+def test_execution_settings_do_not_change_the_hash_results_settings_do():
+    base = run_settings(parse()).config_hash
+    assert (
+        run_settings(
+            parse("--concurrency", "3", "--timeout", "5", "--endpoint", "h:1", "--max-retries", "0")
+        ).config_hash
+        == base
+    )
+    for flags in (
+        ["--seed", "1"],
+        ["--mode", "vanilla"],
+        ["--cleaner", "headtail"],
+        ["--max-tokens", "10"],
+        ["--top-k", "-1"],
+        ["--adapter-name", "x"],
+    ):
+        assert run_settings(parse(*flags)).config_hash != base, flags
+    # vanilla ignores cleaning settings
+    assert (
+        run_settings(parse("--mode", "vanilla", "--clean-every", "5")).config_hash
+        == run_settings(parse("--mode", "vanilla")).config_hash
+    )
+
+
+def test_vanilla_and_headtail_modes_are_labelled(tmp_path, tokenizer):
+    (tmp_path / "v").mkdir()
+    batch(tmp_path / "v", tokenizer, "--mode", "vanilla", "--context-limit", "2000", n_rollouts=1)
+    records = read_rollouts(tmp_path / "v" / "out.jsonl")
+    assert {r.mode for r in records} == {"vanilla"} and all(r.cleaning_rounds == 0 for r in records)
+    (tmp_path / "h").mkdir()
+    batch(tmp_path / "h", tokenizer, "--cleaner", "headtail", "--head-tokens", "4", "--tail-tokens", "8", n_rollouts=1)
+    records = read_rollouts(tmp_path / "h" / "out.jsonl")
+    assert {r.mode for r in records} == {"headtail"} and all(r.cleaning_rounds >= 1 for r in records)
+
+
+def test_same_problem_id_in_two_sources_is_two_problems(tmp_path, tokenizer):
+    probs = [Problem("1", "aime24", "Count.", "30"), Problem("1", "aime25", "Count.", "30")]
+    batch(tmp_path, tokenizer, n_rollouts=1, probs=probs)
+    assert sorted(keys(tmp_path / "out.jsonl")) == [("aime24", "1", 0), ("aime25", "1", 0)]
+
+
+def test_rollout_seed_is_stable_and_distinct():
+    assert rollout_seed(0, "s", "1", 0) == rollout_seed(0, "s", "1", 0)
+    seeds = {rollout_seed(s, src, i, r) for s in (0, 1) for src in ("a", "b") for i in ("1", "2") for r in range(4)}
+    assert len(seeds) == 32 and all(0 <= s < 2**31 - 1 for s in seeds)
+
+
+def test_endpoints_parsing(tmp_path):
+    assert normalize_endpoint("10.0.0.5:30000") == "http://10.0.0.5:30000"
+    assert normalize_endpoint("https://node3:8443/") == "https://node3:8443"
+    for bad in ("node3", "ftp://x:1", "host:port", ":80"):
+        with pytest.raises(ValueError, match="expected HOST:PORT"):
+            normalize_endpoint(bad)
+    path = tmp_path / "endpoints.txt"
+    path.write_text("# cluster A\nnode1:30000\n\nnode2:30000  # second\nnode3\n")
+    with pytest.raises(ValueError, match=r"endpoints.txt:5: bad endpoint 'node3'"):
+        read_endpoints_file(path)
+    path.write_text("# cluster A\nnode1:30000\n\nnode2:30000  # second\n")
+    assert read_endpoints_file(path) == ["http://node1:30000", "http://node2:30000"]
+
+
+# --------------------------------------------------------------------------- CLI: bad input, nothing written
+
+BAD_INPUTS = {
+    "not_json": ('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n', r"bad\.jsonl:2: not valid JSON"),
+    "missing_prompt": ('{"id": 1, "prompt": "a"}\n{"id": 2}\n', r"bad\.jsonl:2: missing field\(s\) prompt"),
+    "missing_id": ('{"prompt": "a"}\n', r"bad\.jsonl:1: missing field\(s\) id"),
+    "duplicate_id": (
+        '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n',
+        r"bad\.jsonl:2: duplicate id '1'.*first at .*bad\.jsonl:1",
+    ),
+    "empty": ("\n", r"bad\.jsonl: no problems in file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_malformed_dataset_is_a_clear_error_and_no_output(tmp_path, capsys, case):
+    text, pattern = BAD_INPUTS[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_text(text)
+    out = tmp_path / "out.jsonl"
+    args = parse_cli(
+        "--data", str(data), "--output", str(out), "--endpoint", "127.0.0.1:9", "--tokenizer", str(tmp_path)
+    )
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(pattern, err), err
+    assert list(tmp_path.iterdir()) == [data]
+
+
+def test_missing_data_file_and_bad_flags_are_clear_errors(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    common = ["--output", str(out), "--tokenizer", str(tmp_path)]
+    cases = [
+        (["--data", str(tmp_path / "nope.jsonl"), "--endpoint", "h:1"], "nope.jsonl: problem file not found"),
+        (["--data", "x.jsonl"], "needs --endpoint HOST:PORT"),
+        (["--data", "x.jsonl", "--endpoint", "localhost"], "bad endpoint 'localhost'"),
+        (["--data", "x.jsonl", "--backend", "local"], "--backend local needs --model DIR"),
+        (["--data", "x.jsonl", "--endpoint", "h:1", "--n-rollouts", "0"], "--n-rollouts must be >= 1"),
+        (
+            ["--data", "x.jsonl", "--endpoint", "h:1", "--clean-template", str(tmp_path / "t.txt")],
+            "cannot read cleaning template",
+        ),
+        (["--data", "x.jsonl", "--endpoint", "h:1", "--backend", "openai"], "needs --served-model"),
+    ]
+    for flags, message in cases:
+        assert run(parse_cli(*common, *flags)) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unloadable_tokenizer_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": 1, "prompt": "a"}\n')
+    args = parse_cli(
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--endpoint",
+        "127.0.0.1:9",
+        "--tokenizer",
+        str(tmp_path / "none"),
+    )
+    # a missing directory must never be tried as a Hub name
+    assert run(args) == 2
+    assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def parse_cli(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "runner.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0
+    for flag in ("--data", "--split", "--output", "--n-rollouts", "--seed", "--limit", "--force", "--backend", "--endpoint",
+                 "--endpoints-file", "--cleaner-endpoint", "--cleaner-backend", "--model", "--adapter", "--tokenizer",
+                 "--mode", "--cleaner", "--adapter-name", "--clean-template", "--clean-max-tokens", "--clean-every",
+                 "--max-tokens", "--context-limit", "--max-clean-rounds", "--temperature", "--top-p", "--top-k", "--min-p",
+                 "--concurrency", "--timeout", "--max-retries", "--problem-suffix", "exit codes"):  # fmt: skip
+        assert flag in result.stdout, flag
+    assert "(default: 0.6)" in result.stdout and "(default: 8)" in result.stdout

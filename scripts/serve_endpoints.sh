@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Start one SGLang server (scripts/serve_sglang.sh) per group of TP GPUs on this node and write the
+# endpoint list runner.py reads with --endpoints-file: one HOST:PORT per line.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF_USAGE'
+Usage: MODEL_PATH=... ADAPTER_PATH=... ENDPOINTS_FILE=... scripts/serve_endpoints.sh [--dry-run]
+
+Required:
+  MODEL_PATH, ADAPTER_PATH   as for scripts/serve_sglang.sh
+  ENDPOINTS_FILE             where to write the HOST:PORT list (appended to, so several nodes can share one file)
+Optional:
+  GPUS ("0 1 2 3 4 5 6 7")   GPU ids on this node          TP (1)   GPUs per server
+  BASE_PORT (30000)          server i listens on BASE_PORT+i
+  HOST (127.0.0.1)           address servers bind to; ADVERTISE_HOST (HOST, or `hostname -f` when HOST is 0.0.0.0)
+                             is what goes into ENDPOINTS_FILE
+  LOG_DIR (./sglang_logs)    one log per server
+  READY_TIMEOUT (1800)       seconds to wait for each server's GET /health
+Other variables (CONTEXT_LENGTH, MAX_LORA_RANK, LORA_TARGET_MODULES, ...) pass through to serve_sglang.sh.
+The script waits until every server answers /health, writes the list, and keeps running until
+interrupted (Ctrl-C / scancel stops all servers). --dry-run prints the plan and starts nothing.
+EOF_USAGE
+}
+
+dry_run=0
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  --dry-run) dry_run=1 ;;
+  "") ;;
+  *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
+
+: "${MODEL_PATH:?MODEL_PATH is not set: the base model directory}"
+: "${ADAPTER_PATH:?ADAPTER_PATH is not set: the Free-Module adapter directory}"
+: "${ENDPOINTS_FILE:?ENDPOINTS_FILE is not set: the endpoint list to write for runner.py --endpoints-file}"
+read -r -a gpus <<<"${GPUS:-0 1 2 3 4 5 6 7}"
+TP="${TP:-1}"
+BASE_PORT="${BASE_PORT:-30000}"
+HOST="${HOST:-127.0.0.1}"
+if [[ "$HOST" == "0.0.0.0" ]]; then default_advertise="$(hostname -f)"; else default_advertise="$HOST"; fi
+ADVERTISE_HOST="${ADVERTISE_HOST:-$default_advertise}"
+LOG_DIR="${LOG_DIR:-./sglang_logs}"
+READY_TIMEOUT="${READY_TIMEOUT:-1800}"
+
+if (( ${#gpus[@]} == 0 || ${#gpus[@]} % TP != 0 )); then
+  echo "error: ${#gpus[@]} GPUs (GPUS='${GPUS:-}') do not split into groups of TP=$TP" >&2
+  exit 2
+fi
+servers=$(( ${#gpus[@]} / TP ))
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+endpoints=()
+for (( i = 0; i < servers; i++ )); do
+  group="$(IFS=,; echo "${gpus[*]:i*TP:TP}")"
+  port=$(( BASE_PORT + i ))
+  endpoints+=("$ADVERTISE_HOST:$port")
+  if [[ "$dry_run" == 1 ]]; then
+    echo "server $i: CUDA_VISIBLE_DEVICES=$group PORT=$port -> $ADVERTISE_HOST:$port"
+  fi
+done
+if [[ "$dry_run" == 1 ]]; then exit 0; fi
+
+mkdir -p "$LOG_DIR"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
+for (( i = 0; i < servers; i++ )); do
+  group="$(IFS=,; echo "${gpus[*]:i*TP:TP}")"
+  CUDA_VISIBLE_DEVICES="$group" PORT=$(( BASE_PORT + i )) HOST="$HOST" TP="$TP" \
+    "$here/serve_sglang.sh" >"$LOG_DIR/server_$i.log" 2>&1 &
+  pids+=("$!")
+done
+
+for (( i = 0; i < servers; i++ )); do
+  url="http://$HOST:$(( BASE_PORT + i ))/health"
+  [[ "$HOST" == "0.0.0.0" ]] && url="http://127.0.0.1:$(( BASE_PORT + i ))/health"
+  waited=0
+  until curl -sf -o /dev/null "$url"; do
+    if ! kill -0 "${pids[i]}" 2>/dev/null; then
+      echo "error: server $i exited; see $LOG_DIR/server_$i.log" >&2; exit 1
+    fi
+    if (( waited >= READY_TIMEOUT )); then
+      echo "error: server $i not healthy after ${READY_TIMEOUT}s; see $LOG_DIR/server_$i.log" >&2; exit 1
+    fi
+    sleep 5; waited=$(( waited + 5 ))
+  done
+done
+
+mkdir -p "$(dirname "$ENDPOINTS_FILE")"
+printf '%s\n' "${endpoints[@]}" >>"$ENDPOINTS_FILE"
+echo "ready: ${#endpoints[@]} server(s) listed in $ENDPOINTS_FILE"
+wait

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One SGLang server: the base model (reasoning mode) plus the Free-Module LoRA named "free" (cleaning mode).
+# Flags as in sglang 0.5.23 (srt/arg_groups/fields/{lora,model,parallel,serving}.py).
+set -euo pipefail
+
+usage() {
+  cat <<'EOF_USAGE'
+Usage: MODEL_PATH=... ADAPTER_PATH=... scripts/serve_sglang.sh [--dry-run] [-- EXTRA_SGLANG_ARGS...]
+
+Required:
+  MODEL_PATH        base model: local directory (or Hub id)
+  ADAPTER_PATH      Free-Module adapter directory (adapter_config.json + *.safetensors);
+                    SGLang treats a non-directory as a Hub id, e.g. ldsjmdy/Qwen3-8B-FreeLM-LoRA
+Optional:
+  PORT (30000)  HOST (127.0.0.1)  TP (1)  CONTEXT_LENGTH (40960)
+  MAX_LORA_RANK (64)  LORA_TARGET_MODULES ("q_proj k_proj v_proj o_proj")  MAX_LORAS_PER_BATCH (2)
+  SERVED_MODEL_NAME (basename of MODEL_PATH)  MEM_FRACTION_STATIC  PYTHON (python)
+MAX_LORAS_PER_BATCH counts the base model, so base + Free-Module needs at least 2.
+--dry-run prints the command instead of starting the server.
+EOF_USAGE
+}
+
+dry_run=0
+extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+: "${MODEL_PATH:?MODEL_PATH is not set: the base model directory}"
+: "${ADAPTER_PATH:?ADAPTER_PATH is not set: the Free-Module adapter directory}"
+PORT="${PORT:-30000}"
+HOST="${HOST:-127.0.0.1}"
+TP="${TP:-1}"
+CONTEXT_LENGTH="${CONTEXT_LENGTH:-40960}"
+MAX_LORA_RANK="${MAX_LORA_RANK:-64}"
+LORA_TARGET_MODULES="${LORA_TARGET_MODULES:-q_proj k_proj v_proj o_proj}"
+MAX_LORAS_PER_BATCH="${MAX_LORAS_PER_BATCH:-2}"
+SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-$(basename "$MODEL_PATH")}"
+
+if (( MAX_LORAS_PER_BATCH < 2 )); then
+  echo "error: MAX_LORAS_PER_BATCH=$MAX_LORAS_PER_BATCH: it counts the base model, base + Free-Module needs >= 2" >&2
+  exit 2
+fi
+
+read -r -a targets <<<"$LORA_TARGET_MODULES"
+cmd=("${PYTHON:-python}" -m sglang.launch_server
+  --model-path "$MODEL_PATH" --served-model-name "$SERVED_MODEL_NAME"
+  --enable-lora --lora-paths "free=$ADAPTER_PATH"
+  --max-loras-per-batch "$MAX_LORAS_PER_BATCH" --max-lora-rank "$MAX_LORA_RANK"
+  --lora-target-modules "${targets[@]}"
+  --context-length "$CONTEXT_LENGTH" --tp-size "$TP"
+  --host "$HOST" --port "$PORT")
+if [[ -n "${MEM_FRACTION_STATIC:-}" ]]; then cmd+=(--mem-fraction-static "$MEM_FRACTION_STATIC"); fi
+cmd+=("${extra[@]}")
+
+if [[ "$dry_run" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,225 @@
+"""Cluster and serving scripts: syntax, shellcheck, --help, clear errors, dry runs, and the plain-Python paths
+of the Megatron entry point and the adapter export that run without Megatron."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+OURS_SH = [
+    "train_freelm.sh",
+    "train_qwen3_8b.sh",
+    "train_qwen3_30b_a3b.sh",
+    "train_qwen3_235b.sh",
+    "serve_sglang.sh",
+    "serve_endpoints.sh",
+]
+OURS_PY = [SCRIPTS / "convert_hf_to_mbridge.py", SCRIPTS / "export_adapter.py", REPO / "megatron/finetune_freelm.py"]
+TRAIN_VARS = ("model_path", "nemo_path", "train_fp", "output_dir", "run_name")
+
+
+def run(cmd, env=None, **kw):
+    base = {k: v for k, v in os.environ.items() if k not in TRAIN_VARS and not k.startswith("SLURM_")}
+    base.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("name", OURS_SH)
+def test_shell_syntax_and_help(name):
+    path = SCRIPTS / name
+    assert run(["bash", "-n", str(path)]).returncode == 0
+    result = run(["bash", str(path), "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    result = run(["shellcheck", *[str(SCRIPTS / n) for n in OURS_SH]])
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("path", OURS_PY, ids=lambda p: p.name)
+def test_python_scripts_help_without_megatron(path):
+    result = run([sys.executable, str(path), "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("script", "env", "missing"),
+    [
+        ("serve_sglang.sh", {"ADAPTER_PATH": "/a"}, "MODEL_PATH"),
+        ("serve_sglang.sh", {"MODEL_PATH": "/m"}, "ADAPTER_PATH"),
+        ("serve_endpoints.sh", {"MODEL_PATH": "/m", "ADAPTER_PATH": "/a"}, "ENDPOINTS_FILE"),
+        ("train_qwen3_8b.sh", {"nemo_path": "/n", "train_fp": "/t", "output_dir": "/o", "run_name": "r"}, "model_path"),
+        (
+            "train_qwen3_235b.sh",
+            {"model_path": "/m", "nemo_path": "/n", "output_dir": "/o", "run_name": "r"},
+            "train_fp",
+        ),
+        (
+            "train_qwen3_30b_a3b.sh",
+            {"model_path": "/m", "nemo_path": "/n", "train_fp": "/t", "output_dir": "/o"},
+            "run_name",
+        ),
+    ],
+)
+def test_unset_required_variable_is_named(script, env, missing):
+    result = run(["bash", str(SCRIPTS / script), "--dry-run"], env=env)
+    assert result.returncode != 0
+    assert f"{missing} is not set" in result.stderr
+
+
+TRAIN_ENV = {"model_path": "/m", "nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run_name": "free"}
+
+
+def test_train_235b_dry_run_is_64_gpus_on_8_nodes():
+    result = run(["bash", str(SCRIPTS / "train_qwen3_235b.sh"), "--dry-run"], env={**TRAIN_ENV, "train_iters": "200"})
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert plan["world_size"] == 64 and plan["data_parallel"] == 4
+    assert plan["overrides"]["train.train_iters"] == 200
+    assert plan["overrides"]["model.pipeline_model_parallel_size"] == 4
+    launch = result.stdout.splitlines()[-1]
+    assert "torchrun --nnodes 8 --nproc-per-node 8" in launch and "--preset qwen3-235b-a22b" in launch
+
+
+def test_train_script_rejects_an_invalid_plan_before_launch():
+    result = run(
+        ["bash", str(SCRIPTS / "train_qwen3_8b.sh"), "--dry-run"], env={**TRAIN_ENV, "global_batch_size": "12"}
+    )
+    assert result.returncode == 2
+    assert "global batch 12 is not divisible" in result.stderr
+
+
+def test_serve_scripts_dry_run():
+    result = run(
+        ["bash", str(SCRIPTS / "serve_sglang.sh"), "--dry-run", "--", "--enable-cache-report"],
+        env={"MODEL_PATH": "/models/Qwen3-8B", "ADAPTER_PATH": "/adapters/free", "TP": "2", "PORT": "31000"},
+    )
+    assert result.returncode == 0, result.stderr
+    cmd = result.stdout.split()
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    for flag, value in [
+        ("--lora-paths", "free=/adapters/free"),
+        ("--max-loras-per-batch", "2"),
+        ("--tp-size", "2"),
+        ("--port", "31000"),
+        ("--served-model-name", "Qwen3-8B"),
+    ]:
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--enable-lora" in cmd and cmd[-1] == "--enable-cache-report"
+    low = run(
+        ["bash", str(SCRIPTS / "serve_sglang.sh"), "--dry-run"],
+        env={"MODEL_PATH": "/m", "ADAPTER_PATH": "/a", "MAX_LORAS_PER_BATCH": "1"},
+    )
+    assert low.returncode == 2 and "counts the base model" in low.stderr
+
+    env = {"MODEL_PATH": "/m", "ADAPTER_PATH": "/a", "ENDPOINTS_FILE": "/tmp/x", "GPUS": "0 1 2 3 4 5", "TP": "2"}
+    groups = run(["bash", str(SCRIPTS / "serve_endpoints.sh"), "--dry-run"], env=env)
+    assert groups.returncode == 0, groups.stderr
+    assert groups.stdout.splitlines() == [
+        "server 0: CUDA_VISIBLE_DEVICES=0,1 PORT=30000 -> 127.0.0.1:30000",
+        "server 1: CUDA_VISIBLE_DEVICES=2,3 PORT=30001 -> 127.0.0.1:30001",
+        "server 2: CUDA_VISIBLE_DEVICES=4,5 PORT=30002 -> 127.0.0.1:30002",
+    ]
+    uneven = run(["bash", str(SCRIPTS / "serve_endpoints.sh"), "--dry-run"], env={**env, "TP": "4"})
+    assert uneven.returncode == 2 and "groups of TP=4" in uneven.stderr
+
+
+# --------------------------------------------------------------------------- plain-Python paths on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from freelm.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def test_finetune_entry_prepares_data_and_refuses_a_mismatched_model(tiny_base, tmp_path):
+    rows = [
+        {"prompt": f"<|im_start|>user\nclean {i}<|im_end|>\n<|im_start|>assistant\n", "completion": "[]<|im_end|>"}
+        for i in range(10)
+    ] + [{"prompt": "word " * 3000, "completion": "[]<|im_end|>"}]
+    train_fp = tmp_path / "sft.jsonl"
+    train_fp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        sys.executable,
+        str(REPO / "megatron/finetune_freelm.py"),
+        "--preset",
+        "qwen3-8b",
+        "--model-path",
+        str(tiny_base),
+        "--nemo-path",
+        str(tmp_path / "nemo"),
+        "--train-fp",
+        str(train_fp),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "t1",
+        "--seq-length",
+        "1024",
+    ]
+    prepared = run([*args, "--prepare-data"])
+    assert prepared.returncode == 0, prepared.stderr
+    info = json.loads(prepared.stdout)
+    assert info["dropped_too_long"] == 1 and info["training_rows"] + info["validation_rows"] == 10
+    assert (tmp_path / "runs/t1/data/training.jsonl").is_file()
+
+    started = run(args, env={"WORLD_SIZE": "4"})  # default mode stops in the preflight, before any Megatron import
+    assert started.returncode == 2
+    assert "num_hidden_layers: checkpoint has 2, plan expects 36" in started.stderr
+    assert "nemo_path" in started.stderr and "does not exist" in started.stderr
+    assert "torchrun started 4 processes but the plan is for 8 GPUs" in started.stderr
+    assert "no current SFT layout" not in started.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+    )
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    model.save_pretrained(out)
+    return out
+
+
+def test_export_adapter_takes_the_latest_hf_sidecar_and_checks_it(tiny_base, tiny_adapter, tmp_path):
+    run_dir = tmp_path / "checkpoints"
+    for it in ("iter_0000100", "iter_0000200"):
+        shutil.copytree(tiny_adapter, run_dir / it / "hf")
+    (run_dir / "iter_0000100" / "hf" / "adapter_config.json").unlink()  # only the latest may be used
+    cmd = [sys.executable, str(SCRIPTS / "export_adapter.py"), "--hf-model-path", str(tiny_base)]
+    ok = run([*cmd, "--lora-checkpoint", str(run_dir), "--output", str(tmp_path / "out")])
+    assert ok.returncode == 0, ok.stderr
+    assert "iter_0000200" in ok.stdout and (tmp_path / "out/adapter_model.safetensors").is_file()
+
+    cfg_path = run_dir / "iter_0000200" / "hf" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rank_pattern"] = {"q_proj": 4}
+    cfg_path.write_text(json.dumps(cfg))
+    bad = run([*cmd, "--lora-checkpoint", str(run_dir / "iter_0000200"), "--output", str(tmp_path / "bad")])
+    assert bad.returncode == 1 and "rank_pattern" in bad.stderr
+
+    empty = run([*cmd, "--lora-checkpoint", str(tmp_path), "--output", str(tmp_path / "x")])
+    assert empty.returncode == 2 and "iter_*" in empty.stderr

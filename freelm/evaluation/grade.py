@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 
 GradeMethod = str  # "string" | "integer" | "math_verify" | "unanswered" | "timeout" | "error"
@@ -45,7 +46,7 @@ def normalize_answer(text: str) -> str:
     signs, a trailing period, ``\\dfrac``/``\\tfrac`` spelling and integer
     leading zeros ("016" -> "16").
     """
-    s = text.strip().strip("$").strip()
+    s = text.strip().rstrip(".").strip().strip("$").strip()
     for _ in range(3):  # nested wrappers: \text{\textbf{A}}
         s = _TEXT_WRAPPER.sub(r"\1", s)
     s = _DEGREES.sub("", s)
@@ -75,19 +76,30 @@ def _as_math(text: str) -> str:
     return "$" + text.strip().strip("$").strip() + "$"
 
 
+@lru_cache(maxsize=4096)
+def _parse(text: str, parse_timeout: int) -> list:
+    """Cached per worker: one gold answer meets every distinct answer of its problem's rollouts."""
+    from math_verify import parse
+
+    return parse(_as_math(text), parsing_timeout=parse_timeout)
+
+
 def math_verify_grade(gold: str, answer: str, parse_timeout: int = 5, verify_timeout: int = 5) -> Grade:
     """Grade one pair with math-verify, gold first (``verify`` is not symmetric). Call in a main thread."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    gold_parsed = parse(_as_math(gold), parsing_timeout=parse_timeout)
+    gold_parsed = _parse(gold, parse_timeout)
     if not gold_parsed:
         return Grade(False, "math_verify", False, "ground truth not parseable")
-    answer_parsed = parse(_as_math(answer), parsing_timeout=parse_timeout)
+    answer_parsed = _parse(answer, parse_timeout)
     if not answer_parsed:
         return Grade(False, "math_verify", False, "answer not parseable")
     ok = verify(gold_parsed, answer_parsed, timeout_seconds=verify_timeout)
     return Grade(bool(ok), "math_verify", True, None if ok else "not equivalent")
 
+
+#: Consecutive worker deaths (no verdict in between) after which grading stops with an error.
+MAX_DEATHS_IN_A_ROW = 5
 
 GradeFn = Callable[[str, str, int, int], Grade]
 
@@ -160,6 +172,7 @@ class GraderPool:
         self._workers: list[_Worker] = []
         self._ctx = None
         self.restarts = 0
+        self._deaths_in_a_row = 0
 
     def __enter__(self) -> GraderPool:
         return self
@@ -183,7 +196,16 @@ class GraderPool:
             self._ctx = _context()
         return _Worker(self._ctx, self.grade_fn, self.parse_timeout, self.verify_timeout)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, died: bool = False) -> None:
+        """Swap in a fresh worker; workers that keep dying with no verdict in between mean a broken
+        environment (e.g. a script without an ``if __name__ == "__main__"`` guard), not a bad answer."""
+        self._deaths_in_a_row = self._deaths_in_a_row + 1 if died else 0
+        if self._deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+            self.close()
+            raise RuntimeError(
+                f"{MAX_DEATHS_IN_A_ROW} grading workers in a row died without a verdict; "
+                "if this runs from a script, guard its entry point with `if __name__ == '__main__':`"
+            )
         worker.kill()
         self._workers[self._workers.index(worker)] = self._spawn()
         self.restarts += 1
@@ -226,8 +248,9 @@ class GraderPool:
                         grade = worker.conn.recv()
                     except (EOFError, OSError):
                         finish(worker, Grade(False, "error", False, "grading worker died"))
-                        self._replace(worker)
+                        self._replace(worker, died=True)
                         continue
+                    self._deaths_in_a_row = 0
                     finish(worker, grade)
                 elif time.monotonic() >= worker.deadline:
                     finish(worker, Grade(False, "timeout", False, f"no verdict within {self.timeout_s:g}s"))

@@ -1,0 +1,147 @@
+"""kill -9 the runner process at random points, resume, and every (id, rollout) is there exactly once.
+
+The server is a real SGLang-protocol HTTP server on 127.0.0.1 over the counting
+model (a delay per call keeps rollouts in flight when the kill lands), and the
+runner is the real ``runner.py`` in a subprocess, so the kill hits everything:
+the event loop, in-flight requests and a possibly half-written line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from freelm.backends.base import GenerateRequest, GenerateResult
+from freelm.manifest import manifest_path
+from freelm.records import iter_jsonl, read_rollouts
+from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.testing.sglang_server import SGLangTestServer
+from freelm.tinymodel import train_tokenizer
+from freelm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 24
+PROBLEMS = 6
+ROLLOUTS = 4
+
+
+class CountingEngine:
+    """The counting model as a blocking server engine; ``delay`` seconds per call stand in for GPU time."""
+
+    adapter_names = ["free"]
+
+    def __init__(self, tokenizer: Tokenizer, delay: float):
+        self.tokenizer = tokenizer
+        self.delay = delay
+
+    def generate_blocking(self, request: GenerateRequest) -> GenerateResult:
+        time.sleep(self.delay)
+        return asyncio.run(CountingBackend(self.tokenizer, target=TARGET).generate(request))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids)
+
+    def load_adapter(self, name: str, path: str) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def flush_cache(self) -> None: ...
+
+
+@pytest.fixture(scope="module")
+def counting_setup(tmp_path_factory):
+    """(server, tokenizer dir, data file): the tokenizer is saved so the runner subprocess loads the same ids."""
+    root = tmp_path_factory.mktemp("resume")
+    corpus = [f"step {n}\n" for n in range(100)] + [counting_answer(TARGET)]
+    tokenizer = Tokenizer(train_tokenizer(corpus, vocab_size=400))
+    tokenizer.hf.save_pretrained(root / "tokenizer")
+    data = root / "problems.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"Count to {TARGET} ({i}).", "answer": str(TARGET)}) + "\n"
+            for i in range(PROBLEMS)
+        )
+    )
+    with SGLangTestServer(CountingEngine(tokenizer, delay=0.03)) as server:
+        yield server, root / "tokenizer", data
+
+
+def runner_command(server, tokenizer_dir: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "runner.py"), "--data", str(data), "--output", str(out),
+        "--n-rollouts", str(ROLLOUTS), "--endpoint", server.url.removeprefix("http://"), "--tokenizer", str(tokenizer_dir),
+        "--clean-every", "16", "--context-limit", "300", "--max-tokens", "800", "--concurrency", "3",
+        "--max-retries", "1", "--timeout", "30", "--no-progress",
+    ]  # fmt: skip
+
+
+def line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(counting_setup, tmp_path):
+    server, tokenizer_dir, data = counting_setup
+    out = tmp_path / "out.jsonl"
+    command = runner_command(server, tokenizer_dir, data, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    total = PROBLEMS * ROLLOUTS
+    rng = random.Random(1234)
+    mid_run_kills = 0
+    for _ in range(3):
+        before = line_count(out)
+        wanted = min(total, before + rng.randint(1, 5))
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and line_count(out) < wanted and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.08))  # land anywhere: between writes, mid-request, mid-line
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            mid_run_kills += 1
+        proc.communicate(timeout=60)
+        assert line_count(out) >= before  # append-only: a kill never loses finished rollouts
+        read_rollouts(out)  # whatever the kill left, the next reader copes (a torn tail is dropped)
+    assert mid_run_kills >= 2 and line_count(out) < total
+
+    final = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert f"{total} remaining" not in final.stdout and " 0 failed" in final.stdout
+    parsed = [obj for _, obj in iter_jsonl(out, tolerate_torn_tail=False)]  # every line parses
+    keys = [(o["source"], o["id"], o["rollout"]) for o in parsed]
+    assert sorted(keys) == sorted(("problems", str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+    assert len(set(keys)) == len(keys) == total
+    assert all(o["finish_reason"] == "stop" and o["response"].endswith(counting_answer(TARGET)) for o in parsed)
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["status"] == "complete" and len(manifest["previous_runs"]) == 3
+    assert all(run["status"] == "running" for run in manifest["previous_runs"])  # killed: never got to finish
+
+
+def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):
+    server, tokenizer_dir, data = counting_setup
+    from freelm.runner import main
+
+    server.reset()
+    with SGLangTestServer(CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), delay=0.0)) as cleaner_server:
+        out = tmp_path / "out.jsonl"
+        command = runner_command(server, tokenizer_dir, data, out)[2:]
+        assert main([*command, "--n-rollouts", "1", "--cleaner-endpoint", cleaner_server.url]) == 0
+        assert server.adapter_requests["free"] == 0 and server.adapter_requests[None] > 0
+        assert cleaner_server.adapter_requests[None] == 0 and cleaner_server.adapter_requests["free"] > 0
+        urls = [server.url, cleaner_server.url]
+    records = read_rollouts(out)
+    assert len(records) == PROBLEMS
+    assert sum(r.cleaning_rounds for r in records) == cleaner_server.adapter_requests["free"]
+    manifest = json.loads(manifest_path(out).read_text())
+    assert [e["name"] for pool in manifest["endpoints"] for e in pool["endpoints"]] == [f"sglang@{u}" for u in urls]

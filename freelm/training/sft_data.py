@@ -161,7 +161,7 @@ def check_row(row: dict[str, Any], template: str | Path | None, end_of_turn: str
         errors.append(f"completion is not a JSON list of deletions ({commands.error})")
         return 0, errors, warnings
     errors += [f"completion: {note}" for note in commands.dropped]
-    if format_commands(commands) != body:
+    if not commands.dropped and format_commands(commands) != body:
         warnings.append("completion is valid but not in the canonical format_commands() form")
     problem = row.get("problem")
     try:

@@ -1,0 +1,55 @@
+"""Problem loading: validation errors name the file and line."""
+
+from pathlib import Path
+
+import pytest
+
+from freelm.data import load_problems
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+
+def write(tmp_path, text, name="bench.jsonl"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_loads_rows_keeps_extra_fields_and_stringifies_ids(tmp_path):
+    path = write(tmp_path, '{"id": 1, "prompt": "P1", "answer": 5, "category": "alg"}\n\n{"id": "b", "prompt": "P2"}\n')
+    problems = load_problems(path)
+    assert [(p.id, p.source, p.answer) for p in problems] == [("1", "bench", "5"), ("b", "bench", None)]
+    assert problems[0].extra == {"category": "alg"}
+    assert len(load_problems(path, limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"id": 1, "prompt": "a"}\nnot json\n', r"bench.jsonl:2: not valid JSON"),
+        ('{"id": 1, "prompt": "a"}\n{"id": 2}\n', r"bench.jsonl:2: missing field\(s\) prompt"),
+        ('{"prompt": "a"}\n', r"bench.jsonl:1: missing field\(s\) id"),
+        ('{"id": 1, "prompt": ["a"]}\n', r"bench.jsonl:1: field 'prompt' must be a string"),
+        ('{"id": 1, "prompt": "a"}\n{"id": "1", "prompt": "b"}\n', r"bench.jsonl:2: duplicate id '1'.*bench.jsonl:1"),
+        ("[1, 2]\n", r"bench.jsonl:1: expected a JSON object"),
+        ("", r"no problems"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_problems(write(tmp_path, text))
+
+
+def test_missing_or_unreadable_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_problems(tmp_path / "typo.jsonl")
+    with pytest.raises(ValueError, match="not found"):
+        load_problems(tmp_path)  # a directory
+
+
+def test_shared_benchmarks_load():
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmarks not found at {BENCHMARKS} (the repo must sit beside shared/)")
+    counts = {f.stem: len(load_problems(f)) for f in sorted(BENCHMARKS.glob("*.jsonl"))}
+    assert counts["aime25"] == 30 and counts["imo_answerbench"] == 400 and counts["math500"] == 500
+    assert all(p.answer for f in BENCHMARKS.glob("*.jsonl") for p in load_problems(f))

@@ -1,0 +1,55 @@
+"""KV bytes per sample from model shapes, and the efficiency report against a baseline."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from freelm.evaluation.efficiency import PRESETS, efficiency_rows, kv_spec_from_config, resolve_kv_spec
+from freelm.evaluation.runs import load_runs
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+def test_preset_bytes_per_token():
+    assert PRESETS["qwen3-8b"].bytes_per_token == 36 * 8 * 128 * 2 * 2
+    assert PRESETS["qwen3-235b-a22b"].bytes_per_token == 94 * 4 * 128 * 2 * 2
+    # MLA caches one 576-wide latent per layer (+ the FP8 indexer key), not K and V per head
+    assert PRESETS["deepseek-v3.2"].bytes_per_token == 61 * (576 * 2 + 128)
+    # the paper's 6.14 GB per sample on Qwen3-235B-A22B is ~31.9k tokens of peak context
+    assert 6.14e9 / PRESETS["qwen3-235b-a22b"].bytes_per_token == pytest.approx(31894, rel=1e-3)
+
+
+def test_config_json(tmp_path):
+    cfg = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+        "torch_dtype": "float32",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = kv_spec_from_config(tmp_path)
+    assert (spec.layers, spec.kv_heads, spec.head_dim, spec.dtype_bytes) == (2, 2, 16, 4)
+    assert spec.bytes_per_token == 2 * 2 * 2 * 16 * 4
+    mla = {"num_hidden_layers": 61, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(mla))
+    assert kv_spec_from_config(tmp_path).bytes_per_token == 61 * 576 * 2
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="missing field 'num_hidden_layers'"):
+        kv_spec_from_config(tmp_path)
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_kv_spec("no-such-model")
+
+
+def test_efficiency_rows_against_baseline():
+    runs, base = load_runs([str(FIXTURES / "vanilla.jsonl"), str(FIXTURES / "freelm.jsonl")], "vanilla")
+    spec = PRESETS["qwen3-8b"]
+    rows = {r.name: r for r in efficiency_rows({r.name: r.records for r in runs}, spec, base.name)}
+    van, free = rows["vanilla"], rows["freelm"]
+    peaks = [r.peak_context_tokens for r in runs[0].records]
+    assert van.kv_gb_per_sample == pytest.approx(sum(peaks) / len(peaks) * spec.bytes_per_token / 1e9)
+    assert van.latency_overhead is None
+    assert free.latency_overhead == pytest.approx(free.mean_wall_time_s / van.mean_wall_time_s - 1)
+    assert free.kv_change == pytest.approx(free.kv_gb_per_sample / van.kv_gb_per_sample - 1)
+    assert free.kv_change < 0 < free.latency_overhead

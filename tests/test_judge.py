@@ -1,0 +1,162 @@
+"""The LLM judge against a scripted OpenAI-compatible server on 127.0.0.1."""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from freelm.evaluation import eval_command, judge_command
+from freelm.evaluation.judge import load_judge_template, parse_verdict, read_judgments, render_judge_prompt
+from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+SECRET = "sk-test-DO-NOT-LEAK-4f2b9"
+
+
+def test_parse_verdict():
+    assert parse_verdict("They match.\n\\boxed{Correct}") is True
+    assert parse_verdict("\\boxed{correct} ... on reflection \\boxed{Incorrect}") is False
+    assert parse_verdict("\\boxed{\\text{Correct}}.") is True
+    assert parse_verdict("I think they are equal.") is None
+    assert parse_verdict("\\boxed{Maybe}") is None
+    assert parse_verdict(None) is None
+
+
+def test_template_rendering_keeps_latex_literal(tmp_path):
+    template = load_judge_template()
+    prompt = render_judge_prompt(template, "Find $x$ with {answer} in it", "\\frac{3}{2}", "\\{1,2\\}")
+    assert "Find $x$ with {answer} in it" in prompt and "\\frac{3}{2}" in prompt and "\\{1,2\\}" in prompt
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholders here")
+    with pytest.raises(ValueError, match="lacks placeholder"):
+        load_judge_template(bad)
+
+
+CANDIDATE = re.compile(r"Candidate's final answer:\n(.*?)\n\nExplain", re.S)
+# Scripted judge: a verdict per extracted answer of the fixture runs; "1.5" gets a reply without a verdict.
+VERDICTS = {
+    "70": "Same integer. \\boxed{Correct}",
+    "070": "Leading zero only. \\boxed{Correct}",
+    "72": "Different. \\boxed{Incorrect}",
+    "71": "Different. \\boxed{Incorrect}",
+    "588": "\\boxed{Correct}",
+    "586": "\\boxed{Incorrect}",
+    "\\dfrac{3}{2}": "\\boxed{Correct}",
+    "\\frac{3}{2}": "\\boxed{Correct}",
+    "\\frac{2}{3}": "Reciprocal. \\boxed{Incorrect}",
+    "1.5": "They look similar, I suppose.",
+}
+
+
+def responder(body):
+    answer = CANDIDATE.search(body["messages"][0]["content"]).group(1)
+    return VERDICTS[answer]
+
+
+def judge_args(server, output, *extra):
+    parser = argparse.ArgumentParser()
+    judge_command.add_arguments(parser)
+    return parser.parse_args(
+        [
+            "--input",
+            str(FIXTURES / "vanilla.jsonl"),
+            str(FIXTURES / "freelm.jsonl"),
+            "--data",
+            str(FIXTURES / "problems.jsonl"),
+            "--base-url",
+            server.base_url,
+            "--model",
+            "judge",
+            "--api-key-env",
+            "FREELM_TEST_JUDGE_KEY",
+            "--output",
+            str(output),
+            "--concurrency",
+            "3",
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_judge_end_to_end_with_faults_resume_and_no_key_leak(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FREELM_TEST_JUDGE_KEY", SECRET)
+    output = tmp_path / "judge.jsonl"
+    with OpenAIChatTestServer(responder, model="judge") as server:
+        # transient faults the openai client retries, and one malformed 200 body it cannot parse
+        server.script(ChatFault(429), ChatFault(500), ChatFault(503), ChatFault(status=200, body="{not json"))
+        assert judge_command.run(judge_args(server, output)) == 1  # one answer ended in "error"
+        first = read_judgments(output)
+        verdicts = {j.answer: j.verdict for j in first.values()}
+        assert len(first) == 10 and server.statuses[429] == 1 and server.statuses[500] == 1
+        assert verdicts["1.5"] == "unparseable" and first[("brumo25", "5", "\\frac{3}{2}", "1.5")].attempts == 3
+        assert verdicts["70"] == "correct" and verdicts["72"] == "incorrect"
+        errors = [j for j in first.values() if j.verdict == "error"]
+        assert len(errors) == 1 and errors[0].error
+
+        # resume: only the errored answer is asked again
+        before = len(server.bodies)
+        assert judge_command.run(judge_args(server, output)) == 0
+        assert len(server.bodies) == before + (3 if errors[0].answer == "1.5" else 1)
+        assert all(j.verdict != "error" for j in read_judgments(output).values())
+
+        # a complete cache costs zero requests
+        before = len(server.bodies)
+        assert judge_command.run(judge_args(server, output)) == 0
+        assert len(server.bodies) == before
+
+    # eval with the verdicts: the judge marks "1.5" (rule: correct) unparseable -> incorrect under "judge"
+    metrics = {}
+    for mode in ("rule", "judge", "either", "both", "fallback"):
+        parser = argparse.ArgumentParser()
+        eval_command.add_arguments(parser)
+        out = tmp_path / f"metrics-{mode}.json"
+        args = parser.parse_args(
+            [
+                "--input",
+                str(FIXTURES / "vanilla.jsonl"),
+                "--judgments",
+                str(output),
+                "--combine",
+                mode,
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        assert eval_command.run(args) == 0
+        metrics[mode] = json.loads(out.read_text())["runs"][0]["benchmarks"]["brumo25"]
+    assert metrics["rule"]["avg_at_n"] == 0.5 and metrics["rule"]["judge_overrides"] == 0
+    assert metrics["judge"]["avg_at_n"] == 0.25 and metrics["judge"]["judge_overrides"] == 1
+    assert metrics["either"]["avg_at_n"] == 0.5 and metrics["both"]["avg_at_n"] == 0.25
+    assert metrics["fallback"]["avg_at_n"] == 0.5  # the rule decided every answer here
+
+    # the key never reaches any output or log
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(errors="replace"), path
+
+
+def test_missing_verdicts_are_an_error(tmp_path, capsys):
+    (tmp_path / "judge.jsonl").write_text("")
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    args = parser.parse_args(
+        ["--input", str(FIXTURES / "vanilla.jsonl"), "--judgments", str(tmp_path / "judge.jsonl"), "--no-progress"]
+    )
+    assert eval_command.run(args) == 2
+    assert "needs a judge verdict" in capsys.readouterr().err
+
+
+def test_bad_judgment_line_names_file_and_line(tmp_path):
+    path = tmp_path / "judge.jsonl"
+    path.write_text(
+        '{"source": "a", "id": "1", "ground_truth": "1", "answer": "1", "verdict": "perhaps", '
+        '"model": "m", "attempts": 1}\n'
+    )
+    with pytest.raises(ValueError, match=r"judge.jsonl:1: unknown verdict"):
+        read_judgments(path)

@@ -4,9 +4,9 @@
 import argparse
 import sys
 
-from freelm.evaluation import eval_command
+from freelm.evaluation import eval_cli
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    eval_command.add_arguments(parser)
-    sys.exit(eval_command.run(parser.parse_args()))
+    eval_cli.add_arguments(parser)
+    sys.exit(eval_cli.run(parser.parse_args()))

@@ -4,9 +4,9 @@
 import argparse
 import sys
 
-from freelm.evaluation import judge_command
+from freelm.evaluation import judge_cli
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    judge_command.add_arguments(parser)
-    sys.exit(judge_command.run(parser.parse_args()))
+    judge_cli.add_arguments(parser)
+    sys.exit(judge_cli.run(parser.parse_args()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from freelm.evaluation import eval_command, judge_command
+from freelm.evaluation import eval_cli, judge_cli
 from freelm.evaluation.judge import load_judge_template, parse_verdict, read_judgments, render_judge_prompt
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
 
@@ -57,7 +57,7 @@ def responder(body):
 
 def judge_args(server, output, *extra):
     parser = argparse.ArgumentParser()
-    judge_command.add_arguments(parser)
+    judge_cli.add_arguments(parser)
     return parser.parse_args(
         [
             "--input",
@@ -87,7 +87,7 @@ def test_judge_end_to_end_with_faults_resume_and_no_key_leak(tmp_path, monkeypat
     with OpenAIChatTestServer(responder, model="judge") as server:
         # transient faults the openai client retries, and one malformed 200 body it cannot parse
         server.script(ChatFault(429), ChatFault(500), ChatFault(503), ChatFault(status=200, body="{not json"))
-        assert judge_command.run(judge_args(server, output)) == 1  # one answer ended in "error"
+        assert judge_cli.run(judge_args(server, output)) == 1  # one answer ended in "error"
         first = read_judgments(output)
         verdicts = {j.answer: j.verdict for j in first.values()}
         assert len(first) == 10 and server.statuses[429] == 1 and server.statuses[500] == 1
@@ -98,20 +98,20 @@ def test_judge_end_to_end_with_faults_resume_and_no_key_leak(tmp_path, monkeypat
 
         # resume: only the errored answer is asked again
         before = len(server.bodies)
-        assert judge_command.run(judge_args(server, output)) == 0
+        assert judge_cli.run(judge_args(server, output)) == 0
         assert len(server.bodies) == before + (3 if errors[0].answer == "1.5" else 1)
         assert all(j.verdict != "error" for j in read_judgments(output).values())
 
         # a complete cache costs zero requests
         before = len(server.bodies)
-        assert judge_command.run(judge_args(server, output)) == 0
+        assert judge_cli.run(judge_args(server, output)) == 0
         assert len(server.bodies) == before
 
     # eval with the verdicts: the judge marks "1.5" (rule: correct) unparseable -> incorrect under "judge"
     metrics = {}
     for mode in ("rule", "judge", "either", "both", "fallback"):
         parser = argparse.ArgumentParser()
-        eval_command.add_arguments(parser)
+        eval_cli.add_arguments(parser)
         out = tmp_path / f"metrics-{mode}.json"
         args = parser.parse_args(
             [
@@ -126,7 +126,7 @@ def test_judge_end_to_end_with_faults_resume_and_no_key_leak(tmp_path, monkeypat
                 "--no-progress",
             ]
         )
-        assert eval_command.run(args) == 0
+        assert eval_cli.run(args) == 0
         metrics[mode] = json.loads(out.read_text())["runs"][0]["benchmarks"]["brumo25"]
     assert metrics["rule"]["avg_at_n"] == 0.5 and metrics["rule"]["judge_overrides"] == 0
     assert metrics["judge"]["avg_at_n"] == 0.25 and metrics["judge"]["judge_overrides"] == 1
@@ -144,11 +144,11 @@ def test_judge_end_to_end_with_faults_resume_and_no_key_leak(tmp_path, monkeypat
 def test_missing_verdicts_are_an_error(tmp_path, capsys):
     (tmp_path / "judge.jsonl").write_text("")
     parser = argparse.ArgumentParser()
-    eval_command.add_arguments(parser)
+    eval_cli.add_arguments(parser)
     args = parser.parse_args(
         ["--input", str(FIXTURES / "vanilla.jsonl"), "--judgments", str(tmp_path / "judge.jsonl"), "--no-progress"]
     )
-    assert eval_command.run(args) == 2
+    assert eval_cli.run(args) == 2
     assert "needs a judge verdict" in capsys.readouterr().err
 
 

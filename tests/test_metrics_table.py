@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from freelm.evaluation import eval_command
+from freelm.evaluation import eval_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -15,7 +15,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 def evaluated(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     parser = argparse.ArgumentParser()
-    eval_command.add_arguments(parser)
+    eval_cli.add_arguments(parser)
     args = parser.parse_args(
         [
             "--input",
@@ -31,7 +31,7 @@ def evaluated(tmp_path_factory):
             "--no-progress",
         ]
     )
-    assert eval_command.run(args) == 0
+    assert eval_cli.run(args) == 0
     return out
 
 

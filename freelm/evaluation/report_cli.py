@@ -41,3 +41,9 @@ def run(args: argparse.Namespace) -> int:
         args.markdown.write_text(table)
     print(table, end="")
     return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Long-horizon experiment: the problems whose VANILLA rollouts need more than
+# $LONG_HORIZON_THRESHOLD generated tokens (paper: 80k), rerun with Free()LM, accuracy on that subset.
+#
+#   scripts/reproduce_long_horizon.sh CONFIG VANILLA_JSONL OUT_DIR --endpoint HOST:PORT [...]
+#                                     [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
+#                                     [--threshold TOKENS] [--rule mean|any]
+#
+# VANILLA_JSONL is a finished vanilla run (e.g. OUT_DIR/vanilla.jsonl of reproduce_main.sh, run with a
+# budget above the threshold). A problem is selected when its mean (or, with --rule any, its longest)
+# vanilla rollout reaches the threshold. Outputs: OUT_DIR/subset/{problems,vanilla}.jsonl,
+# OUT_DIR/freelm.jsonl, OUT_DIR/table.md, OUT_DIR/metrics.json.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0"; exit 2; }
+[[ $# -ge 3 ]] || usage
+config=$1 vanilla=$2 out=$3
+shift 3
+repo=$(cd "$(dirname "$0")/.." && pwd)
+data_dir="$repo/../shared/data/benchmarks"
+python=${PYTHON:-python3}
+threshold="" rule=mean
+endpoint_args=() extra_args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --endpoint | --cleaner-endpoint) endpoint_args+=("$1" "$2"); shift 2 ;;
+    --tokenizer) extra_args+=("$1" "$2"); shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    --threshold) threshold=$2; shift 2 ;;
+    --rule) rule=$2; shift 2 ;;
+    -h | --help) usage ;;
+    *) echo "unknown argument: $1" >&2; usage ;;
+  esac
+done
+[[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
+[[ -f $config && -f $vanilla ]] || { echo "config or vanilla run not found" >&2; exit 2; }
+
+# shellcheck source=/dev/null
+source "$config"
+threshold=${threshold:-$LONG_HORIZON_THRESHOLD}
+mkdir -p "$out"
+cp "$config" "$out/config.env"
+echo "threshold=$threshold rule=$rule vanilla=$vanilla" > "$out/selection.txt"
+
+data_files=()
+for bench in $BENCHMARKS; do data_files+=("$data_dir/$bench.jsonl"); done
+if ! "$python" -m freelm.evaluation.long_horizon --vanilla "$vanilla" --data "${data_files[@]}" \
+  --threshold "$threshold" --rule "$rule" --out-dir "$out/subset"; then
+  echo "no problem reaches $threshold tokens: nothing to rerun" >&2
+  exit 1
+fi
+
+"$python" "$repo/runner.py" --data "$out/subset/problems.jsonl" --output "$out/freelm.jsonl" \
+  --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
+  --mode freelm --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
+  --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
+  --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
+
+"$python" "$repo/eval_passk.py" --input "Free()LM=$out/freelm.jsonl" --baseline "Vanilla=$out/subset/vanilla.jsonl" \
+  --output "$out/metrics.json" --markdown "$out/table.md" --plots-dir "$out"

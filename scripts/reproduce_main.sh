@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Main table: vanilla vs Free()LM, N rollouts per problem, on every benchmark of a model config.
+#
+#   scripts/reproduce_main.sh CONFIG OUT_DIR --endpoint HOST:PORT [--endpoint HOST:PORT ...]
+#                             [--cleaner-endpoint HOST:PORT] [--data-dir DIR] [--tokenizer DIR]
+#
+# CONFIG is configs/<model>.env (every setting lives there and is copied to OUT_DIR/config.env).
+# The servers must serve the base model with the Free-Module LoRA loaded under $ADAPTER_NAME.
+# Runs are resumable: rerunning the same command continues where it stopped.
+# Outputs: OUT_DIR/{vanilla,freelm}/<benchmark>.jsonl, OUT_DIR/{vanilla,freelm}.jsonl,
+# metrics.json, table.md (paper layout), accuracy_vs_tokens.png, peak_context.png, efficiency.md.
+set -euo pipefail
+
+usage() { sed -n '2,11p' "$0"; exit 2; }
+[[ $# -ge 2 ]] || usage
+config=$1 out=$2
+shift 2
+repo=$(cd "$(dirname "$0")/.." && pwd)
+data_dir="$repo/../shared/data/benchmarks"
+python=${PYTHON:-python3}
+endpoint_args=() extra_args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --endpoint | --cleaner-endpoint) endpoint_args+=("$1" "$2"); shift 2 ;;
+    --tokenizer) extra_args+=("$1" "$2"); shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    -h | --help) usage ;;
+    *) echo "unknown argument: $1" >&2; usage ;;
+  esac
+done
+[[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
+[[ -f $config ]] || { echo "config not found: $config" >&2; exit 2; }
+
+# shellcheck source=/dev/null
+source "$config"
+mkdir -p "$out"
+cp "$config" "$out/config.env"
+
+for mode in vanilla freelm; do
+  mkdir -p "$out/$mode"
+  for bench in $BENCHMARKS; do
+    data="$data_dir/$bench.jsonl"
+    [[ -f $data ]] || { echo "benchmark file not found: $data (see docs/evaluation.md)" >&2; exit 2; }
+    echo "== $MODEL_NAME $mode $bench" >&2
+    "$python" "$repo/runner.py" --data "$data" --output "$out/$mode/$bench.jsonl" \
+      --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
+      --mode "$mode" --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
+      --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
+      --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
+  done
+  for bench in $BENCHMARKS; do cat "$out/$mode/$bench.jsonl"; done > "$out/$mode.jsonl"
+done
+
+# shellcheck disable=SC2086  # BENCHMARKS is a word list
+"$python" "$repo/eval_passk.py" --input "Free()LM=$out/freelm.jsonl" --baseline "Vanilla=$out/vanilla.jsonl" \
+  --benchmarks $BENCHMARKS --output "$out/metrics.json" --markdown "$out/table.md" --plots-dir "$out"
+"$python" -m freelm.evaluation.report_cli --input "Free()LM=$out/freelm.jsonl" --baseline "Vanilla=$out/vanilla.jsonl" \
+  --model "$KV_MODEL" --output "$out/efficiency.json" --markdown "$out/efficiency.md"
+echo "table: $out/table.md  efficiency: $out/efficiency.md" >&2

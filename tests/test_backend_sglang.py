@@ -77,7 +77,7 @@ def test_prefix_reuse_over_http_matches_full_prefill(local_sglang_server, tiny_t
         first = await backend.generate(GenerateRequest(12, input_ids=prompt, sampling=GREEDY))
         longer = prompt + first.output_ids
         reused = await backend.generate(GenerateRequest(12, input_ids=longer, sampling=GREEDY))
-        await backend._client.post("/flush_cache")
+        await backend.flush_cache()
         fresh = await backend.generate(GenerateRequest(12, input_ids=longer, sampling=GREEDY))
         return longer, reused, fresh
 
@@ -154,14 +154,14 @@ def test_health_model_info_and_dynamic_adapter_load(local_sglang_server, free_ad
     async def go(backend):
         healthy = await backend.health()
         info = await backend.model_info()
-        load = await backend._client.post(
-            "/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(free_adapter_dir)}
-        )
+        load = await backend.load_adapter("fresh", str(free_adapter_dir))
         res = await backend.generate(
             GenerateRequest(64, input_ids=free_example.prompt_ids, sampling=GREEDY, adapter="fresh")
         )
-        unload = await backend._client.post("/unload_lora_adapter", json={"lora_name": "fresh"})
-        return healthy, info, load.json(), res, unload.json()
+        unload = await backend.unload_adapter("fresh")
+        with pytest.raises(BackendError, match="HTTP 400: .*not loaded"):
+            await backend.unload_adapter("fresh")
+        return healthy, info, load, res, unload
 
     healthy, info, load, res, unload = run(go, local_sglang_server.url)
     assert healthy and info["served_model_name"] == "tiny" and info["is_generation"] is True

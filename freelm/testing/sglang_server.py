@@ -101,7 +101,7 @@ class ScriptedEngine:
     stand-in tokenizer, so ``output_ids`` decode back to ``text``), id ``EOS_ID``
     ends every answer that fits in ``max_new_tokens``. ``cached_tokens`` is the
     longest common prefix with the last few prompts of the same adapter, as a
-    radix cache would report it.
+    radix cache would report it. A ``stop`` string in the scripted text ends the answer there.
     """
 
     EOS_ID = 1
@@ -165,7 +165,9 @@ class ScriptedEngine:
             cached = max((_common_prefix(p, prompt) for p in past), default=0)
             past.append(prompt)
         time.sleep(self.delay)
-        ids = self.encode(answer) + [self.EOS_ID]
+        cuts = [answer.find(s) + len(s) for s in request.stop if s and s in answer]
+        # a stop string ends the answer right after it (no eos), as a real engine would stop there
+        ids = self.encode(answer[: min(cuts)]) if cuts else self.encode(answer) + [self.EOS_ID]
         finish: Literal["stop", "length"] = "stop"
         if len(ids) > request.max_new_tokens:
             ids, finish = ids[: request.max_new_tokens], "length"
@@ -556,6 +558,8 @@ def _is_id_list(value: Any) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as with a real server
+    # headers and body go out as two writes: with Nagle on, each response waits ~40 ms for a delayed ACK
+    disable_nagle_algorithm = True
     server_state: SGLangTestServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output

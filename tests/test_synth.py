@@ -20,6 +20,7 @@ from freelm.tokenizer import Tokenizer
 from freelm.training.sft_data import check_file, read_rows, recover_thinking
 from freelm.training.synth import (
     AnswerGrader,
+    FunctionTeacher,
     OpenAITeacher,
     RewardFilter,
     Synthesizer,
@@ -214,3 +215,19 @@ def read_rows_any(path):
     from freelm.records import iter_jsonl
 
     return list(iter_jsonl(path))
+
+
+def test_a_local_function_teacher_goes_through_the_same_filter(tokenizer, tmp_path):
+    problem = Problem(id="1", source="count", prompt="Count to 30.", answer="30")
+    cuts = collect_cuts([("runs", [vanilla_record(tokenizer, problem)])], [problem], tokenizer, CLEAN_EVERY)
+
+    def oracle(problem: Problem, thinking: str) -> str:
+        steps = _STEP.findall(thinking)
+        return json.dumps([{"prefix": f"step {steps[0]}\n", "suffix": f"step {steps[-2]}\n"}])
+
+    with GraderPool(workers=1) as pool:
+        reward = RewardFilter(CountingBackend(tokenizer, target=TARGET), tokenizer, AnswerGrader(pool), k=1)
+        synth = Synthesizer(FunctionTeacher(oracle, "oracle"), reward, tmp_path / "o.jsonl", tmp_path / "o.log")
+        summary = asyncio.run(synth.run(cuts, progress=False))
+    assert summary.statuses == {"accepted": len(cuts)} and summary.teacher_prompt_tokens == 0
+    assert {row["teacher"] for _, row in read_rows(tmp_path / "o.jsonl")} == {"oracle"}

@@ -28,7 +28,7 @@ import random
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -138,6 +138,17 @@ class Teacher(Protocol):
     name: str
 
     async def suggest(self, problem: Problem, thinking: str) -> TeacherReply: ...
+
+
+@dataclass
+class FunctionTeacher:
+    """A local teacher from a function ``(problem, thinking) -> answer text``, e.g. an exact oracle of a synthetic task."""
+
+    fn: Callable[[Problem, str], str]
+    name: str = "function"
+
+    async def suggest(self, problem: Problem, thinking: str) -> TeacherReply:
+        return TeacherReply(self.fn(problem, thinking))
 
 
 _CHATML = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.DOTALL)

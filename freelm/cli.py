@@ -16,8 +16,8 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "freelm.runner", "run rollouts (vanilla or Free()LM) over a benchmark; resumable"),
     ("eval", "freelm.evaluation.eval_cli", "grade runner outputs: pass@k, #Token, paper-format table, plots"),
-    ("judge", "freelm.evaluation.judge", "LLM-judge answers a rule-based grader cannot settle"),
-    ("report", "freelm.evaluation.efficiency", "efficiency report: KV cache per sample, tokens, latency overhead"),
+    ("judge", "freelm.evaluation.judge_cli", "LLM-judge answers a rule-based grader cannot settle"),
+    ("report", "freelm.evaluation.report_cli", "efficiency report: KV cache per sample, tokens, latency overhead"),
     ("view", "freelm.viewer", "render one rollout as a self-contained HTML trace"),
     ("synth", "freelm.training.synth", "reward-filtered synthesis of Free-Module training data"),
     ("train", "freelm.training.trainer", "train the Free-Module LoRA with PEFT (CPU or one GPU)"),

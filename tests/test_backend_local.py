@@ -110,3 +110,9 @@ def test_load_and_unload_adapter(local_backend, free_adapter_dir, free_example):
     assert "free2" not in local_backend.adapter_names
     with pytest.raises(BackendError):
         local_backend.generate_blocking(greedy(free_example.prompt_ids, 4, adapter="free2"))
+
+
+def test_prompt_at_the_context_length_is_rejected(local_backend):
+    too_long = [5] * local_backend.context_length
+    with pytest.raises(BackendError, match="context length"):
+        local_backend.generate_blocking(greedy(too_long, 4))

@@ -118,3 +118,10 @@ def test_length_finish_and_health(scripted):
     res, healthy = run(go, scripted.url + "/v1", "m")
     assert res.finish_reason == "length" and res.text == "thi" and res.completion_tokens == 3
     assert healthy
+
+
+def test_standard_only_sends_no_extension_fields(scripted):
+    run(lambda b: b.generate(GenerateRequest(8, text="p")), scripted.url + "/v1", "m", standard_only=True)
+    body = scripted.bodies[-1]
+    assert not {"top_k", "min_p", "skip_special_tokens"} & set(body)
+    assert body["temperature"] == 0.6 and body["max_tokens"] == 8

@@ -72,6 +72,8 @@ class LocalBackend:
         self.cache_size = cache_size
         self.name = name
         self.model_path = model_path
+        #: Generation stops with "length" here (prompt + output never exceed the model's positions).
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
         self._caches: dict[str | None, OrderedDict[int, _CachedSequence]] = {}
         self._next_key = 0
@@ -159,11 +161,16 @@ class LocalBackend:
         ids = list(request.input_ids) if request.input_ids is not None else self.tokenizer.encode(request.text or "")
         if not ids:
             raise BackendError("empty prompt: nothing to condition on")
+        if self.context_length and len(ids) >= self.context_length:
+            raise BackendError(
+                f"the input ({len(ids)} tokens) is not shorter than the context length ({self.context_length})"
+            )
         with self._lock, torch.inference_mode(), self._adapter_context(request.adapter):
             entry, reused = self._take_cache(request.adapter, ids)
             output_ids, finish = self._decode_loop(ids, entry.cache, reused, request)
             entry.ids = ids + output_ids[:-1]
-            self._store(request.adapter, entry)
+            if entry.cache.get_seq_length() == len(entry.ids):  # a cache out of step with its ids must never be reused
+                self._store(request.adapter, entry)
         return GenerateResult(
             text=self.tokenizer.decode(output_ids),
             output_ids=output_ids,
@@ -239,7 +246,9 @@ class LocalBackend:
                 return output, "stop"
             if request.stop and any(s in self.tokenizer.decode(output[-stop_window:]) for s in request.stop):
                 return output, "stop"
-            if len(output) >= request.max_new_tokens:
+            if len(output) >= request.max_new_tokens or (
+                self.context_length and len(ids) + len(output) >= self.context_length
+            ):
                 return output, "length"
             feed = [token]
 

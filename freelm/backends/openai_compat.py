@@ -9,8 +9,9 @@ under its own ``--lora-modules NAME=PATH`` name, given via ``adapter_models``.
 Differences from the native SGLang backend, by API design: ``output_ids`` is
 ``[]`` (the loop tokenizes the text itself), and the server trims a matched stop
 string / eos from ``text`` (OpenAI convention). ``top_k``, ``min_p`` and
-``skip_special_tokens=false`` go through ``extra_body``; pass
-``extra_body=None``-overrides via ``extra_body`` for servers that reject them.
+``skip_special_tokens=false`` go through ``extra_body``; ``standard_only=True``
+leaves them out for a server that rejects unknown fields (its own top-k/min-p
+then apply), and ``extra_body`` adds server-specific fields.
 
 The API key is read from the environment variable named by ``api_key_env`` and
 is scrubbed from every error message; exceptions are raised ``from None`` so the
@@ -42,6 +43,7 @@ class OpenAIBackend:
         adapter_models: dict[str, str] | None = None,
         timeout: float = 600.0,
         max_retries: int = 3,
+        standard_only: bool = False,
         extra_body: dict[str, Any] | None = None,
         name: str | None = None,
     ):
@@ -49,7 +51,8 @@ class OpenAIBackend:
         self.model = model
         self.adapter_models = dict(adapter_models or {})
         self.name = name or f"openai@{self.base_url}"
-        self.extra_body = {"skip_special_tokens": False} if extra_body is None else dict(extra_body)
+        self.standard_only = standard_only
+        self.extra_body = dict(extra_body or {})
         self._secret = os.environ.get(api_key_env) or ""
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._secret or _NO_KEY, timeout=timeout, max_retries=max_retries
@@ -62,7 +65,8 @@ class OpenAIBackend:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         s = request.sampling
-        extra = {"top_k": s.top_k, "min_p": s.min_p, **self.extra_body}
+        extra = {} if self.standard_only else {"top_k": s.top_k, "min_p": s.min_p, "skip_special_tokens": False}
+        extra.update(self.extra_body)
         start = time.perf_counter()
         try:
             response = await self._client.completions.create(

@@ -558,7 +558,7 @@ def _is_id_list(value: Any) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as with a real server
-    # headers and body go out as two writes: with Nagle on, each response waits ~40 ms for a delayed ACK
+    # headers and body are two writes: without TCP_NODELAY a keep-alive client can stall on a delayed ACK
     disable_nagle_algorithm = True
     server_state: SGLangTestServer
 

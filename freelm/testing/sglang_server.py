@@ -239,6 +239,7 @@ class SGLangTestServer:
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
         self._adapter_overrides: deque[str] = deque()
+        self.in_flight = 0
         self.reset()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -285,8 +286,7 @@ class SGLangTestServer:
             self._adapter_overrides.clear()
             self.requests: Counter[str] = Counter()
             self.adapter_requests: Counter[str | None] = Counter()
-            self.in_flight = 0
-            self.max_in_flight = 0
+            self.max_in_flight = self.in_flight  # requests of an earlier test may still be running
             self.bodies: deque[dict] = deque(maxlen=1000)
 
     def fail_next(self, status: int = 503, message: str = "scripted server error", times: int = 1) -> None:

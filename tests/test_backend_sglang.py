@@ -168,3 +168,13 @@ def test_health_model_info_and_dynamic_adapter_load(local_sglang_server, free_ad
     assert load["success"] and "fresh" in load["loaded_adapters"]
     assert res.output_ids == free_example.target_ids
     assert unload["success"] and "fresh" not in unload["loaded_adapters"]
+
+
+def test_make_backend_by_kind():
+    from freelm.backends import Backend, make_backend
+
+    backend = make_backend("sglang", base_url="http://127.0.0.1:9")
+    assert isinstance(backend, SGLangBackend) and isinstance(backend, Backend)
+    asyncio.run(backend.aclose())
+    with pytest.raises(ValueError, match="unknown backend kind 'vllm'"):
+        make_backend("vllm")

@@ -80,8 +80,8 @@ class RolloutResult:
     finish_reason: RolloutFinish
     prompt_tokens: int  # the reasoning prompt (chat template + problem)
     generated_tokens: int  # every token the reasoner generated, deleted or not
-    final_context_tokens: int
-    peak_context_tokens: int
+    final_context_tokens: int  # prompt + kept response at the end (kept response = this - prompt_tokens)
+    peak_context_tokens: int  # largest prompt + response the reasoner ever held
     rounds: list[RoundRecord] = field(default_factory=list)
     wall_time_s: float = 0.0
     error: str | None = None

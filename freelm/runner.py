@@ -36,7 +36,7 @@ from freelm.cleaners.base import Cleaner
 from freelm.data import Problem, load_problems
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path, now_iso, package_versions, read_manifest, write_manifest
-from freelm.records import RolloutRecord, append_jsonl, read_rollouts, repair_torn_tail
+from freelm.records import RolloutRecord, RolloutResult, append_jsonl, read_rollouts, repair_torn_tail
 from freelm.runner_config import (
     RunSettings,
     add_arguments,
@@ -259,6 +259,15 @@ def _run_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     return {key: manifest.get(key) for key in ("started_at", "ended_at", "status", "summary", "command")}
 
 
+@dataclass
+class _Finished:
+    """A rollout handed from a worker to the writer: a result to record, or the error that ended it."""
+
+    job: Job
+    result: RolloutResult | None
+    error: str | None
+
+
 async def _execute(
     jobs: list[Job],
     *,
@@ -274,79 +283,113 @@ async def _execute(
     progress: bool | None,
     started: float,
 ) -> None:
+    """Workers run rollouts; ONE writer task appends them, so workers never wait for the disk.
+
+    A finished rollout waiting in the queue counts as in flight: a kill loses
+    it like any other in-flight rollout, and the next run redoes it.
+    """
     from tqdm import tqdm
 
     if not jobs:
         return
     pending = iter(jobs)  # shared by the workers; next() never awaits, so no lock is needed
-    write_lock = asyncio.Lock()
-    config_hash = settings.config_hash
+    queue: asyncio.Queue[_Finished | None] = asyncio.Queue()
     bar = tqdm(
         total=summary.total, initial=summary.present_at_start, unit="rollout", dynamic_ncols=True,
         disable=None if progress is None else not progress,
     )  # fmt: skip
+    writer = asyncio.create_task(_write_finished(queue, output, settings, summary, bar, pools, started))
 
-    with output.open("a", encoding="utf-8") as out:
+    async def worker() -> None:
+        for job in pending:
+            if writer.done():  # the writer died (disk full, ...): stop producing, its error is raised below
+                return
+            try:
+                result = await run_rollout(
+                    job.problem.prompt, reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner,
+                    config=config, seed=job.seed,
+                )  # fmt: skip
+                error = result.error if result.finish_reason == "error" else None
+            except Exception as exc:  # a bug or unexpected input must cost one rollout, not the run
+                result, error = None, f"{type(exc).__name__}: {exc}"
+            queue.put_nowait(_Finished(job, result, error))
 
-        async def write(path_handle, obj: dict[str, Any]) -> None:
-            async with write_lock:  # fsync off the event loop; one line at a time
-                await asyncio.to_thread(append_jsonl, path_handle, obj)
-
-        async def worker() -> None:
-            for job in pending:
-                try:
-                    result = await run_rollout(
-                        job.problem.prompt, reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner,
-                        config=config, seed=job.seed,
-                    )  # fmt: skip
-                    error = result.error if result.finish_reason == "error" else None
-                except Exception as exc:  # a bug or unexpected input must cost one rollout, not the run
-                    result, error = None, f"{type(exc).__name__}: {exc}"
-                if error is None:
-                    record = RolloutRecord.from_result(
-                        result, id=job.problem.id, source=job.problem.source, rollout=job.rollout, seed=job.seed,
-                        answer=job.problem.answer, mode=settings.mode, config_hash=config_hash,
-                        prompt=job.problem.prompt,
-                    )  # fmt: skip
-                    await write(out, record.to_dict())
-                    summary.done += 1
-                    summary.generated_tokens += result.generated_tokens
-                    summary.cleaning_rounds += result.cleaning_rounds
-                    summary.finish_reasons[result.finish_reason] = (
-                        summary.finish_reasons.get(result.finish_reason, 0) + 1
-                    )
-                else:
-                    await _log_error(output, job, error, result, config_hash, write_lock)
-                    summary.failed += 1
-                summary.retries = sum(p.retries for p in pools)
-                bar.update(1)
-                bar.set_postfix(_postfix(summary, pools, started), refresh=False)
-
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
+    finally:
+        queue.put_nowait(None)
         try:
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
+            await writer
         finally:
             bar.close()
 
 
-async def _log_error(output: Path, job: Job, error: str, result, config_hash: str, lock: asyncio.Lock) -> None:
-    entry = {
+async def _write_finished(
+    queue: asyncio.Queue[_Finished | None],
+    output: Path,
+    settings: RunSettings,
+    summary: RunSummary,
+    bar: Any,
+    pools: tuple[EndpointPool, ...],
+    started: float,
+) -> None:
+    """Drain the queue in batches; each line is fsynced (``append_jsonl``) in a thread, off the event loop."""
+    with output.open("a", encoding="utf-8") as out:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = [item for item in batch if item is not None]
+            await asyncio.to_thread(_append_finished, out, output, finished, settings)
+            for item in finished:
+                if item.error is None:
+                    summary.done += 1
+                    summary.generated_tokens += item.result.generated_tokens
+                    summary.cleaning_rounds += item.result.cleaning_rounds
+                    reason = item.result.finish_reason
+                    summary.finish_reasons[reason] = summary.finish_reasons.get(reason, 0) + 1
+                else:
+                    summary.failed += 1
+            summary.retries = sum(p.retries for p in pools)
+            bar.update(len(finished))
+            bar.set_postfix(_postfix(summary, pools, started), refresh=False)
+            if len(finished) < len(batch):  # the end marker: every worker is done
+                return
+
+
+def _append_finished(out, output: Path, finished: list[_Finished], settings: RunSettings) -> None:
+    errors = None
+    try:
+        for item in finished:
+            job = item.job
+            if item.error is None:
+                record = RolloutRecord.from_result(
+                    item.result, id=job.problem.id, source=job.problem.source, rollout=job.rollout, seed=job.seed,
+                    answer=job.problem.answer, mode=settings.mode, config_hash=settings.config_hash,
+                    prompt=job.problem.prompt,
+                )  # fmt: skip
+                append_jsonl(out, record.to_dict())
+                continue
+            errors = errors or errors_path(output).open("a", encoding="utf-8")
+            append_jsonl(errors, _error_entry(item, settings.config_hash))
+    finally:
+        if errors is not None:
+            errors.close()
+
+
+def _error_entry(item: _Finished, config_hash: str) -> dict[str, Any]:
+    job, result = item.job, item.result
+    return {
         "time": now_iso(),
         "source": job.problem.source,
         "id": job.problem.id,
         "rollout": job.rollout,
         "seed": job.seed,
         "config_hash": config_hash,
-        "error": error,
+        "error": item.error,
         "generated_tokens": result.generated_tokens if result is not None else 0,
         "rounds": len(result.rounds) if result is not None else 0,
     }
-
-    def append() -> None:
-        with errors_path(output).open("a", encoding="utf-8") as f:
-            append_jsonl(f, entry)
-
-    async with lock:
-        await asyncio.to_thread(append)
 
 
 def _postfix(summary: RunSummary, pools: tuple[EndpointPool, ...], started: float) -> dict[str, Any]:
@@ -413,8 +456,11 @@ def _has_path(url: str) -> bool:
     return bool(url.split("://", 1)[1].partition("/")[2])
 
 
-def build_components(args: argparse.Namespace) -> Components:
-    """Backends, pools, tokenizer and cleaner; loading a local model happens here (slow, after all checks)."""
+def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> Components:
+    """Backends, pools, tokenizer and cleaner; loading a local model happens here (slow, after all checks).
+
+    ``tokenizer`` overrides ``--tokenizer`` for remote backends (benchmarks with a model-free server).
+    """
     pool_options = {"max_retries": args.max_retries, "down_wait": args.down_wait}
     if args.backend == "local":
         from freelm.backends import make_backend
@@ -425,13 +471,7 @@ def build_components(args: argparse.Namespace) -> Components:
         tokenizer = local.tokenizer
     else:
         reasoner = EndpointPool(_remote_backends(args.backend, _endpoints(args), args), name="reasoner", **pool_options)
-        tokenizer_dir = args.tokenizer or args.model
-        if not Path(tokenizer_dir).is_dir():  # never let a typo become a Hub download
-            raise ValueError(f"--tokenizer {tokenizer_dir}: not a directory")
-        try:
-            tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer ({exc})") from exc
+        tokenizer = tokenizer or _load_tokenizer(args.tokenizer or args.model)
     pools = [reasoner]
     cleaner: Cleaner | None = None
     if args.mode == "freelm" and args.cleaner == "headtail":
@@ -447,6 +487,15 @@ def build_components(args: argparse.Namespace) -> Components:
             cleaner_pool, adapter=args.adapter_name, template=args.clean_template, max_new_tokens=args.clean_max_tokens
         )
     return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    if not Path(path).is_dir():  # never let a typo become a Hub download
+        raise ValueError(f"--tokenizer {path}: not a directory")
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tokenizer {path}: cannot load a tokenizer ({exc})") from exc
 
 
 def _manifest_config(args: argparse.Namespace) -> dict[str, Any]:

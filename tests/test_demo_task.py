@@ -1,4 +1,4 @@
-"""The dials task and its oracle: determinism, answers by construction, deletions that always resolve."""
+"""The counter task and its oracle: determinism, answers by construction, deletions that always resolve."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ def test_rows_are_in_the_evaluation_format_and_answers_follow_the_rule():
     for p in generate_problems(50, seed=0, min_turns=5, max_turns=12):
         row = p.to_row()
         assert set(row) == {"id", "source", "prompt", "answer"}
-        dials = list(p.start)
-        for _ in range(p.turns):  # simulate the turns one by one, independently of DialsProblem.state
-            dials = [(d + k) % 10 for d, k in zip(dials, p.key, strict=True)]
-        assert int(row["answer"]) == int("".join(map(str, dials)))
-        assert parse_problem(row["prompt"]).key == p.key
-        assert solution(p).endswith(f"\\boxed{{{''.join(map(str, dials))}}}")
+        value = p.start
+        for _ in range(p.turns):  # simulate the turns one by one, independently of CounterProblem.state
+            value = (value + 37) % 100
+        assert row["answer"] == str(value)
+        assert parse_problem(row["prompt"]).turns == p.turns
+        assert solution(p).endswith(f"\\boxed{{{value}}}")
 
 
 def test_solution_has_one_line_per_turn_and_grades_with_math_verify():
@@ -35,13 +35,14 @@ def test_solution_has_one_line_per_turn_and_grades_with_math_verify():
 
     p = generate_problems(1, seed=7, min_turns=9, max_turns=9)[0]
     thinking, after = solution(p).split("</think>")
-    assert thinking.splitlines()[0] == "#0 " + " ".join(map(str, p.start))
+    assert thinking.splitlines()[0] == f"#9 {p.start}"
+    assert thinking.splitlines()[-1] == f"#0 {p.answer}"
     assert len(thinking.splitlines()) == 10
     assert verify(parse(p.to_row()["answer"]), parse(after))
 
 
 def test_parse_problem_rejects_other_text():
-    with pytest.raises(ValueError, match="not a dials problem"):
+    with pytest.raises(ValueError, match="not a counter problem"):
         parse_problem("What is 2 + 2?")
 
 
@@ -59,7 +60,7 @@ def test_continuation_fails_when_the_state_was_deleted():
         continuation(p, "#5 ")
     lines = solution(p).splitlines(keepends=True)
     with pytest.raises(ValueError, match="state it needs is lost"):  # the line of turn 1 deleted
-        continuation(p, lines[0] + "#2 ")
+        continuation(p, lines[0] + lines[2][:3])
 
 
 @st.composite
@@ -72,7 +73,7 @@ def cleaning_rounds(draw):
     return p, full, cuts
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(cleaning_rounds())
 def test_oracle_deletions_resolve_and_keep_what_the_solution_needs(case):
     p, full, cuts = case

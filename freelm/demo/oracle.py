@@ -1,7 +1,7 @@
-"""The exact Free-Module teacher for the dials task.
+"""The exact Free-Module teacher for the counter task.
 
-In a dials solution only the last complete line is ever needed again (the next
-line is computed from it and the key in the problem), so the ideal cleaning
+In a counter solution only the last complete line is ever needed again (the next
+line is computed from it alone), so the ideal cleaning
 deletes every complete line before it in ONE span: ``prefix`` is the label of
 the first line (``"#17 "``, unique because labels are), ``suffix`` is the whole
 line before the last complete one including its newline (the first match after

@@ -1,26 +1,35 @@
-"""The embedded default's synthetic long-horizon task: turning a lock's dials.
+"""The embedded default's synthetic long-horizon task: a counter turned many times.
 
-A problem gives three dials (digits), a key (three digits) and a number of turns
-``n``. Each turn adds the key to the dials digit by digit, modulo 10. The
-solution writes one short line per turn::
+A problem gives a two-digit counter ``x0`` and a number of turns ``n``. Each turn
+adds 37 modulo 100. The solution writes one short line per turn, labelled with
+the number of turns still to go::
 
-    #0 5 2 9
-    #1 8 9 0
+    #47 42
+    #46 79
+    #45 16
     ...
-    #47 4 1 3
+    #0 81
     </think>
-    \\boxed{413}
+    \\boxed{81}
 
-Why this shape: every line depends only on the line before it and on the key in
-the problem, so once a line is written all earlier lines are obsolete. A model
-that forgets them needs a context of a few lines whatever ``n`` is, while a model
-that keeps everything needs ``~6 n`` tokens and is cut off at a small context
-limit. Deleting the LAST line instead makes the state unrecoverable, so a wrong
-deletion is visible in the answer. The per-line rule (add a digit mod 10, count
-the label up) is easy enough for a tiny transformer to learn on CPU in minutes.
+Why this shape: every line depends only on the line before it, so once a line is
+written all earlier lines are obsolete. A model that forgets them needs a context
+of a few lines whatever ``n`` is, while a model that keeps everything needs
+``~4 n`` tokens and is cut off at a small context limit. Deleting the LAST line
+instead loses the state, so a wrong deletion is visible in the answer.
 
-The ``#k`` label makes every line's start unique (``#1 `` is not a substring of
-``#11 ``), which is what lets deletion anchors resolve uniquely.
+Why these tokens (measured, see docs/embedded.md): a tiny transformer learns a
+step quickly when the tokens it needs are distinct by CONTENT, not only by
+position. The label ``#17`` is a bare-number token and the counter `` 42`` a
+space-number token, so "the previous label" and "the previous value" are each
+the most recent token of their kind. Counting DOWN makes stopping a local
+decision (after ``#0``) instead of a comparison with ``n`` in the problem, which
+the model learned last and worst when the labels counted up. An earlier design with three dials written
+as separate digits (``#17 8 9 0``), each needing the digit exactly one line up,
+stayed at chance on the digits after 500 CPU steps.
+
+The ``#k`` label also makes every line's start unique (``#1 `` is not a
+substring of ``#11 ``), which is what lets deletion anchors resolve uniquely.
 """
 
 from __future__ import annotations
@@ -29,96 +38,80 @@ import random
 import re
 from dataclasses import dataclass
 
-SOURCE = "dials"
-DIALS = 3
+SOURCE = "counter"
+#: What one turn adds. Coprime to 100, so the counter repeats only every 100 turns: within a solution
+#: no value repeats, and a turn's value cannot be copied from an earlier line.
+STEP = 37
+MODULUS = 100
 
-_PROMPT = (
-    "Three dials show {start}. Each turn adds {key} digit by digit, mod 10. What do they show after turn #{turns}?"
-)
-_PROMPT_RE = re.compile(
-    r"Three dials show (\d) (\d) (\d)\. Each turn adds (\d) (\d) (\d) digit by digit, mod 10\. "
-    r"What do they show after turn #(\d+)\?"
-)
-#: One line of the solution: ``#k d d d`` (without its newline).
-LINE_RE = re.compile(r"#(\d+) (\d) (\d) (\d)")
+_PROMPT = "A counter shows {start}. Each turn adds 37, mod 100. What does it show after turn #{turns}?"
+_PROMPT_RE = re.compile(r"A counter shows (\d+)\. Each turn adds 37, mod 100\. What does it show after turn #(\d+)\?")
+#: One line of the solution: ``#k x`` (without its newline).
+LINE_RE = re.compile(r"#(\d+) (\d+)")
 
 
 @dataclass(frozen=True)
-class DialsProblem:
+class CounterProblem:
     """One problem; ``prompt`` is what the model reads, the other fields what it must infer."""
 
     id: str
-    start: tuple[int, ...]
-    key: tuple[int, ...]
+    start: int
     turns: int
 
     @property
     def prompt(self) -> str:
-        return _PROMPT.format(start=_digits(self.start), key=_digits(self.key), turns=self.turns)
+        return _PROMPT.format(start=self.start, turns=self.turns)
 
-    def state(self, turn: int) -> tuple[int, ...]:
-        return tuple((s + turn * k) % 10 for s, k in zip(self.start, self.key, strict=True))
+    def state(self, turn: int) -> int:
+        return (self.start + turn * STEP) % MODULUS
 
     @property
     def answer(self) -> int:
-        """The final dials read as a number (leading zeros drop: ``0 4 7`` -> 47, as math-verify grades)."""
-        return int("".join(map(str, self.state(self.turns))))
+        return self.state(self.turns)
 
     def to_row(self) -> dict[str, str]:
         """The evaluation format shared with the benchmark JSONL files."""
         return {"id": self.id, "source": SOURCE, "prompt": self.prompt, "answer": str(self.answer)}
 
 
-def _digits(values: tuple[int, ...]) -> str:
-    return " ".join(map(str, values))
-
-
-def parse_problem(prompt: str) -> DialsProblem:
+def parse_problem(prompt: str) -> CounterProblem:
     """Recover a problem from its prompt text (the oracle and the scorer only see text)."""
     match = _PROMPT_RE.search(prompt)
     if not match:
-        raise ValueError(f"not a dials problem: {prompt[:80]!r}")
+        raise ValueError(f"not a counter problem: {prompt[:80]!r}")
     g = [int(x) for x in match.groups()]
-    return DialsProblem(id="", start=tuple(g[0:3]), key=tuple(g[3:6]), turns=g[6])
+    return CounterProblem(id="", start=g[0], turns=g[1])
 
 
-def generate_problems(count: int, seed: int, min_turns: int = 30, max_turns: int = 40) -> list[DialsProblem]:
-    """``count`` seeded problems with ``min_turns..max_turns`` turns.
-
-    The key always has a digit coprime to 10, so the dials only repeat after 10
-    turns and no two lines within a window of 10 coincide.
-    """
+def generate_problems(count: int, seed: int, min_turns: int = 40, max_turns: int = 50) -> list[CounterProblem]:
+    """``count`` seeded problems with ``min_turns..max_turns`` turns."""
     if not 1 <= min_turns <= max_turns:
         raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
     rng = random.Random(seed)
     problems = []
     for i in range(count):
-        start = tuple(rng.randrange(10) for _ in range(DIALS))
-        while True:
-            key = tuple(rng.randrange(10) for _ in range(DIALS))
-            if any(k in (1, 3, 7, 9) for k in key):
-                break
+        start = rng.randrange(MODULUS)
         turns = rng.randint(min_turns, max_turns)
-        problems.append(DialsProblem(id=f"dials-{seed}-{i:04d}", start=start, key=key, turns=turns))
+        problems.append(CounterProblem(id=f"counter-{seed}-{i:04d}", start=start, turns=turns))
     return problems
 
 
-def line(turn: int, state: tuple[int, ...]) -> str:
-    return f"#{turn} {_digits(state)}\n"
+def line(turns_left: int, value: int) -> str:
+    return f"#{turns_left} {value}\n"
 
 
-def final_answer(problem: DialsProblem) -> str:
+def final_answer(problem: CounterProblem) -> str:
     """What follows the thinking: the close tag and the boxed answer."""
-    return f"</think>\n\\boxed{{{''.join(map(str, problem.state(problem.turns)))}}}"
+    return f"</think>\n\\boxed{{{problem.answer}}}"
 
 
-def solution(problem: DialsProblem | str) -> str:
+def solution(problem: CounterProblem | str) -> str:
     """The full response after ``<think>\\n``: one line per turn, ``</think>``, the boxed answer."""
     p = parse_problem(problem) if isinstance(problem, str) else problem
-    return "".join(line(t, p.state(t)) for t in range(p.turns + 1)) + final_answer(p)
+    return "".join(line(p.turns - t, p.state(t)) for t in range(p.turns + 1)) + final_answer(p)
 
 
-def continuation(problem: DialsProblem | str, thinking: str) -> str:
+def continuation(problem: CounterProblem | str, thinking: str) -> str:
     """The exact rest of the response given the thinking so far, read from its last complete line only.
 
     This is how a correct reasoner must behave after a deletion: everything it
@@ -128,9 +121,9 @@ def continuation(problem: DialsProblem | str, thinking: str) -> str:
     """
     p = parse_problem(problem) if isinstance(problem, str) else problem
     complete = [m for m in LINE_RE.finditer(thinking) if thinking[m.end() : m.end() + 1] == "\n"]
-    next_turn = int(complete[-1].group(1)) + 1 if complete else 0
+    next_turn = p.turns - int(complete[-1].group(1)) + 1 if complete else 0
     tail = thinking[complete[-1].end() + 1 :] if complete else thinking
-    rest = "".join(line(t, p.state(t)) for t in range(next_turn, p.turns + 1)) + final_answer(p)
+    rest = "".join(line(p.turns - t, p.state(t)) for t in range(next_turn, p.turns + 1)) + final_answer(p)
     if not rest.startswith(tail):
         raise ValueError(f"{tail[-40:]!r} does not continue the solution: the state it needs is lost or wrong")
     return rest[len(tail) :]

@@ -163,8 +163,9 @@ class RolloutRecord:
         )
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.id, self.rollout)
+    def key(self) -> tuple[str, str, int]:
+        """Unique per run: ids repeat across benchmarks (AIME25 and BeyondAIME both have id 1)."""
+        return (self.source, self.id, self.rollout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -137,7 +137,7 @@ def inspect_output(output: Path, settings: RunSettings, *, force: bool) -> Exist
     records = read_rollouts(output)
     ours = settings.config_hash
     theirs = sorted({r.config_hash for r in records} - {ours})
-    existing.keys = {(r.source, r.id, r.rollout) for r in records if r.config_hash == ours}
+    existing.keys = {r.key for r in records if r.config_hash == ours}
     if theirs:
         existing.mismatch = _mismatch_message(output, theirs, settings)
         if not force:

@@ -24,9 +24,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        from transformers import AutoTokenizer
+        if (Path(path) / "tokenizer.json").is_file():
+            # the fast class directly: AutoTokenizer imports torch, which a remote-only client never needs
+            from transformers import PreTrainedTokenizerFast as loader
+        else:
+            from transformers import AutoTokenizer as loader
 
-        hf = AutoTokenizer.from_pretrained(str(path))
+        hf = loader.from_pretrained(str(path))
         return cls(hf, eos_token_ids=_generation_eos_ids(Path(path)))
 
     def encode(self, text: str) -> list[int]:

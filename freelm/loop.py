@@ -30,6 +30,7 @@ and per rollout (:class:`~freelm.records.RolloutResult`).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -124,7 +125,7 @@ async def run_rollout(
         new_ids = result.output_ids or tokenizer.encode(result.text)
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
-        kept = _common_prefix_len(text, new_text)  # < len(text) only if a split character completed
+        kept = len(os.path.commonprefix([text, new_text]))  # < len(text) only if a split character completed
         generated += len(new_ids)
         since_clean += len(new_ids)
         context = len(prompt_ids) + len(ids)
@@ -213,13 +214,3 @@ async def _clean(
     )
     return record, ids, text, reusable
 
-
-def _common_prefix_len(a: str, b: str) -> int:
-    if b.startswith(a):
-        return len(a)
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

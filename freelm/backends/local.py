@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -37,13 +38,6 @@ class _CachedSequence:
     ids: list[int]
     cache: Any  # transformers DynamicCache
 
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class LocalBackend:
@@ -207,7 +201,7 @@ class LocalBackend:
         lru = self._caches.setdefault(namespace, OrderedDict())
         best_key, best = None, 0
         for key, seq in lru.items():
-            n = min(common_prefix_len(seq.ids, ids), len(ids) - 1)
+            n = min(len(os.path.commonprefix([seq.ids, ids])), len(ids) - 1)
             if n > best:
                 best_key, best = key, n
         if best_key is None:

@@ -23,6 +23,7 @@ or :class:`ScriptedEngine` (fixed delay, scripted text per adapter, no model).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -162,7 +163,7 @@ class ScriptedEngine:
         prompt = list(request.input_ids) if request.input_ids is not None else self.encode(request.text or "")
         with self._lock:
             past = self._history.setdefault(request.adapter, deque(maxlen=self._history_len))
-            cached = max((_common_prefix(p, prompt) for p in past), default=0)
+            cached = max((len(os.path.commonprefix([p, prompt])) for p in past), default=0)
             past.append(prompt)
         time.sleep(self.delay)
         cuts = [answer.find(s) + len(s) for s in request.stop if s and s in answer]
@@ -180,14 +181,6 @@ class ScriptedEngine:
             cached_tokens=min(cached, len(prompt) - 1) if prompt else 0,
         )
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass

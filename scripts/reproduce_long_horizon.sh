@@ -12,7 +12,8 @@
 # OUT_DIR/freelm.jsonl, OUT_DIR/table.md, OUT_DIR/metrics.json.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0"; exit 2; }
+usage() { sed -n '2,12p' "$0"; exit "${1:-2}"; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 3 ]] || usage
 config=$1 vanilla=$2 out=$3
 shift 3
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --data-dir) data_dir=$2; shift 2 ;;
     --threshold) threshold=$2; shift 2 ;;
     --rule) rule=$2; shift 2 ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done

@@ -11,7 +11,8 @@
 # metrics.json, table.md (paper layout), accuracy_vs_tokens.png, peak_context.png, efficiency.md.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0"; exit 2; }
+usage() { sed -n '2,11p' "$0"; exit "${1:-2}"; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 2 ]] || usage
 config=$1 out=$2
 shift 2
@@ -24,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --endpoint | --cleaner-endpoint) endpoint_args+=("$1" "$2"); shift 2 ;;
     --tokenizer) extra_args+=("$1" "$2"); shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done

@@ -14,14 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-OURS_SH = [
-    "train_freelm.sh",
-    "train_qwen3_8b.sh",
-    "train_qwen3_30b_a3b.sh",
-    "train_qwen3_235b.sh",
-    "serve_sglang.sh",
-    "serve_endpoints.sh",
-]
+OURS_SH = sorted(p.name for p in SCRIPTS.glob("*.sh") if p.name != "test.sh")  # test.sh would run the suite
 OURS_PY = [SCRIPTS / "convert_hf_to_mbridge.py", SCRIPTS / "export_adapter.py", REPO / "megatron/finetune_freelm.py"]
 TRAIN_VARS = ("model_path", "nemo_path", "train_fp", "output_dir", "run_name")
 
@@ -38,7 +31,7 @@ def test_shell_syntax_and_help(name):
     assert run(["bash", "-n", str(path)]).returncode == 0
     result = run(["bash", str(path), "--help"])
     assert result.returncode == 0, result.stderr
-    assert "Usage" in result.stdout
+    assert len(result.stdout.splitlines()) >= 2, "--help should print what the script does and how to call it"
 
 
 def test_shellcheck_clean():

@@ -27,7 +27,7 @@ def test_rows_are_in_the_evaluation_format_and_answers_follow_the_rule():
             value = (value + 37) % 100
         assert row["answer"] == str(value)
         assert parse_problem(row["prompt"]).turns == p.turns
-        assert solution(p).endswith(f"\\boxed{{{value}}}")
+        assert solution(p).endswith(f"\\boxed{{ {value}}}")
 
 
 def test_solution_has_one_line_per_turn_and_grades_with_math_verify():
@@ -86,6 +86,7 @@ def test_oracle_deletions_resolve_and_keep_what_the_solution_needs(case):
         assert commands.error is None
         edit = apply_deletions(thinking, commands)
         assert not edit.skipped, edit.skipped
+        assert bool(commands) == (thinking.count("\n") >= 2)  # deletes whenever an obsolete line exists
         if commands:
             assert edit.spans[0][0] == 0  # one span from the first line ...
             assert edit.text.count("\n") == 1  # ... up to the last complete line, which is kept

@@ -11,11 +11,14 @@ after the last complete one is kept: generation resumes inside it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from freelm.cleaners.base import CleanOutcome
 from freelm.demo.task import LINE_RE
 from freelm.free import Deletion, apply_deletions, format_commands
 
 
-def _complete_lines(thinking: str) -> list[tuple[int, int, str]]:
+def complete_lines(thinking: str) -> list[tuple[int, int, str]]:
     """``(start, end_after_newline, label)`` of every well-formed line that starts a line and ends in ``\\n``."""
     found = []
     for m in LINE_RE.finditer(thinking):
@@ -25,6 +28,17 @@ def _complete_lines(thinking: str) -> list[tuple[int, int, str]]:
     return found
 
 
+def span_command(thinking: str, first_start: int, first_label: str, last: tuple[int, int, str]) -> Deletion:
+    """One command from the line at ``first_start`` through the complete line ``last``.
+
+    The suffix is searched only after the prefix, so when ``last`` is the first
+    line itself the suffix is the rest of that line, not the whole line.
+    """
+    prefix = f"#{first_label} "
+    last_start, last_end, _ = last
+    return Deletion(prefix=prefix, suffix=thinking[max(last_start, first_start + len(prefix)) : last_end])
+
+
 def oracle_deletions(thinking: str) -> list[Deletion]:
     """Delete everything before the last complete line; ``[]`` when there is nothing to delete.
 
@@ -32,12 +46,12 @@ def oracle_deletions(thinking: str) -> list[Deletion]:
     thinking is malformed (e.g. a model repeated a label) and they would not
     delete exactly the intended span, the oracle says ``[]`` rather than guess.
     """
-    lines = _complete_lines(thinking)
+    lines = complete_lines(thinking)
     if len(lines) < 2:
         return []
     first_start, _, first_label = lines[0]
-    last_deleted_start, last_deleted_end, _ = lines[-2]
-    commands = [Deletion(prefix=f"#{first_label} ", suffix=thinking[last_deleted_start:last_deleted_end])]
+    _, last_deleted_end, _ = lines[-2]
+    commands = [span_command(thinking, first_start, first_label, lines[-2])]
     if apply_deletions(thinking, commands).spans != [(first_start, last_deleted_end)]:
         return []
     return commands
@@ -46,3 +60,18 @@ def oracle_deletions(thinking: str) -> list[Deletion]:
 def oracle_output(thinking: str) -> str:
     """The text the Free-Module is trained to write for this thinking (canonical JSON)."""
     return format_commands(oracle_deletions(thinking))
+
+
+@dataclass
+class OracleCleaner:
+    """The oracle as a :class:`freelm.cleaners.base.Cleaner`: the exact upper bound for a learned Free-Module.
+
+    Used to check the base model and the loop without any adapter, and as the
+    teacher when synthesising the Free-Module's training data.
+    """
+
+    name: str = "oracle"
+
+    async def clean(self, problem: str, thinking: str) -> CleanOutcome:
+        raw = oracle_output(thinking)
+        return CleanOutcome(edit=apply_deletions(thinking, oracle_deletions(thinking)), raw_output=raw)

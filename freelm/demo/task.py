@@ -10,7 +10,7 @@ the number of turns still to go::
     ...
     #0 81
     </think>
-    \\boxed{81}
+    \\boxed{ 81}
 
 Why this shape: every line depends only on the line before it, so once a line is
 written all earlier lines are obsolete. A model that forgets them needs a context
@@ -22,7 +22,8 @@ Why these tokens (measured, see docs/embedded.md): a tiny transformer learns a
 step quickly when the tokens it needs are distinct by CONTENT, not only by
 position. The label ``#17`` is a bare-number token and the counter `` 42`` a
 space-number token, so "the previous label" and "the previous value" are each
-the most recent token of their kind. Counting DOWN makes stopping a local
+the most recent token of their kind. For the same reason the start value is the
+last space-number in the prompt (``adds 37``, ``mod 100`` come before it). Counting DOWN makes stopping a local
 decision (after ``#0``) instead of a comparison with ``n`` in the problem, which
 the model learned last and worst when the labels counted up. An earlier design with three dials written
 as separate digits (``#17 8 9 0``), each needing the digit exactly one line up,
@@ -44,8 +45,10 @@ SOURCE = "counter"
 STEP = 37
 MODULUS = 100
 
-_PROMPT = "A counter shows {start}. Each turn adds 37, mod 100. What does it show after turn #{turns}?"
-_PROMPT_RE = re.compile(r"A counter shows (\d+)\. Each turn adds 37, mod 100\. What does it show after turn #(\d+)\?")
+_PROMPT = "A counter adds 37 each turn, mod 100. It starts at {start}. What does it show after turn #{turns}?"
+_PROMPT_RE = re.compile(
+    r"A counter adds 37 each turn, mod 100\. It starts at (\d+)\. What does it show after turn #(\d+)\?"
+)
 #: One line of the solution: ``#k x`` (without its newline).
 LINE_RE = re.compile(r"#(\d+) (\d+)")
 
@@ -101,8 +104,14 @@ def line(turns_left: int, value: int) -> str:
 
 
 def final_answer(problem: CounterProblem) -> str:
-    """What follows the thinking: the close tag and the boxed answer."""
-    return f"</think>\n\\boxed{{{problem.answer}}}"
+    """What follows the thinking: the close tag and the boxed answer.
+
+    The space in ``\\boxed{ 81}`` is deliberate: it makes the answer the same
+    token as the counter value in the last line (`` 81``), a copy; ``{81}`` is
+    tokenized as two digits the model would have to learn to spell. The grader
+    ignores the space.
+    """
+    return f"</think>\n\\boxed{{ {problem.answer}}}"
 
 
 def solution(problem: CounterProblem | str) -> str:

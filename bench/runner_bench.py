@@ -36,33 +36,11 @@ from pathlib import Path
 from freelm.data import Problem
 from freelm.runner import build_components, run_batch
 from freelm.runner_config import add_arguments, loop_config, run_settings
-from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer
+from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 REASONING_TEXT = "Let us try the next case and check it carefully. " * 8
 CLEANING_TEXT = "[]"
-
-
-class ByteTokenizer:
-    """The ScriptedEngine's ids (UTF-8 bytes + offset) behind the HF-tokenizer calls ``Tokenizer`` makes.
-
-    The client then sends exactly the ids the server speaks, with no model
-    download and no tokenizer cost beyond a bytes conversion.
-    """
-
-    chat_template = None
-
-    def __init__(self) -> None:
-        self.engine = ScriptedEngine()
-        self.eos_token_id = ScriptedEngine.EOS_ID
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.engine.encode(text)
-
-    def decode(
-        self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
-    ) -> str:
-        return self.engine.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def serve(delay: float) -> None:
@@ -85,7 +63,7 @@ async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
         ]
     )  # fmt: skip
     settings = run_settings(flags)
-    components = build_components(flags, tokenizer=Tokenizer(ByteTokenizer()))
+    components = build_components(flags, tokenizer=Tokenizer(ScriptedTokenizer()))
     problems = [
         Problem(id=str(i), source="bench", prompt=f"Problem {i}: how many cases?", answer="0")
         for i in range(args.problems)

@@ -19,10 +19,13 @@ token prefix, apis.md §1.6). Reasoning then resumes on the pruned context.
 Budgets
 -------
 ``max_tokens`` caps the tokens the reasoner generates in total (deleted ones
-included); ``context_limit`` caps prompt + response. Running out of context ends
-the rollout as ``context_overflow`` exactly as a vanilla run is truncated, and
-running out of ``max_tokens`` as ``length``. With no cleaner (vanilla) the
-whole budget is one call.
+included); ``context_limit`` is the context window as served. SGLang answers
+HTTP 400 to a request whose prompt + ``max_new_tokens`` reaches its context
+length (``tokenizer_manager.py: _validate_one_request``), so no request asks for
+more than ``context_limit - 1`` tokens in all and a rollout holds at most that
+many. Running out of context ends the rollout as ``context_overflow`` exactly as
+a vanilla run is truncated, and running out of ``max_tokens`` as ``length``.
+With no cleaner (vanilla) the whole budget is one call.
 
 Everything measured is recorded per round (:class:`~freelm.records.RoundRecord`)
 and per rollout (:class:`~freelm.records.RolloutResult`).
@@ -98,7 +101,7 @@ async def run_rollout(
 
     while finish is None:
         context = len(prompt_ids) + len(ids)
-        room = config.context_limit - context
+        room = config.context_limit - 1 - context  # prompt + max_new_tokens must stay below the window
         left = config.max_tokens - generated
         if room <= 0 or left <= 0:
             finish = "context_overflow" if room <= left else "length"
@@ -213,4 +216,3 @@ async def _clean(
         latency_s=time.perf_counter() - started,
     )
     return record, ids, text, reusable
-

@@ -176,7 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="total generation budget per rollout (deleted tokens count)",
     )
     g.add_argument(
-        "--context-limit", metavar="N", type=int, default=_LOOP.context_limit, help="max prompt + response tokens"
+        "--context-limit",
+        metavar="N",
+        type=int,
+        default=_LOOP.context_limit,
+        help="the served context window; every request's prompt + max new tokens stays below it",
     )
     g.add_argument(
         "--max-clean-rounds",

@@ -9,11 +9,13 @@ from collections import deque
 import pytest
 
 from freelm.backends.base import BackendError, TransientBackendError
+from freelm.backends.sglang import SGLangBackend
 from freelm.cleaners import HeadTailCleaner, LoRACleaner
 from freelm.loop import LoopConfig, run_rollout
-from freelm.prompts import THINK_CLOSE
+from freelm.prompts import THINK_CLOSE, render_reasoning_prompt
 from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
 
@@ -55,7 +57,8 @@ def test_vanilla_small_context_overflows(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
     result = rollout(tokenizer, backend, None, context_limit=200, max_tokens=4000)
     assert result.finish_reason == "context_overflow"
-    assert result.final_context_tokens == 200 and result.peak_context_tokens == 200
+    # a request may not reach the window (SGLang's rule), so the rollout holds one token less
+    assert result.final_context_tokens == 199 and result.peak_context_tokens == 199
     assert THINK_CLOSE not in result.response
 
 
@@ -207,3 +210,30 @@ def test_chunk_boundary_inside_a_multibyte_character(tokenizer):
     assert result.response == text
     *_, (_, before) = as_record(result).replay()
     assert before == text
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "headtail"])
+def test_requests_stay_below_the_served_context_length(mode):
+    """SGLang answers 400 when prompt + max_new_tokens reaches its context length: running into the
+    limit must end the rollout as context_overflow or length, never as a rejected request."""
+    tokenizer = Tokenizer(ScriptedTokenizer())
+    prompt_tokens = len(tokenizer.encode(render_reasoning_prompt("Count.", tokenizer)))
+    limit = prompt_tokens + 100
+    with SGLangTestServer(ScriptedEngine({None: "x" * 1000}), context_length=limit) as server:
+
+        async def main():
+            backend = SGLangBackend(server.url, max_retries=0)
+            cleaner = HeadTailCleaner(tokenizer, head_tokens=5, tail_tokens=5) if mode == "headtail" else None
+            # headtail: 95 tokens, cleaned down to ~10, then a last chunk of the 89 that still fit
+            config = LoopConfig(clean_every=95, max_tokens=400, context_limit=limit)
+            try:
+                return await run_rollout(
+                    "Count.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config
+                )
+            finally:
+                await backend.aclose()
+
+        result = run(main())
+    assert result.error is None and result.finish_reason == "context_overflow"
+    assert result.peak_context_tokens == limit - 1
+    assert result.cleaning_rounds == (1 if mode == "headtail" else 0)

@@ -8,7 +8,9 @@ Endpoints (shapes as in sglang ``srt/entrypoints/http_server.py`` 0.5.x):
 Validation mirrors SGLang's: exactly one of ``text`` / ``input_ids``; unknown
 ``sampling_params`` keys -> 400 naming the key (serde's wording, like the API
 contract); a ``lora_path`` that was never loaded -> 400 "Got LoRA adapter that
-has never been loaded"; OpenAI ``model`` is parsed as ``<served>:<adapter>``.
+has never been loaded"; with ``context_length`` set, a prompt that fills it or a
+prompt + ``max_new_tokens`` that reaches it -> 400, as in SGLang's
+``_validate_one_request``; OpenAI ``model`` is parsed as ``<served>:<adapter>``.
 
 Why ``ThreadingHTTPServer``: engines are blocking (torch forward passes,
 ``time.sleep`` in the scripted engine), a thread per connection runs them without
@@ -182,6 +184,27 @@ class ScriptedEngine:
         )
 
 
+class ScriptedTokenizer:
+    """The :class:`ScriptedEngine`'s ids behind the Hugging Face calls :class:`freelm.tokenizer.Tokenizer` makes.
+
+    ``Tokenizer(ScriptedTokenizer())`` lets the loop send exactly the ids the
+    scripted server speaks, with no model, no tokenizer files and no training.
+    """
+
+    chat_template = None
+    eos_token_id = ScriptedEngine.EOS_ID
+
+    def __init__(self) -> None:
+        self._engine = ScriptedEngine()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._engine.encode(text)
+
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        return self._engine.decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 @dataclass
 class Fault:
@@ -211,7 +234,8 @@ class SGLangTestServer:
     Counters for routing assertions: ``requests`` (Counter by path),
     ``adapter_requests`` (Counter by adapter name, ``None`` = base),
     ``in_flight`` / ``max_in_flight`` (generation requests), and ``bodies``
-    (the last 1000 generation request bodies as parsed JSON).
+    (the last 1000 generation request bodies as parsed JSON). ``context_length``
+    (None = unchecked) is the served window SGLang validates requests against.
     """
 
     def __init__(
@@ -221,8 +245,10 @@ class SGLangTestServer:
         adapters: dict[str, str] | None = None,
         served_model_name: str = "freelm-test",
         model_path: str = "",
+        context_length: int | None = None,
     ):
         self.engine = engine
+        self.context_length = context_length
         self.served_model_name = served_model_name
         self.model_path = model_path or served_model_name
         self.adapter_paths: dict[str, str] = {name: "" for name in engine.adapter_names}
@@ -306,8 +332,26 @@ class SGLangTestServer:
         with self._lock:
             return self._faults.popleft() if self._faults else None
 
+    def _check_context(self, request: GenerateRequest) -> None:
+        """SGLang's length checks, with its wording: the prompt + ``max_new_tokens`` must stay below the window."""
+        if self.context_length is None:
+            return
+        n = len(request.input_ids) if request.input_ids is not None else len(self.engine.encode(request.text or ""))
+        if n >= self.context_length:
+            raise _HTTPError(
+                400, f"The input ({n} tokens) is longer than the model's context length ({self.context_length} tokens)."
+            )
+        if n + request.max_new_tokens >= self.context_length:
+            raise _HTTPError(
+                400,
+                f"Requested token count exceeds the model's maximum context length of {self.context_length} tokens. "
+                f"You requested a total of {n + request.max_new_tokens} tokens: {n} tokens from the input messages "
+                f"and {request.max_new_tokens} tokens for the completion.",
+            )
+
     def _run(self, request: GenerateRequest) -> tuple[GenerateResult, bool]:
         """Run the engine; True in the second slot when a scripted override replaced its answer."""
+        self._check_context(request)
         with self._lock:
             self.adapter_requests[request.adapter] += 1
             self.in_flight += 1
@@ -645,4 +689,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client gave up (timeout): nothing to answer
 
 
-__all__ = ["Engine", "Fault", "SAMPLING_KEYS", "SGLangTestServer", "ScriptedEngine", "parse_model_adapter"]
+__all__ = [
+    "Engine",
+    "Fault",
+    "SAMPLING_KEYS",
+    "SGLangTestServer",
+    "ScriptedEngine",
+    "ScriptedTokenizer",
+    "parse_model_adapter",
+]

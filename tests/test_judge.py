@@ -166,3 +166,16 @@ def test_bad_judgment_line_names_file_and_line(tmp_path):
     )
     with pytest.raises(ValueError, match=r"judge.jsonl:1: unknown verdict"):
         read_judgments(path)
+
+
+def test_torn_last_line_of_a_killed_judge_is_redone_not_glued_to(tmp_path, monkeypatch):
+    monkeypatch.setenv("FREELM_TEST_JUDGE_KEY", SECRET)
+    output = tmp_path / "judge.jsonl"
+    with OpenAIChatTestServer(responder, model="judge") as server:
+        assert judge_cli.run(judge_args(server, output)) == 0
+        data = output.read_bytes()
+        output.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1 + 20])  # killed while writing the last line
+        before = len(server.bodies)
+        assert judge_cli.run(judge_args(server, output)) == 0
+        assert 1 <= len(server.bodies) - before <= 3  # only the torn verdict is asked again
+        assert {j.answer: j.verdict for j in read_judgments(output).values()} == EXPECTED

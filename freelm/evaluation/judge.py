@@ -21,7 +21,7 @@ from typing import Literal
 
 from freelm.evaluation.extract import last_boxed
 from freelm.evaluation.metrics import JudgeKey
-from freelm.records import append_jsonl, iter_jsonl
+from freelm.records import append_jsonl, iter_jsonl, repair_torn_tail
 
 Verdict = Literal["correct", "incorrect", "unparseable", "error"]
 FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
@@ -149,6 +149,7 @@ async def judge_items(
 ) -> dict[JudgeKey, Judgment]:
     """Judge every item without a final verdict in ``cache_path``; append each verdict as it arrives."""
     cache_path = Path(cache_path)
+    repair_torn_tail(cache_path)  # else the first new verdict is glued to a killed run's half line
     done = read_judgments(cache_path) if cache_path.exists() else {}
     todo = list({i.key: i for i in items if done.get(i.key) is None or done[i.key].verdict == "error"}.values())
     semaphore = asyncio.Semaphore(settings.concurrency)

@@ -123,6 +123,31 @@ def test_resume_continues_exactly_where_it_stopped(tiny_model_dir, tmp_path, mon
         train(config(tiny_model_dir, data, tmp_path / "resumed", **settings, rank=4))
 
 
+def test_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    data = write_rows(tmp_path / "sft.jsonl")
+    settings = dict(max_steps=6, eval_every=5, save_every=2)
+    straight = train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
+
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == f"{CHECKPOINT}.tmp" and self.with_name(f"{CHECKPOINT}.old").exists():
+            raise KeyboardInterrupt  # the step-4 save: step 2 moved aside, step 4 not yet in place
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_model_dir, data, tmp_path / "killed", **settings))
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / CHECKPOINT).exists()
+    resumed = train(config(tiny_model_dir, data, tmp_path / "killed", **settings))
+    assert len(resumed.losses) == 4 and resumed.losses == pytest.approx(straight.losses[2:], rel=1e-5)
+
+
 def test_rows_too_long_for_max_length_are_dropped_with_a_clear_error(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "sft.jsonl")
     with pytest.raises(ValueError, match="no training row fits max_length=16"):

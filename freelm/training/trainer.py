@@ -247,11 +247,19 @@ def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, step: int, confi
 
 
 def load_checkpoint(model: Any, optimizer: Any, scheduler: Any, config: TrainConfig) -> int:
-    """Restore a checkpoint of the same recipe; returns its step (0 when there is none)."""
+    """Restore a checkpoint of the same recipe; returns its step (0 when there is none).
+
+    A kill between :func:`save_checkpoint`'s two renames leaves no ``checkpoint/``
+    but a whole ``checkpoint.old/``: that one is put back and resumed from.
+    """
     import torch
     from peft import load_peft_weights, set_peft_model_state_dict
 
     path = Path(config.output_dir) / CHECKPOINT
+    old = path.with_name(f"{CHECKPOINT}.old")
+    if not (path / STATE_FILE).is_file() and (old / STATE_FILE).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        old.rename(path)
     if not (path / STATE_FILE).is_file():
         return 0
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
@@ -407,7 +415,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.restart:
-        shutil.rmtree(Path(config.output_dir) / CHECKPOINT, ignore_errors=True)
+        for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
+            shutil.rmtree(Path(config.output_dir) / name, ignore_errors=True)
     result = train(config)
     last_eval = result.eval_losses[-1][1] if result.eval_losses else None
     summary = {

@@ -144,6 +144,8 @@ def test_abort_finish_and_malformed_responses_are_backend_errors():
     }
     with pytest.raises(BackendError, match="aborted.*OOM"):
         parse_generate_response(abort, "http://x")
+    with pytest.raises(BackendError, match="aborted"):
+        parse_generate_response({"meta_info": {"finish_reason": "abort"}}, "http://x")
     with pytest.raises(BackendError, match="no meta_info"):
         parse_generate_response({"text": "hi"}, "http://x")
     with pytest.raises(BackendError, match="malformed"):

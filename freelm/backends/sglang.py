@@ -68,7 +68,9 @@ def parse_generate_response(data: Any, endpoint: str) -> GenerateResult:
         raise BackendError(f"{endpoint}: malformed /generate response (no meta_info): {str(data)[:200]}")
     meta = data["meta_info"]
     finish = meta.get("finish_reason") or {}
-    kind = finish.get("type") if isinstance(finish, dict) else finish
+    if not isinstance(finish, dict):  # a bare "stop" / "abort" string
+        finish = {"type": finish}
+    kind = finish.get("type")
     if kind == "abort":
         status = finish.get("status_code")
         raise BackendError(f"{endpoint}: generation aborted (status {status}): {finish.get('message')}")

@@ -231,7 +231,12 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator
 
 
 def repair_torn_tail(path: str | Path) -> int:
-    """Truncate a torn last line left by a killed writer; returns the bytes removed."""
+    """Make a killed writer's file appendable again; returns the bytes removed.
+
+    A last line without its newline is truncated when it is not valid JSON, and
+    completed with the newline when it is: :func:`iter_jsonl` yields such a line,
+    so a reader that saw it (e.g. a resume deciding what is done) must keep it.
+    """
     path = Path(path)
     if not path.exists():
         return 0
@@ -240,8 +245,13 @@ def repair_torn_tail(path: str | Path) -> int:
         if not data or data.endswith(b"\n"):
             return 0
         cut = data.rfind(b"\n") + 1
-        f.truncate(cut)
-        return len(data) - cut
+        try:
+            json.loads(data[cut:])
+        except ValueError:
+            f.truncate(cut)
+            return len(data) - cut
+        f.write(b"\n")
+        return 0
 
 
 def read_rollouts(path: str | Path) -> list[RolloutRecord]:

@@ -137,6 +137,16 @@ def test_torn_tail_is_dropped_and_the_rollout_redone(tmp_path, tokenizer):
     assert all(obj for _, obj in iter_jsonl(out, tolerate_torn_tail=False))
 
 
+def test_last_line_missing_only_its_newline_is_kept_not_lost(tmp_path, tokenizer):
+    batch(tmp_path, tokenizer, n_rollouts=2)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(out.read_bytes()[:-1])  # killed between the record's bytes and its newline
+    summary, backend = batch(tmp_path, tokenizer, n_rollouts=2)
+    assert summary.done == 0 and backend.calls == 0  # the record counted as present: it must stay
+    assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(2)]
+    assert out.read_bytes().endswith(b"\n")
+
+
 def test_failed_rollouts_go_to_the_errors_file_and_are_retried_next_run(tmp_path, tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
     backend.fail_next = deque([BackendError("HTTP 400: bad request"), BackendError("HTTP 400: bad request")])

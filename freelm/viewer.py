@@ -174,16 +174,27 @@ def render_html(record: RolloutRecord, others: list[tuple[str, RolloutRecord]] =
 """
 
 
-def find_record(path: str | Path, id: str, rollout: int) -> RolloutRecord:
-    for record in read_rollouts(path):
-        if record.id == id and record.rollout == rollout:
-            return record
-    raise SystemExit(f"{path}: no rollout with id {id!r} and rollout {rollout}")
+def find_record(path: str | Path, id: str, rollout: int, source: str | None = None) -> RolloutRecord:
+    """The rollout ``(source, id, rollout)``; ``source`` may be left out while the id names one problem.
+
+    Ids repeat across benchmarks (AIME25 and BeyondAIME both have id 1) and a
+    concatenated run holds several, so an id alone must not pick one silently.
+    A duplicated line counts as in evaluation: the last one written.
+    """
+    found = [r for r in read_rollouts(path) if r.id == id and r.rollout == rollout and source in (None, r.source)]
+    sources = sorted({r.source for r in found})
+    if len(sources) > 1:
+        raise SystemExit(f"{path}: id {id!r} is in several sources ({', '.join(sources)}): choose one with --source")
+    if not found:
+        where = "" if source is None else f" in source {source!r}"
+        raise SystemExit(f"{path}: no rollout with id {id!r} and rollout {rollout}{where}")
+    return found[-1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="runner output JSONL")
     parser.add_argument("--id", required=True, help="problem id")
+    parser.add_argument("--source", help="the problem's source (benchmark); needed when the id is in several")
     parser.add_argument("--rollout", type=int, default=0, help="rollout index (default 0)")
     parser.add_argument(
         "--compare",
@@ -196,10 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    record = find_record(args.output, args.id, args.rollout)
+    record = find_record(args.output, args.id, args.rollout, args.source)
     others = []
     for path in args.compare:
-        other = find_record(path, args.id, args.rollout)
+        other = find_record(path, args.id, args.rollout, record.source)
         others.append((f"{other.mode} ({Path(path).name})", other))
     Path(args.out).write_text(render_html(record, others), encoding="utf-8")
     print(f"wrote {args.out}")

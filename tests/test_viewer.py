@@ -17,7 +17,7 @@ from freelm.records import RolloutRecord, append_jsonl
 from freelm.testing.counting import CountingBackend, counting_answer
 from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
-from freelm.viewer import context_curve, render_html, trace_pieces
+from freelm.viewer import context_curve, find_record, render_html, trace_pieces
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,29 @@ def test_cli_writes_the_page(records, tmp_path):
     assert "Rollout p1 #0" in page.read_text()
     with pytest.raises(SystemExit, match="no rollout"):
         cli_main(["view", str(out), "--id", "nope", "-o", str(page)])
+
+
+def test_cli_keys_rollouts_by_source_too(records, tmp_path):
+    """Ids repeat across benchmarks: an id in two sources needs --source; --compare looks up the same source."""
+    from dataclasses import replace
+
+    run = tmp_path / "run.jsonl"
+    base = tmp_path / "base.jsonl"
+    with run.open("a") as f, base.open("a") as g:
+        for source in ("aime25", "beyond_aime"):
+            append_jsonl(f, replace(records["freelm"], source=source).to_dict())
+        for source in ("beyond_aime", "aime25"):
+            append_jsonl(g, replace(records["vanilla"], source=source, prompt=f"{source} problem").to_dict())
+    page = tmp_path / "trace.html"
+    with pytest.raises(SystemExit, match="several sources .*aime25, beyond_aime.*--source"):
+        cli_main(["view", str(run), "--id", "p1", "-o", str(page)])
+    assert cli_main(["view", str(run), "--id", "p1", "--source", "beyond_aime", "-o", str(page)]) == 0
+    assert "source beyond_aime" in page.read_text()
+    args = ["view", str(run), "--id", "p1", "--source", "aime25", "--compare", str(base), "-o", str(page)]
+    assert cli_main(args) == 0 and "vanilla (base.jsonl)" in page.read_text()
+    assert find_record(base, "p1", 0, "beyond_aime").prompt == "beyond_aime problem"
+    with pytest.raises(SystemExit, match="in source 'hmmt'"):
+        find_record(run, "p1", 0, "hmmt")
 
 
 def _chromium() -> str | None:

@@ -19,8 +19,9 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-class OpenAIChatTestServer:
+class OpenAIChatTestServer(LocalHTTPServer):
     """``with OpenAIChatTestServer(responder) as srv: AsyncOpenAI(base_url=srv.base_url, ...)``.
 
     ``responder`` is a fixed reply or a function of the request body (a ``str``
@@ -66,36 +67,11 @@ class OpenAIChatTestServer:
         self.statuses: Counter[int] = Counter()
         self.completions = 0
         self.malformed = 0
-        self._httpd: ThreadingHTTPServer | None = None
-
-    # ----- lifecycle ------------------------------------------------------
-
-    def start(self) -> OpenAIChatTestServer:
-        handler = type("Handler", (_Handler,), {"server_state": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> OpenAIChatTestServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:
         """The ``base_url`` an OpenAI client takes (ends in ``/v1``)."""
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{self.origin}/v1"
 
     # ----- scripting ------------------------------------------------------
 
@@ -169,12 +145,8 @@ def _error_body(message: str, kind: str) -> str:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server_state: OpenAIChatTestServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
-        return None
 
     def _send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
         data = text.encode("utf-8")
@@ -205,3 +177,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, _error_body("request body is not JSON", "invalid_request_error"))
             return
         self._send(*self.server_state.chat(body))
+
+
+OpenAIChatTestServer.handler_class = _Handler

@@ -12,11 +12,9 @@ has never been loaded"; with ``context_length`` set, a prompt that fills it or a
 prompt + ``max_new_tokens`` that reaches it -> 400, as in SGLang's
 ``_validate_one_request``; OpenAI ``model`` is parsed as ``<served>:<adapter>``.
 
-Why ``ThreadingHTTPServer``: engines are blocking (torch forward passes,
-``time.sleep`` in the scripted engine), a thread per connection runs them without
-an event-loop bridge, and closing a socket mid-request (the "dropped connection"
-fault) is one call. 256 concurrent rollouts are 256 mostly-sleeping threads; the
-listen backlog is raised so a burst of connects is not refused.
+Threads (:mod:`freelm.testing.http_server`): 256 concurrent rollouts are 256
+mostly-sleeping threads, and the "dropped connection" fault closes a socket
+mid-request in one call.
 
 The engine is pluggable (:class:`Engine`): :class:`freelm.backends.local.LocalBackend`
 or :class:`ScriptedEngine` (fixed delay, scripted text per adapter, no model).
@@ -33,10 +31,10 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Protocol
 
 from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, SamplingParams
+from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 
 #: The keys SGLang's API contract accepts inside ``sampling_params`` (sglang ``api/v1/api_types.py``).
 SAMPLING_KEYS = (
@@ -228,7 +226,7 @@ class _HTTPError(Exception):
         self.message = message
 
 
-class SGLangTestServer:
+class SGLangTestServer(LocalHTTPServer):
     """``with SGLangTestServer(engine) as srv: ... srv.url``: a background-thread server on 127.0.0.1.
 
     Counters for routing assertions: ``requests`` (Counter by path),
@@ -260,41 +258,10 @@ class SGLangTestServer:
         self._adapter_overrides: deque[str] = deque()
         self.in_flight = 0
         self.reset()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ----- lifecycle ------------------------------------------------------
-
-    def start(self) -> SGLangTestServer:
-        handler = type("Handler", (_Handler,), {"server_state": self})
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
-        httpd.daemon_threads = True
-        httpd.request_queue_size = 1024
-        httpd.server_bind()
-        httpd.server_activate()
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> SGLangTestServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.origin
 
     # ----- scripting ------------------------------------------------------
 
@@ -593,14 +560,10 @@ def _is_id_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as with a real server
+class _Handler(QuietHandler):
     # headers and body are two writes: without TCP_NODELAY a keep-alive client can stall on a delayed ACK
     disable_nagle_algorithm = True
     server_state: SGLangTestServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
-        pass
 
     def do_GET(self) -> None:
         self._dispatch(
@@ -688,6 +651,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (timeout): nothing to answer
 
+
+SGLangTestServer.handler_class = _Handler
 
 __all__ = [
     "Engine",

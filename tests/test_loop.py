@@ -14,9 +14,8 @@ from freelm.cleaners import HeadTailCleaner, LoRACleaner
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import THINK_CLOSE, render_reasoning_prompt
 from freelm.records import RolloutRecord
-from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
-from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
 
 TARGET = 60
@@ -24,8 +23,7 @@ TARGET = 60
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    corpus = [f"step {n}\n" for n in range(200)] + [counting_answer(TARGET)]
-    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+    return counting_tokenizer(TARGET, steps=200)
 
 
 def run(coro):

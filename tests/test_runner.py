@@ -28,8 +28,7 @@ from freelm.runner_config import (
     rollout_seed,
     run_settings,
 )
-from freelm.testing.counting import CountingBackend, counting_answer
-from freelm.tinymodel import train_tokenizer
+from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
 from freelm.tokenizer import Tokenizer
 
 TARGET = 30
@@ -38,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    corpus = [f"step {n}\n" for n in range(100)] + [counting_answer(TARGET)]
-    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+    return counting_tokenizer(TARGET)
 
 
 def problems(n: int = 3) -> list[Problem]:

@@ -23,9 +23,8 @@ import pytest
 from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.manifest import manifest_path
 from freelm.records import iter_jsonl, read_rollouts
-from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
 from freelm.testing.sglang_server import SGLangTestServer
-from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +63,7 @@ class CountingEngine:
 def counting_setup(tmp_path_factory):
     """(server, tokenizer dir, data file): the tokenizer is saved so the runner subprocess loads the same ids."""
     root = tmp_path_factory.mktemp("resume")
-    corpus = [f"step {n}\n" for n in range(100)] + [counting_answer(TARGET)]
-    tokenizer = Tokenizer(train_tokenizer(corpus, vocab_size=400))
+    tokenizer = counting_tokenizer(TARGET)
     tokenizer.hf.save_pretrained(root / "tokenizer")
     data = root / "problems.jsonl"
     data.write_text(

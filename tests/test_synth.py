@@ -13,9 +13,8 @@ from freelm.evaluation.grade import GraderPool
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import THINK_CLOSE, render_cleaning_prompt
 from freelm.records import RolloutRecord
-from freelm.testing.counting import CountingBackend, counting_answer
+from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
-from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
 from freelm.training.sft_data import check_file, read_rows, recover_thinking
 from freelm.training.synth import (
@@ -38,8 +37,7 @@ _STEP = re.compile(r"step (\d+)\n")
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    corpus = [f"step {n}\n" for n in range(100)] + [counting_answer(TARGET)]
-    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+    return counting_tokenizer(TARGET)
 
 
 def vanilla_record(tokenizer: Tokenizer, problem: Problem) -> RolloutRecord:

@@ -14,15 +14,13 @@ from freelm.cleaners import LoRACleaner
 from freelm.cli import main as cli_main
 from freelm.loop import LoopConfig, run_rollout
 from freelm.records import RolloutRecord, append_jsonl
-from freelm.testing.counting import CountingBackend, counting_answer
-from freelm.tinymodel import train_tokenizer
-from freelm.tokenizer import Tokenizer
+from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.viewer import context_curve, find_record, render_html, trace_pieces
 
 
 @pytest.fixture(scope="module")
 def records() -> dict[str, RolloutRecord]:
-    tok = Tokenizer(train_tokenizer([f"step {n}\n" for n in range(100)] + [counting_answer(30)], vocab_size=400))
+    tok = counting_tokenizer(30)
     out = {}
     for mode, limit in (("vanilla", 4000), ("freelm", 120)):
         backend = CountingBackend(tok, target=30)

@@ -30,6 +30,18 @@ def counting_answer(target: int) -> str:
     return f"{THINK_CLOSE}\nThe count is done. \\boxed{{{target}}}"
 
 
+def counting_tokenizer(target: int, steps: int = 100) -> Tokenizer:
+    """A small BPE trained on the model's own text (``step 0`` .. ``step steps-1`` and the answer).
+
+    Trained rather than byte-level so that a step is a few tokens, as words are
+    for a real tokenizer, and token budgets in tests stay small.
+    """
+    from freelm.tinymodel import train_tokenizer
+
+    corpus = [f"step {n}\n" for n in range(steps)] + [counting_answer(target)]
+    return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+
+
 @dataclass
 class CountingBackend:
     """See the module docstring. ``delay_s`` simulates server latency; ``fail_next`` raises scripted errors."""

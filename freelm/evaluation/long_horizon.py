@@ -10,13 +10,12 @@ reach the threshold (``--rule any``: when any rollout does).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from freelm.data import load_problems
-from freelm.records import read_rollouts
+from freelm.records import read_rollouts, write_jsonl
 
 
 def select_problems(records, threshold: int, rule: str = "mean") -> set[tuple[str, str]]:
@@ -43,15 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = select_problems(records, args.threshold, args.rule)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with (args.out_dir / "problems.jsonl").open("w", encoding="utf-8") as f:
-        for p in problems:
-            if p.key in chosen:
-                row = {"id": p.id, "source": p.source, "prompt": p.prompt, "answer": p.answer, **p.extra}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with (args.out_dir / "vanilla.jsonl").open("w", encoding="utf-8") as f:
-        for r in records:
-            if (r.source, r.id) in chosen:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    write_jsonl(
+        args.out_dir / "problems.jsonl",
+        (
+            {"id": p.id, "source": p.source, "prompt": p.prompt, "answer": p.answer, **p.extra}
+            for p in problems
+            if p.key in chosen
+        ),
+    )
+    write_jsonl(args.out_dir / "vanilla.jsonl", (r.to_dict() for r in records if (r.source, r.id) in chosen))
     total = len({(r.source, r.id) for r in records})
     print(f"{len(chosen)} of {total} problems reach {args.threshold} generated tokens ({args.rule})", file=sys.stderr)
     return 0 if chosen else 1

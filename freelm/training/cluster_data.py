@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from freelm.records import iter_jsonl
+from freelm.records import iter_jsonl, write_jsonl
+from freelm.training.sft_data import END_OF_TURN
 
 TRAINING_FILE = "training.jsonl"
 VALIDATION_FILE = "validation.jsonl"
 MARKER_FILE = "layout.json"
-END_OF_TURN = "<|im_end|>"
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,6 @@ def _in_validation(prompt: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_sft_layout(
     train_fp: str | Path,
     out_dir: str | Path,
@@ -115,8 +107,8 @@ def write_sft_layout(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER_FILE).unlink(missing_ok=True)
-    _write_jsonl(out / TRAINING_FILE, train)
-    _write_jsonl(out / VALIDATION_FILE, validation)
+    write_jsonl(out / TRAINING_FILE, train)
+    write_jsonl(out / VALIDATION_FILE, validation)
     layout = SFTLayout(
         source=str(source.resolve()),
         source_size=stat.st_size,

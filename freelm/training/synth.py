@@ -8,7 +8,7 @@ thinking are graded with the evaluation grader, and the example is kept only if
 pruned accuracy compares favourably (``>=`` by default) with unpruned accuracy.
 Both continuations use the same seeds, so the comparison is paired.
 
-Every decided example is appended to a log (``<output>.synth.jsonl``) with its
+Every decided example is appended to a log (``sft.synth.jsonl`` beside ``sft.jsonl``) with its
 status, both accuracies and the token savings; accepted ones also go to the SFT
 output. Re-running skips every key found in either file, so a killed run
 resumes where it stopped. Teacher failures (network, 5xx after retries) are
@@ -419,7 +419,7 @@ class Synthesizer:
                     summary.teacher_errors += 1
                     continue
                 summary.add(outcome)
-                if outcome.status in ACCEPTED:  # SFT row first: a kill in between re-decides, never duplicates
+                if outcome.status in ACCEPTED:  # SFT row first: a kill in between loses its log line, never the row
                     append_jsonl(out, self.sft_row(cut, outcome))
                 append_jsonl(log, asdict(outcome))
                 bar.set_postfix(accepted=sum(summary.statuses[s] for s in ACCEPTED))

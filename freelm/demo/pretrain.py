@@ -41,7 +41,9 @@ from freelm.tinymodel import EOS_TOKEN, TinyConfig
 from freelm.tokenizer import Tokenizer
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
-QUOTE_TEMPLATE = "<|im_start|>user\nQuote:\n{thinking}<|im_end|>\n<|im_start|>assistant\n"
+#: Laid out like clean_template.txt (problem, then thinking), so that the skills it teaches (find the first
+#: label after the problem, copy a line into JSON) transfer to the cleaning prompt as they are.
+QUOTE_TEMPLATE = "<|im_start|>user\nQuote:\n{problem}\n{thinking}<|im_end|>\n<|im_start|>assistant\n"
 
 #: The base model's shape: ~0.4M parameters. 2 layers suffice because every step is a lookup of the most
 #: recent token of a kind; d=128 learned the task in 1600 steps where d=64/96 were still erring at 800.
@@ -64,12 +66,13 @@ class PretrainConfig:
     seed: int = 0
     model: TinyConfig = BASE_MODEL
     problems: int = 4000
-    pruned_per_problem: int = 4
-    pruned_window: int = 64
+    pruned_per_problem: int = 2
+    pruned_window: int = 96
+    quote_fraction: float = 0.125
     clean_every: tuple[int, ...] = (24, 32, 40, 48)
     min_turns: int = 40
     max_turns: int = 50
-    steps: int = 1600
+    steps: int = 2000
     batch_tokens: int = 4096
     lr: float = 3e-3
     warmup: int = 30
@@ -285,8 +288,10 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=None
     tokenizer = build_tokenizer(config)
     problems = generate_problems(config.problems, config.seed + 2, config.min_turns, config.max_turns)
     examples = make_examples(problems, tokenizer, config.pruned_per_problem, config.pruned_window, config.seed + 3)
-    quoting = cleaning_states(problems[: len(problems) // 4], tokenizer, config.clean_every, config.seed + 4)
-    examples += chat_examples([(QUOTE_TEMPLATE.format(thinking=t), quote_command(t)) for _, t in quoting], tokenizer)
+    quoted = problems[: int(len(problems) * config.quote_fraction)]
+    quoting = cleaning_states(quoted, tokenizer, config.clean_every, config.seed + 4)
+    pairs = [(QUOTE_TEMPLATE.format(problem=p.prompt, thinking=t), quote_command(t)) for p, t in quoting]
+    examples += chat_examples(pairs, tokenizer)
     model = new_model(config.model, tokenizer, config.seed)
     losses = train_causal_lm(
         model,

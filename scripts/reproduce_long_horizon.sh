@@ -2,7 +2,7 @@
 # Long-horizon experiment: the problems whose VANILLA rollouts need more than
 # $LONG_HORIZON_THRESHOLD generated tokens (paper: 80k), rerun with Free()LM, accuracy on that subset.
 #
-#   scripts/reproduce_long_horizon.sh CONFIG VANILLA_JSONL OUT_DIR --endpoint HOST:PORT [...]
+#   scripts/reproduce_long_horizon.sh CONFIG VANILLA_JSONL OUT_DIR --tokenizer DIR --endpoint HOST:PORT [...]
 #                                     [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
 #                                     [--threshold TOKENS] [--rule mean|any]
 #
@@ -34,6 +34,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
+[[ ${#extra_args[@]} -gt 0 ]] || { echo "--tokenizer DIR is required (the runner sends token ids)" >&2; exit 2; }
 [[ -f $config && -f $vanilla ]] || { echo "config or vanilla run not found" >&2; exit 2; }
 
 # shellcheck source=/dev/null

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Main table: vanilla vs Free()LM, N rollouts per problem, on every benchmark of a model config.
 #
-#   scripts/reproduce_main.sh CONFIG OUT_DIR --endpoint HOST:PORT [--endpoint HOST:PORT ...]
-#                             [--cleaner-endpoint HOST:PORT] [--data-dir DIR] [--tokenizer DIR]
+#   scripts/reproduce_main.sh CONFIG OUT_DIR --tokenizer DIR --endpoint HOST:PORT [--endpoint HOST:PORT ...]
+#                             [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
 #
 # CONFIG is configs/<model>.env (every setting lives there and is copied to OUT_DIR/config.env).
+# --tokenizer is the served model's tokenizer directory: the runner sends token ids.
 # The servers must serve the base model with the Free-Module LoRA loaded under $ADAPTER_NAME.
 # Runs are resumable: rerunning the same command continues where it stopped.
 # Outputs: OUT_DIR/{vanilla,freelm}/<benchmark>.jsonl, OUT_DIR/{vanilla,freelm}.jsonl,
 # metrics.json, table.md (paper layout), accuracy_vs_tokens.png, peak_context.png, efficiency.md.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,12p' "$0"; exit "${1:-2}"; }
 [[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 2 ]] || usage
 config=$1 out=$2
@@ -30,6 +31,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
+[[ ${#extra_args[@]} -gt 0 ]] || { echo "--tokenizer DIR is required (the runner sends token ids)" >&2; exit 2; }
 [[ -f $config ]] || { echo "config not found: $config" >&2; exit 2; }
 
 # shellcheck source=/dev/null

@@ -73,6 +73,18 @@ def test_unset_required_variable_is_named(script, env, missing):
     assert f"{missing} is not set" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "script, positional",
+    [("reproduce_main.sh", ["out"]), ("reproduce_long_horizon.sh", ["vanilla.jsonl", "out"])],
+)
+def test_reproduce_scripts_need_the_tokenizer_before_doing_anything(script, positional, tmp_path):
+    """The runner sends token ids: without --tokenizer every runner call would fail, so the script stops first."""
+    args = [str(REPO / "configs/qwen3-8b.env"), *[str(tmp_path / p) for p in positional], "--endpoint", "h:1"]
+    result = run(["bash", str(SCRIPTS / script), *args])
+    assert result.returncode == 2 and "--tokenizer DIR is required" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 TRAIN_ENV = {"model_path": "/m", "nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run_name": "free"}
 
 

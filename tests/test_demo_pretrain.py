@@ -67,3 +67,6 @@ def test_cleaning_states_are_what_the_oracle_cleans_and_quoting_spans_all_comple
         assert not quoted.skipped
         assert "\n" not in quoted.text  # every complete line was inside the quoted span
     assert quote_command("#3 ") == "[]"
+    skipped = cleaning_states(generate_problems(6, seed=2, min_turns=12, max_turns=12), tokenizer, (8, 12), 0, 1.0)
+    longest = max(t.count("\n") for _, t in states)
+    assert max(t.count("\n") for _, t in skipped) > longest  # undeleted rounds pile up, as after a skipped command

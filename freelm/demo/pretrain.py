@@ -140,12 +140,19 @@ def make_examples(
 
 
 def cleaning_states(
-    problems: list[CounterProblem], tokenizer: Tokenizer, clean_every: tuple[int, ...], seed: int
+    problems: list[CounterProblem],
+    tokenizer: Tokenizer,
+    clean_every: tuple[int, ...],
+    seed: int,
+    skip_rate: float = 0.0,
 ) -> list[tuple[CounterProblem, str]]:
     """The thinking texts a cleaner is shown when the oracle cleans every N tokens (N drawn from ``clean_every``).
 
     Each problem yields every round of one simulated rollout, plus one short
     thinking with fewer than two complete lines (the "nothing to delete" case).
+    With ``skip_rate`` a round's deletion is dropped, as when a learned cleaner's
+    command does not resolve: the next thinking is then longer than one interval,
+    which a Free-Module must also handle.
     """
     rng = random.Random(seed)
     states = []
@@ -158,7 +165,10 @@ def cleaning_states(
         for pos in range(0, think_end - every, every):
             thinking = tokenizer.decode(kept + response[pos : pos + every])
             states.append((p, thinking))
-            kept = tokenizer.encode(apply_deletions(thinking, oracle_deletions(thinking)).text)
+            if rng.random() >= skip_rate:
+                kept = tokenizer.encode(apply_deletions(thinking, oracle_deletions(thinking)).text)
+            else:
+                kept = tokenizer.encode(thinking)
         states.append((p, tokenizer.decode(response[: rng.randrange(1, 8)])))
     return states
 

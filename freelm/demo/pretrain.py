@@ -29,9 +29,8 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from freelm.demo.oracle import complete_lines, oracle_deletions, span_command
 from freelm.demo.task import CounterProblem, generate_problems, solution
@@ -78,7 +77,6 @@ class PretrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     tokenizer_problems: int = 300
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""``freelm demo``: the embedded default end to end, vanilla vs Free()LM, on this machine's CPU.
+
+It runs the same tools a paper-scale run uses, with the in-process backend:
+``runner.py`` four times (vanilla and Free()LM, at a context limit too small for
+vanilla and at one large enough for it), ``eval_passk.py`` on each pair, and
+``freelm view`` on one rollout. The model and its Free-Module come from
+``freelm/assets/embedded`` (built by ``python -m freelm.demo.build``).
+
+Outputs are resumable runner files, so re-running the command only prints the
+tables again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from freelm.cli import main as freelm_main
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+TEMPLATE = Path(__file__).with_name("clean_template.txt")
+
+#: Settings the embedded default was built and measured with (docs/embedded.md).
+CLEAN_EVERY = 32
+MAX_TOKENS = 512
+CLEAN_MAX_TOKENS = 48
+
+
+def runner_args(assets: Path, data: Path, output: Path, mode: str, context_limit: int, limit: int) -> list[str]:
+    return [
+        "run", "--data", str(data), "--limit", str(limit), "--output", str(output), "--n-rollouts", "1",
+        "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
+        "--mode", mode, "--clean-template", str(TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
+        "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
+        "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", "1",
+    ]  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--assets", type=Path, default=ASSETS, help="built embedded default (base/, free/, benchmark.jsonl)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="where runs, tables, plots and the trace go"
+    )
+    parser.add_argument("--problems", type=int, default=60, help="benchmark problems at the small context limit")
+    parser.add_argument("--large-problems", type=int, default=30, help="problems at the large limit (0: skip)")
+    parser.add_argument("--small-limit", type=int, default=216, help="context limit too small for vanilla")
+    parser.add_argument("--large-limit", type=int, default=512, help="context limit large enough for vanilla")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # a 0.4M-parameter model: more threads only add contention
+    assets, out = args.assets, args.out
+    data = assets / "benchmark.jsonl"
+    if not (assets / "free" / "adapter_config.json").is_file():
+        raise SystemExit(f"{assets} is not a built embedded default: run python -m freelm.demo.build --out {assets}")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    settings = [(args.small_limit, args.problems)] + (
+        [(args.large_limit, args.large_problems)] if args.large_problems else []
+    )
+    tables = []
+    for limit, count in settings:
+        paths = {}
+        for mode in ("vanilla", "freelm"):
+            paths[mode] = out / f"{mode}_ctx{limit}.jsonl"
+            print(f"\n== {mode}, context limit {limit}, {count} problems", flush=True)
+            code = freelm_main(runner_args(assets, data, paths[mode], mode, limit, count))
+            if code not in (0, 1):
+                return code
+        table = out / f"table_ctx{limit}.md"
+        code = freelm_main([
+            "eval", "--input", f"vanilla={paths['vanilla']}", f"Free()LM={paths['freelm']}", "--baseline", "vanilla",
+            "--output", str(out / f"metrics_ctx{limit}.json"), "--markdown", str(table),
+            "--plots-dir", str(out / f"plots_ctx{limit}"), "--no-progress",
+        ])  # fmt: skip
+        if code:
+            return code
+        tables.append((limit, table))
+    small = out / f"freelm_ctx{args.small_limit}.jsonl"
+    trace = out / "trace.html"
+    first_id = _first_id(data)
+    freelm_main(["view", str(small), "--id", first_id, "--rollout", "0", "-o", str(trace),
+                 "--compare", str(out / f"vanilla_ctx{args.small_limit}.jsonl")])  # fmt: skip
+    print(f"\nFree()LM on the embedded default ({time.perf_counter() - started:.0f} s)")
+    for limit, table in tables:
+        print(f"\n### context limit {limit} tokens\n\n{table.read_text()}")
+    print(f"plots: {out}/plots_ctx*/   trace of problem {first_id}: {trace}")
+    return 0
+
+
+def _first_id(data: Path) -> str:
+    from freelm.data import load_problems
+
+    return load_problems(str(data), limit=1)[0].id

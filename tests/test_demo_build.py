@@ -1,0 +1,54 @@
+"""The embedded default's build script and demo command, shortened: every step runs for real on a few examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freelm.cli import main as freelm_main
+from freelm.data import load_problems
+from freelm.demo.build import main as build_main
+from freelm.demo.pretrain import CLEAN_TEMPLATE
+from freelm.records import read_rollouts
+from freelm.training.adapter_check import check_sglang_adapter
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("embedded")
+    assert build_main(["--out", str(out), "--quick", "--threads", "1"]) == 0
+    return out
+
+
+def test_build_writes_every_artifact(built):
+    record = json.loads((built / "build.json").read_text())
+    assert set(record["seconds"]) == {"pretrain", "synthesize", "train_lora", "benchmark"}
+    assert record["synthesize"]["decided"] > 0
+    assert check_sglang_adapter(built / "free") == []
+    assert not (built / "lora-run").exists()
+    assert len(load_problems(str(built / "benchmark.jsonl"))) == 4
+    assert freelm_main(["data", "check", str(built / "sft.jsonl"), "--tokenizer", str(built / "base"),
+                        "--template", str(CLEAN_TEMPLATE)]) == 0  # fmt: skip
+
+
+def test_build_resumes_without_redoing_steps(built, capsys):
+    assert build_main(["--out", str(built), "--quick", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count("already built, skipped") == 4
+
+
+def test_demo_runs_runner_eval_and_viewer(built, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = freelm_main(["demo", "--assets", str(built), "--out", str(out), "--problems", "2", "--large-problems", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "context limit 216" in printed and "Free()LM" in printed
+    vanilla = read_rollouts(out / "vanilla_ctx216.jsonl")
+    freelm = read_rollouts(out / "freelm_ctx216.jsonl")
+    assert len(vanilla) == len(freelm) == 2
+    assert all(r.cleaning_rounds == 0 for r in vanilla) and any(r.cleaning_rounds > 0 for r in freelm)
+    assert (out / "trace.html").read_text().startswith("<!DOCTYPE html>")
+    assert (out / "plots_ctx216" / "peak_context.png").stat().st_size > 0

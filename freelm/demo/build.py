@@ -42,8 +42,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 @dataclass(frozen=True)
 class BuildConfig:
     seed: int = 0
-    pretrain_steps: int = 2000
-    synth_problems: int = 48
+    pretrain_steps: int = 1400
+    synth_problems: int = 96
     synth_clean_every: tuple[int, ...] = (24, 32, 40, 48)
     synth_skip_rate: float = 0.25
     reward_k: int = 1

@@ -80,17 +80,41 @@ def run(args: argparse.Namespace) -> int:
         ])  # fmt: skip
         if code:
             return code
-        tables.append((limit, table))
+        tables.append((limit, table, out / f"metrics_ctx{limit}.json"))
     small = out / f"freelm_ctx{args.small_limit}.jsonl"
     trace = out / "trace.html"
     first_id = _first_id(data)
     freelm_main(["view", str(small), "--id", first_id, "--rollout", "0", "-o", str(trace),
                  "--compare", str(out / f"vanilla_ctx{args.small_limit}.jsonl")])  # fmt: skip
-    print(f"\nFree()LM on the embedded default ({time.perf_counter() - started:.0f} s)")
-    for limit, table in tables:
-        print(f"\n### context limit {limit} tokens\n\n{table.read_text()}")
+    summary = headline([(limit, metrics) for limit, _, metrics in tables])
+    (out / "summary.md").write_text(summary)
+    print(f"\nFree()LM on the embedded default ({time.perf_counter() - started:.0f} s)\n\n{summary}")
+    for limit, table, _ in tables:
+        print(f"### paper layout, context limit {limit} tokens\n\n{table.read_text()}")
     print(f"plots: {out}/plots_ctx*/   trace of problem {first_id}: {trace}")
     return 0
+
+
+def headline(results: list[tuple[int, Path]]) -> str:
+    """One row per (context limit, run): the numbers the embedded default is about, peak context included."""
+    import json
+
+    lines = [
+        "| context limit | run | pass@1 (%) | generated tokens | peak context tokens | cleaning rounds |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for limit, path in results:
+        runs = json.loads(path.read_text())["runs"]
+        base_peak = runs[0]["overall"]["mean_peak_context_tokens"]
+        for run in runs:
+            o = run["overall"]
+            peak = o["mean_peak_context_tokens"]
+            change = f" ({100 * (peak / base_peak - 1):+.0f}%)" if run is not runs[0] and base_peak else ""
+            lines.append(
+                f"| {limit} | {run['name']} | {100 * o['avg_at_n']:.1f} | {o['mean_generated_tokens']:.0f} | "
+                f"{peak:.0f}{change} | {o['mean_cleaning_rounds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _first_id(data: Path) -> str:

@@ -77,15 +77,27 @@ def build_tiny_model(
     out_dir: str | Path, config: TinyConfig = TinyConfig(), corpus: Iterable[str] = (), seed: int = 0
 ) -> Path:
     """Write a randomly initialised tiny Qwen3 checkpoint + tokenizer to ``out_dir``."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size)
     tokenizer.save_pretrained(out)
+    model = new_tiny_qwen3(config, tokenizer, seed)
+    model.save_pretrained(out)
+    (out / "freelm_tiny.json").write_text(json.dumps({"tiny_config": config.__dict__, "seed": seed}, indent=2))
+    return out
+
+
+def new_tiny_qwen3(config: TinyConfig, tokenizer, seed: int = 0):
+    """A randomly initialised ``Qwen3ForCausalLM`` of ``config``'s shape for ``tokenizer`` (an HF tokenizer).
+
+    Seeded, so the same call always gives the same weights; eos and pad come
+    from the tokenizer so generation stops where the chat template ends a turn.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    pad_id = tokenizer.pad_token_id
     qcfg = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
@@ -104,6 +116,4 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qcfg)
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
-    model.save_pretrained(out)
-    (out / "freelm_tiny.json").write_text(json.dumps({"tiny_config": config.__dict__, "seed": seed}, indent=2))
-    return out
+    return model

@@ -36,7 +36,7 @@ from freelm.demo.oracle import complete_lines, oracle_deletions, span_command
 from freelm.demo.task import CounterProblem, generate_problems, solution
 from freelm.free import apply_deletions, format_commands
 from freelm.prompts import render_reasoning_prompt
-from freelm.tinymodel import EOS_TOKEN, TinyConfig
+from freelm.tinymodel import EOS_TOKEN, TinyConfig, new_tiny_qwen3
 from freelm.tokenizer import Tokenizer
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
@@ -221,30 +221,7 @@ def _collate(batch: list[Example], pad_id: int):
 
 def new_model(config: TinyConfig, tokenizer: Tokenizer, seed: int):
     """A randomly initialised ``Qwen3ForCausalLM`` sized for ``tokenizer``."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    eos_id = tokenizer.hf.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.hf.pad_token_id
-    qcfg = Qwen3Config(
-        vocab_size=len(tokenizer.hf),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=True,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(qcfg)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
-    return model
+    return new_tiny_qwen3(config, tokenizer.hf, seed)
 
 
 def train_causal_lm(

@@ -36,10 +36,10 @@ def test_pruned_examples_resume_from_the_last_complete_line(tmp_path):
     examples = make_examples(generate_problems(5, seed=1, min_turns=6, max_turns=6), tokenizer, 3, 1000, seed=0)
     assert len(examples) == 5 * 5
     for ex in examples:
-        context = tokenizer.decode(ex.ids[: ex.loss_from])
+        context = tokenizer.decode(ex.ids[: ex.prompt_len])
         thinking = context.split("<think>\n", 1)[1]
         assert thinking.count("\n") <= 1  # the oracle left at most one complete line
-        assert tokenizer.decode(ex.ids[ex.loss_from :]).endswith("<|im_end|>")
+        assert tokenizer.decode(ex.ids[ex.prompt_len :]).endswith("<|im_end|>")
 
 
 def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):

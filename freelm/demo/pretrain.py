@@ -38,6 +38,7 @@ from freelm.free import apply_deletions, format_commands
 from freelm.prompts import render_reasoning_prompt
 from freelm.tinymodel import EOS_TOKEN, TinyConfig, new_tiny_qwen3
 from freelm.tokenizer import Tokenizer
+from freelm.training.trainer import Example, collate
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
 #: Laid out like clean_template.txt (problem, then thinking), so that the skills it teaches (find the first
@@ -77,14 +78,6 @@ class PretrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     tokenizer_problems: int = 300
-
-
-@dataclass
-class Example:
-    """One training sequence; the loss covers ``ids[loss_from:]``."""
-
-    ids: list[int]
-    loss_from: int
 
 
 def tokenizer_corpus(problems: list[CounterProblem]) -> list[str]:
@@ -205,20 +198,6 @@ def _batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> 
     return batches
 
 
-def _collate(batch: list[Example], pad_id: int):
-    import torch
-
-    width = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        labels[i, e.loss_from : len(e.ids)] = torch.tensor(e.ids[e.loss_from :])
-        mask[i, : len(e.ids)] = 1
-    return ids, labels, mask
-
-
 def new_model(config: TinyConfig, tokenizer: Tokenizer, seed: int):
     """A randomly initialised ``Qwen3ForCausalLM`` sized for ``tokenizer``."""
     return new_tiny_qwen3(config, tokenizer.hf, seed)
@@ -254,8 +233,7 @@ def train_causal_lm(
     for step in range(steps):
         if not batches:
             batches = _batches(examples, batch_tokens, rng)
-        ids, labels, mask = _collate(batches.pop(), pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**collate(batches.pop(), pad_id, model.device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

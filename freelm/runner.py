@@ -466,7 +466,8 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
         from freelm.backends import make_backend
 
         adapters = {args.adapter_name: args.adapter} if args.adapter else None
-        local = make_backend("local", model_dir=args.model, adapters=adapters)
+        # concurrent rollouts' requests are decoded together, like a server's scheduler would
+        local = make_backend("local", model_dir=args.model, adapters=adapters, max_batch=args.concurrency)
         reasoner = EndpointPool([local], name="local", **pool_options)
         tokenizer = local.tokenizer
     else:

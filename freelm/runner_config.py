@@ -200,7 +200,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", metavar="P", type=float, default=_SAMPLING.min_p, help="0 = off")
 
     g = parser.add_argument_group("execution (not part of the config hash)")
-    g.add_argument("--concurrency", metavar="N", type=int, default=64, help="rollouts in flight")
+    g.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=64,
+        help="rollouts in flight (--backend local: also the largest decoding batch)",
+    )
     g.add_argument(
         "--timeout",
         metavar="SECONDS",

@@ -25,6 +25,8 @@ TEMPLATE = Path(__file__).with_name("clean_template.txt")
 CLEAN_EVERY = 32
 MAX_TOKENS = 512
 CLEAN_MAX_TOKENS = 48
+#: Rollouts in flight; the in-process backend decodes their requests as one batch (freelm/backends/local.py).
+CONCURRENCY = 16
 
 
 def runner_args(assets: Path, data: Path, output: Path, mode: str, context_limit: int, limit: int) -> list[str]:
@@ -33,7 +35,7 @@ def runner_args(assets: Path, data: Path, output: Path, mode: str, context_limit
         "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
         "--mode", mode, "--clean-template", str(TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
         "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
-        "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", "1",
+        "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", str(CONCURRENCY),
     ]  # fmt: skip
 
 

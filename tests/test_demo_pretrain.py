@@ -18,7 +18,7 @@ def _one_thread():
 
 SMALL = PretrainConfig(
     model=TinyConfig(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8, num_attention_heads=4
+        vocab_size=576, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8, num_attention_heads=4
     ),
     problems=24,
     tokenizer_problems=20,
@@ -29,6 +29,26 @@ SMALL = PretrainConfig(
     lr=1e-2,
     warmup=2,
 )
+
+
+def test_every_counter_value_and_label_is_one_token():
+    from dataclasses import replace
+
+    from freelm.demo.pretrain import build_tokenizer
+
+    tokenizer = build_tokenizer(SMALL)
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("#6 45\n#5 82\n")] == [
+        "#",
+        "6",
+        " 45",
+        "\n",
+        "#",
+        "5",
+        " 82",
+        "\n",
+    ]
+    with pytest.raises(ValueError, match=r"splits counter values \[.*\] / labels"):
+        build_tokenizer(replace(SMALL, model=replace(SMALL.model, vocab_size=400)))
 
 
 def test_pruned_examples_resume_from_the_last_complete_line(tmp_path):

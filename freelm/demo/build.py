@@ -47,6 +47,7 @@ class BuildConfig:
     synth_clean_every: tuple[int, ...] = (24, 32, 40, 48)
     synth_skip_rate: float = 0.25
     reward_k: int = 1
+    synth_batch: int = 16  # cuts decided at once; their reward-filter continuations are decoded as one batch
     reward_max_tokens: int = 512  # enough for any continuation of a 50-turn solution
     lora_steps: int = 800
     lora_rank: int = 16
@@ -73,9 +74,10 @@ def _synthesize(out: Path, config: BuildConfig) -> dict:
     from freelm.demo.oracle import oracle_output
     from freelm.evaluation.grade import GraderPool
     from freelm.loop import LoopConfig
+    from freelm.records import iter_jsonl, write_jsonl
     from freelm.training.synth import AnswerGrader, Cut, FunctionTeacher, RewardFilter, Synthesizer
 
-    backend = LocalBackend.from_pretrained(out / "base")
+    backend = LocalBackend.from_pretrained(out / "base", max_batch=config.synth_batch)
     tokenizer = backend.tokenizer
     problems = generate_problems(config.synth_problems, config.seed + 7)
     states = cleaning_states(problems, tokenizer, config.synth_clean_every, config.seed + 8, config.synth_skip_rate)
@@ -94,9 +96,12 @@ def _synthesize(out: Path, config: BuildConfig) -> dict:
             log=out / "sft.synth.jsonl",
             template=CLEAN_TEMPLATE,
             keep_empty=1.0,
-            concurrency=1,
+            concurrency=config.synth_batch,
         )
         summary = asyncio.run(synthesizer.run(cuts, progress=True))
+    for path in (out / "sft.jsonl", out / "sft.synth.jsonl"):  # completion order -> cut order: same file every build
+        rows = [row for _, row in iter_jsonl(path)]
+        write_jsonl(path, sorted(rows, key=lambda r: (r["id"], r["rollout"], r["cut_tokens"])))
     return summary.to_dict()
 
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from freelm.demo.oracle import complete_lines, oracle_deletions, span_command
-from freelm.demo.task import CounterProblem, generate_problems, solution
+from freelm.demo.task import MODULUS, CounterProblem, generate_problems, solution
 from freelm.free import apply_deletions, format_commands
 from freelm.prompts import render_reasoning_prompt
 from freelm.tinymodel import EOS_TOKEN, TinyConfig, new_tiny_qwen3
@@ -48,7 +48,7 @@ QUOTE_TEMPLATE = "<|im_start|>user\nQuote:\n{problem}\n{thinking}<|im_end|>\n<|i
 #: The base model's shape: ~0.4M parameters. 2 layers suffice because every step is a lookup of the most
 #: recent token of a kind; d=128 learned the task in 1600 steps where d=64/96 were still erring at 800.
 BASE_MODEL = TinyConfig(
-    vocab_size=512,
+    vocab_size=576,
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=2,
@@ -66,8 +66,8 @@ class PretrainConfig:
     seed: int = 0
     model: TinyConfig = BASE_MODEL
     problems: int = 4000
-    pruned_per_problem: int = 2
-    pruned_window: int = 96
+    pruned_per_problem: int = 4
+    pruned_window: int = 64
     quote_fraction: float = 0.125
     clean_every: tuple[int, ...] = (24, 32, 40, 48)
     min_turns: int = 40
@@ -95,11 +95,37 @@ def tokenizer_corpus(problems: list[CounterProblem]) -> list[str]:
     return corpus
 
 
+def number_sheet(max_turns: int, copies: int = 5) -> list[str]:
+    """Every line ``#k v`` the task can produce, ``copies`` times: weight that makes BPE merge each number whole.
+
+    From task text alone, BPE at this vocabulary size left 12 of the 100 values
+    in two tokens (`` 45`` = `` 4`` + ``5``) and labels 49-50 in three. A
+    split value is a different, harder step for the model (measured: the
+    start values the committed-before-this base copied wrongly were exactly
+    such values), so every value and label must be one token.
+    """
+    return [" ".join(f"#{k} {v}" for k in range(max_turns + 1) for v in range(MODULUS))] * copies
+
+
+def check_number_tokens(tokenizer: Tokenizer, max_turns: int) -> None:
+    """Raise when a counter value or a label is not a single token (the model's steps assume they are)."""
+    split_values = [v for v in range(MODULUS) if len(tokenizer.encode(f" {v}")) != 1]
+    split_labels = [k for k in range(max_turns + 1) if len(tokenizer.encode(f"#{k}")) != 2]
+    if split_values or split_labels:
+        raise ValueError(
+            f"tokenizer splits counter values {split_values} / labels {split_labels} into several tokens: "
+            "raise the vocabulary size or the number sheet's weight"
+        )
+
+
 def build_tokenizer(config: PretrainConfig) -> Tokenizer:
     from freelm.tinymodel import train_tokenizer
 
     problems = generate_problems(config.tokenizer_problems, config.seed + 1, config.min_turns, config.max_turns)
-    return Tokenizer(train_tokenizer(tokenizer_corpus(problems), vocab_size=config.model.vocab_size))
+    corpus = tokenizer_corpus(problems) + number_sheet(config.max_turns)
+    tokenizer = Tokenizer(train_tokenizer(corpus, vocab_size=config.model.vocab_size))
+    check_number_tokens(tokenizer, config.max_turns)
+    return tokenizer
 
 
 def make_examples(
@@ -122,7 +148,9 @@ def make_examples(
         response = tokenizer.encode(solution(p)) + [eos]
         examples.append(Example(prompt + response, len(prompt)))
         think_end = len(tokenizer.encode(solution(p).split("</think>")[0]))
-        for cut in [0] + [rng.randrange(1, think_end) for _ in range(pruned_per_problem)]:
+        # up to and including think_end: a chunk can end right after the "#0" line, and then the model
+        # must close the thinking and copy the answer from a context of that one line
+        for cut in [0] + [rng.randrange(1, think_end + 1) for _ in range(pruned_per_problem)]:
             thinking = tokenizer.decode(response[:cut])
             kept = apply_deletions(thinking, oracle_deletions(thinking)).text
             context = prompt + tokenizer.encode(kept)
@@ -318,7 +346,7 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[CounterProblem], seed: 
     pruned_contexts, remainders = [], []
     for p, prompt in zip(problems, prompts, strict=True):
         response = tokenizer.encode(solution(p))
-        cut = rng.randrange(1, len(tokenizer.encode(solution(p).split("</think>")[0])))
+        cut = rng.randrange(1, len(tokenizer.encode(solution(p).split("</think>")[0])) + 1)
         thinking = tokenizer.decode(response[:cut])
         kept = apply_deletions(thinking, oracle_deletions(thinking)).text
         pruned_contexts.append(prompt + tokenizer.encode(kept))

@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="where runs, tables, plots and the trace go"
     )
-    parser.add_argument("--problems", type=int, default=60, help="benchmark problems at the small context limit")
-    parser.add_argument("--large-problems", type=int, default=30, help="problems at the large limit (0: skip)")
+    parser.add_argument("--problems", type=int, default=100, help="benchmark problems at the small context limit")
+    parser.add_argument("--large-problems", type=int, default=100, help="problems at the large limit (0: skip)")
     parser.add_argument("--small-limit", type=int, default=216, help="context limit too small for vanilla")
     parser.add_argument("--large-limit", type=int, default=512, help="context limit large enough for vanilla")
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freelm.demo.oracle import oracle_deletions, oracle_output
-from freelm.demo.task import continuation, generate_problems, parse_problem, solution
+from freelm.demo.task import continuation, generate_problems, held_out, parse_problem, solution
 from freelm.free import apply_deletions, parse_commands
 
 
@@ -16,6 +16,21 @@ def test_generator_is_deterministic_and_seed_dependent():
     assert generate_problems(20, seed=3) != generate_problems(20, seed=4)
     ids = [p.id for p in generate_problems(50, seed=3)]
     assert len(set(ids)) == 50
+
+
+def test_train_and_test_splits_never_share_a_problem():
+    train = {(p.start, p.turns) for p in generate_problems(4000, seed=2, split="train")}
+    test = {(p.start, p.turns) for p in generate_problems(100, seed=2024, split="test")}
+    assert not train & test
+    assert all(held_out(*pair) for pair in test) and len(test) > 50
+    assert len(train) > 800  # training still covers most of the 1,100 pairs
+    assert [p.id for p in generate_problems(3, seed=5, split="test")] == [
+        "counter-5-0000",
+        "counter-5-0001",
+        "counter-5-0002",
+    ]
+    with pytest.raises(ValueError, match="split"):
+        generate_problems(1, seed=0, split="dev")
 
 
 def test_rows_are_in_the_evaluation_format_and_answers_follow_the_rule():

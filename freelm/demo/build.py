@@ -15,7 +15,7 @@ exactly what a Qwen3-8B run does:
    the unpruned thinking, graded by the evaluation grader) shows they do not hurt.
 3. ``free/``: the Free-Module LoRA trained on those rows by ``freelm.training.trainer``
    and checked for SGLang compatibility.
-4. ``benchmark.jsonl``: held-out problems (a different seed from every training set).
+4. ``benchmark.jsonl``: held-out problems: only (start, turns) pairs that no training set draws (``task.held_out``).
 
 Each step is skipped when its output already exists (the build resumes), and
 ``build.json`` records every setting and timing. Deterministic for a given seed
@@ -43,13 +43,13 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class BuildConfig:
     seed: int = 0
     pretrain_steps: int = 1400
-    synth_problems: int = 96
+    synth_problems: int = 192
     synth_clean_every: tuple[int, ...] = (24, 32, 40, 48)
     synth_skip_rate: float = 0.25
     reward_k: int = 1
     synth_batch: int = 16  # cuts decided at once; their reward-filter continuations are decoded as one batch
     reward_max_tokens: int = 512  # enough for any continuation of a 50-turn solution
-    lora_steps: int = 800
+    lora_steps: int = 1200
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_lr: float = 1e-2
@@ -62,7 +62,7 @@ class BuildConfig:
 def _write_benchmark(path: Path, config: BuildConfig) -> None:
     from freelm.records import write_jsonl
 
-    rows = [p.to_row() for p in generate_problems(config.benchmark_problems, config.benchmark_seed)]
+    rows = [p.to_row() for p in generate_problems(config.benchmark_problems, config.benchmark_seed, split="test")]
     write_jsonl(path, rows)
 
 
@@ -79,7 +79,7 @@ def _synthesize(out: Path, config: BuildConfig) -> dict:
 
     backend = LocalBackend.from_pretrained(out / "base", max_batch=config.synth_batch)
     tokenizer = backend.tokenizer
-    problems = generate_problems(config.synth_problems, config.seed + 7)
+    problems = generate_problems(config.synth_problems, config.seed + 7, split="train")
     states = cleaning_states(problems, tokenizer, config.synth_clean_every, config.seed + 8, config.synth_skip_rate)
     cuts, seen = [], {}
     for problem, thinking in states:
@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumable)")
     parser.add_argument("--quick", action="store_true", help="a shortened build for tests: a few steps each")
     parser.add_argument("--threads", type=int, default=BuildConfig.threads)
+    parser.add_argument("--seed", type=int, default=BuildConfig.seed, help="another seed: a robustness check")
     args = parser.parse_args(argv)
-    config = BuildConfig(threads=args.threads)
+    config = BuildConfig(threads=args.threads, seed=args.seed)
     if args.quick:
         config = replace(
             config, pretrain_steps=3, synth_problems=2, reward_max_tokens=8, lora_steps=3, benchmark_problems=4

@@ -41,6 +41,8 @@ from freelm.tokenizer import Tokenizer
 from freelm.training.trainer import Example, collate
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
+#: End windows cut within this many tokens before ``</think>`` (the last three lines).
+END_SPAN = 12
 #: Laid out like clean_template.txt (problem, then thinking), so that the skills it teaches (find the first
 #: label after the problem, copy a line into JSON) transfer to the cleaning prompt as they are.
 QUOTE_TEMPLATE = "<|im_start|>user\nQuote:\n{problem}\n{thinking}<|im_end|>\n<|im_start|>assistant\n"
@@ -67,6 +69,8 @@ class PretrainConfig:
     model: TinyConfig = BASE_MODEL
     problems: int = 4000
     pruned_per_problem: int = 4
+    start_windows: int = 3
+    end_windows: int = 2
     pruned_window: int = 64
     quote_fraction: float = 0.125
     clean_every: tuple[int, ...] = (24, 32, 40, 48)
@@ -121,7 +125,9 @@ def check_number_tokens(tokenizer: Tokenizer, max_turns: int) -> None:
 def build_tokenizer(config: PretrainConfig) -> Tokenizer:
     from freelm.tinymodel import train_tokenizer
 
-    problems = generate_problems(config.tokenizer_problems, config.seed + 1, config.min_turns, config.max_turns)
+    problems = generate_problems(
+        config.tokenizer_problems, config.seed + 1, config.min_turns, config.max_turns, split="train"
+    )
     corpus = tokenizer_corpus(problems) + number_sheet(config.max_turns)
     tokenizer = Tokenizer(train_tokenizer(corpus, vocab_size=config.model.vocab_size))
     check_number_tokens(tokenizer, config.max_turns)
@@ -129,16 +135,27 @@ def build_tokenizer(config: PretrainConfig) -> Tokenizer:
 
 
 def make_examples(
-    problems: list[CounterProblem], tokenizer: Tokenizer, pruned_per_problem: int, window: int, seed: int
+    problems: list[CounterProblem],
+    tokenizer: Tokenizer,
+    pruned_per_problem: int,
+    window: int,
+    seed: int,
+    start_windows: int = 1,
+    end_windows: int = 0,
 ) -> list[Example]:
     """One full and ``pruned_per_problem`` pruned sequences per problem (see the module docstring).
 
     A pruned sequence only needs to teach resuming, so it stops ``window`` tokens
     after the cut: further on it is the same as a full sequence, and shorter
-    sequences make CPU training cheaper. One extra window starts at the very
-    beginning (cut 0, nothing pruned): the first label and the start value are
-    copied from the prompt only once per solution, and were the last things a
-    tiny model learned.
+    sequences make CPU training cheaper.
+
+    Two steps happen once per solution and are copies, not the +37 step: the
+    start value (from the prompt) and the boxed answer (from the ``#0`` line).
+    A tiny model learns them last and, from pruned contexts, confuses them with
+    the step (measured: one copy window per problem left the start copy wrong on
+    3 of 4 problems in one seed, and the answer after a late cut was the last
+    value + 37 on 4-10% of cuts near the end). So ``start_windows`` windows start
+    at cut 0 and ``end_windows`` cut within the last ``END_SPAN`` tokens.
     """
     rng = random.Random(seed)
     eos = tokenizer.hf.convert_tokens_to_ids(EOS_TOKEN)
@@ -150,7 +167,9 @@ def make_examples(
         think_end = len(tokenizer.encode(solution(p).split("</think>")[0]))
         # up to and including think_end: a chunk can end right after the "#0" line, and then the model
         # must close the thinking and copy the answer from a context of that one line
-        for cut in [0] + [rng.randrange(1, think_end + 1) for _ in range(pruned_per_problem)]:
+        cuts = [0] * start_windows + [rng.randrange(1, think_end + 1) for _ in range(pruned_per_problem)]
+        cuts += [rng.randrange(max(1, think_end - END_SPAN), think_end + 1) for _ in range(end_windows)]
+        for cut in cuts:
             thinking = tokenizer.decode(response[:cut])
             kept = apply_deletions(thinking, oracle_deletions(thinking)).text
             context = prompt + tokenizer.encode(kept)
@@ -277,8 +296,16 @@ def train_causal_lm(
 def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=None):
     """Tokenizer + base model trained from scratch; saved to ``out_dir`` when given. Returns (model, tokenizer, losses)."""
     tokenizer = build_tokenizer(config)
-    problems = generate_problems(config.problems, config.seed + 2, config.min_turns, config.max_turns)
-    examples = make_examples(problems, tokenizer, config.pruned_per_problem, config.pruned_window, config.seed + 3)
+    problems = generate_problems(config.problems, config.seed + 2, config.min_turns, config.max_turns, split="train")
+    examples = make_examples(
+        problems,
+        tokenizer,
+        config.pruned_per_problem,
+        config.pruned_window,
+        config.seed + 3,
+        config.start_windows,
+        config.end_windows,
+    )
     quoted = problems[: int(len(problems) * config.quote_fraction)]
     quoting = cleaning_states(quoted, tokenizer, config.clean_every, config.seed + 4)
     pairs = [(QUOTE_TEMPLATE.format(problem=p.prompt, thinking=t), quote_command(t)) for p, t in quoting]
@@ -408,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer, _ = pretrain(config, args.out, log=log)
     print(f"trained in {time.perf_counter() - started:.1f}s", flush=True)
-    test = generate_problems(args.eval_problems, config.seed + 1000, config.min_turns, config.max_turns)
+    test = generate_problems(args.eval_problems, config.seed + 1000, config.min_turns, config.max_turns, split="test")
     print(evaluate(model, tokenizer, test), flush=True)
 
 

@@ -86,16 +86,33 @@ def parse_problem(prompt: str) -> CounterProblem:
     return CounterProblem(id="", start=g[0], turns=g[1])
 
 
-def generate_problems(count: int, seed: int, min_turns: int = 40, max_turns: int = 50) -> list[CounterProblem]:
-    """``count`` seeded problems with ``min_turns..max_turns`` turns."""
+def held_out(start: int, turns: int) -> bool:
+    """The test split: one (start, turns) pair in five, never drawn for training.
+
+    There are only 100 x 11 distinct problems at 40-50 turns and pretraining
+    draws thousands, so without a split every benchmark problem would also be a
+    training problem. With it the benchmark measures a model on problems it has
+    never seen (each start value and each length was seen, never together).
+    """
+    return (start + turns) % 5 == 0
+
+
+def generate_problems(
+    count: int, seed: int, min_turns: int = 40, max_turns: int = 50, split: str | None = None
+) -> list[CounterProblem]:
+    """``count`` seeded problems with ``min_turns..max_turns`` turns; ``split`` "train"/"test" keeps one side of
+    :func:`held_out` (``None``: both)."""
     if not 1 <= min_turns <= max_turns:
         raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
     rng = random.Random(seed)
-    problems = []
-    for i in range(count):
+    problems: list[CounterProblem] = []
+    while len(problems) < count:
         start = rng.randrange(MODULUS)
         turns = rng.randint(min_turns, max_turns)
-        problems.append(CounterProblem(id=f"counter-{seed}-{i:04d}", start=start, turns=turns))
+        if split is None or held_out(start, turns) == (split == "test"):
+            problems.append(CounterProblem(id=f"counter-{seed}-{len(problems):04d}", start=start, turns=turns))
     return problems
 
 

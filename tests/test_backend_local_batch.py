@@ -110,3 +110,11 @@ def test_seeded_sampling_in_a_batch_matches_one_by_one(backend, requests):
 def test_a_wave_with_two_adapters_is_refused(backend, requests):
     with pytest.raises(ValueError, match="one adapter"):
         backend.generate_batch_blocking(requests[:2])
+
+
+def test_the_same_request_sent_three_times_gets_three_answers(backend, requests):
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(backend.generate(requests[0]) for _ in range(3))), 60)
+
+    got = asyncio.run(main())
+    assert len({tuple(g.output_ids) for g in got}) == 1 and len(got) == 3

@@ -168,7 +168,8 @@ class LocalBackend:
             await asyncio.sleep(0)  # rollouts that are about to send a request join this wave
             adapter = self._waiting[0][0].adapter
             wave = [item for item in self._waiting if item[0].adapter == adapter][: self.max_batch]
-            self._waiting = [item for item in self._waiting if item not in wave]
+            taken = {id(future) for _, future in wave}  # by identity: equal requests are still different calls
+            self._waiting = [item for item in self._waiting if id(item[1]) not in taken]
             try:
                 outcomes: list = await asyncio.to_thread(self.generate_batch_blocking, [r for r, _ in wave])
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the wave, never lost

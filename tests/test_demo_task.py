@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freelm.demo.oracle import oracle_deletions, oracle_output
+from freelm.demo.oracle import OracleCleaner, oracle_deletions, oracle_output
 from freelm.demo.task import continuation, generate_problems, held_out, parse_problem, solution
 from freelm.free import apply_deletions, parse_commands
 
@@ -107,3 +109,14 @@ def test_oracle_deletions_resolve_and_keep_what_the_solution_needs(case):
             assert edit.text.count("\n") == 1  # ... up to the last complete line, which is kept
         kept = edit.text
         assert continuation(p, kept) == full[consumed:]
+
+
+def test_oracle_cleaner_keeps_the_last_complete_line_and_reports_its_command():
+    p = generate_problems(1, seed=4, min_turns=12, max_turns=12)[0]
+    thinking = solution(p)[:40]  # several complete lines, then a partial one
+    outcome = asyncio.run(OracleCleaner().clean(p.prompt, thinking))
+    assert outcome.raw_output == oracle_output(thinking)
+    assert len(outcome.edit.applied) == 1 and not outcome.edit.skipped
+    kept = outcome.edit.text
+    assert kept.count("\n") == 1 and thinking.endswith(kept)  # one complete line + the partial one
+    assert kept + continuation(p, kept) == solution(p)[len(thinking) - len(kept) :]

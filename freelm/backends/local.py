@@ -225,23 +225,22 @@ class LocalBackend:
             except BackendError as exc:
                 return [exc]
         start = time.perf_counter()
-        outcomes: list[GenerateResult | BackendError] = []
-        batch: list[tuple[int, list[int], GenerateRequest]] = []
-        for i, request in enumerate(requests):
+        outcomes: list[Any] = []  # prompt ids until decoded, or the request's error
+        for request in requests:
             try:
-                batch.append((i, self._prompt_ids(request), request))
-                outcomes.append(BackendError("not decoded"))  # replaced below
+                outcomes.append(self._prompt_ids(request))
             except BackendError as exc:
                 outcomes.append(exc)
-        if not batch:
+        rows = [i for i, item in enumerate(outcomes) if not isinstance(item, BackendError)]
+        if not rows:
             return outcomes
         try:
             with self._lock, torch.inference_mode(), self._adapter_context(requests[0].adapter):
-                decoded = self._decode_batch([ids for _, ids, _ in batch], [r for _, _, r in batch])
+                decoded = self._decode_batch([outcomes[i] for i in rows], [requests[i] for i in rows])
         except BackendError as exc:
             return [exc] * len(requests)
-        for (i, ids, _), (output_ids, finish) in zip(batch, decoded, strict=True):
-            outcomes[i] = self._result(ids, output_ids, finish, 0, start)
+        for i, (output_ids, finish) in zip(rows, decoded, strict=True):
+            outcomes[i] = self._result(outcomes[i], output_ids, finish, 0, start)
         return outcomes
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -123,8 +124,6 @@ def _train_lora(out: Path, config: BuildConfig) -> dict:
 
 
 def build(out: Path, config: BuildConfig) -> dict:
-    import shutil
-
     import torch
 
     torch.set_num_threads(config.threads)
@@ -162,12 +161,12 @@ def build(out: Path, config: BuildConfig) -> dict:
 
     step("pretrain", (out / "base" / "model.safetensors").exists(), pretrain_base)
     step("synthesize", (out / "sft.synth.jsonl").exists() and "synthesize" in record, lambda: _synthesize(out, config))
-    step("train_lora", (out / "free" / "adapter_config.json").exists(), lambda: _install_adapter(out, config, shutil))
+    step("train_lora", (out / "free" / "adapter_config.json").exists(), lambda: _install_adapter(out, config))
     step("benchmark", (out / "benchmark.jsonl").exists(), lambda: _write_benchmark(out / "benchmark.jsonl", config))
     return record
 
 
-def _install_adapter(out: Path, config: BuildConfig, shutil) -> dict:
+def _install_adapter(out: Path, config: BuildConfig) -> dict:
     """Train, then keep only the servable adapter directory (checkpoints are build scratch)."""
     summary = _train_lora(out, config)
     shutil.copytree(summary["adapter_dir"], out / "free")

@@ -66,12 +66,13 @@ def oracle_output(thinking: str) -> str:
 class OracleCleaner:
     """The oracle as a :class:`freelm.cleaners.base.Cleaner`: the exact upper bound for a learned Free-Module.
 
-    Used to check the base model and the loop without any adapter, and as the
-    teacher when synthesising the Free-Module's training data.
+    Plugged into ``run_rollout`` in place of a ``LoRACleaner`` it separates the
+    base model's errors (resuming after a deletion) from the Free-Module's
+    (docs/embedded.md, the "oracle" rows).
     """
 
     name: str = "oracle"
 
     async def clean(self, problem: str, thinking: str) -> CleanOutcome:
-        raw = oracle_output(thinking)
-        return CleanOutcome(edit=apply_deletions(thinking, oracle_deletions(thinking)), raw_output=raw)
+        commands = oracle_deletions(thinking)
+        return CleanOutcome(edit=apply_deletions(thinking, commands), raw_output=format_commands(commands))

@@ -25,6 +25,7 @@ when resuming from pruned contexts, and batch-1 decoding speed.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -143,7 +144,7 @@ def make_examples(
     start_windows: int = 1,
     end_windows: int = 0,
 ) -> list[Example]:
-    """One full and ``pruned_per_problem`` pruned sequences per problem (see the module docstring).
+    """Per problem: the full sequence, then start, pruned and end windows (see the module docstring).
 
     A pruned sequence only needs to teach resuming, so it stops ``window`` tokens
     after the cut: further on it is the same as a full sequence, and shorter
@@ -162,9 +163,10 @@ def make_examples(
     examples = []
     for p in problems:
         prompt = tokenizer.encode(render_reasoning_prompt(p.prompt, tokenizer))
-        response = tokenizer.encode(solution(p)) + [eos]
+        text = solution(p)
+        response = tokenizer.encode(text) + [eos]
         examples.append(Example(prompt + response, len(prompt)))
-        think_end = len(tokenizer.encode(solution(p).split("</think>")[0]))
+        think_end = len(tokenizer.encode(text.split("</think>")[0]))
         # up to and including think_end: a chunk can end right after the "#0" line, and then the model
         # must close the thinking and copy the answer from a context of that one line
         cuts = [0] * start_windows + [rng.randrange(1, think_end + 1) for _ in range(pruned_per_problem)]
@@ -245,11 +247,6 @@ def _batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> 
     return batches
 
 
-def new_model(config: TinyConfig, tokenizer: Tokenizer, seed: int):
-    """A randomly initialised ``Qwen3ForCausalLM`` sized for ``tokenizer``."""
-    return new_tiny_qwen3(config, tokenizer.hf, seed)
-
-
 def train_causal_lm(
     model,
     examples: list[Example],
@@ -310,7 +307,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=None
     quoting = cleaning_states(quoted, tokenizer, config.clean_every, config.seed + 4)
     pairs = [(QUOTE_TEMPLATE.format(problem=p.prompt, thinking=t), quote_command(t)) for p, t in quoting]
     examples += chat_examples(pairs, tokenizer)
-    model = new_model(config.model, tokenizer, config.seed)
+    model = new_tiny_qwen3(config.model, tokenizer.hf, config.seed)
     losses = train_causal_lm(
         model,
         examples,
@@ -327,14 +324,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path | None = None, log=None
         out = Path(out_dir)
         model.save_pretrained(out)
         tokenizer.hf.save_pretrained(out)
-        (out / "freelm_pretrain.json").write_text(_json(asdict(config)))
+        (out / "freelm_pretrain.json").write_text(json.dumps(asdict(config), indent=2))
     return model, tokenizer, losses
-
-
-def _json(value) -> str:
-    import json
-
-    return json.dumps(value, indent=2)
 
 
 # --------------------------------------------------------------------------- measuring

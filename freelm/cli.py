@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-#: (subcommand, module, one-line help). "data check" is spelled with a space.
+#: (subcommand, module[:object], one-line help). "data check" is spelled with a space.
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "freelm.runner", "run rollouts (vanilla or Free()LM) over a benchmark; resumable"),
     ("eval", "freelm.evaluation.eval_cli", "grade runner outputs: pass@k, #Token, paper-format table, plots"),
@@ -22,12 +22,17 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("synth", "freelm.training.synth", "reward-filtered synthesis of Free-Module training data"),
     ("train", "freelm.training.trainer", "train the Free-Module LoRA with PEFT (CPU or one GPU)"),
     ("data check", "freelm.training.sft_data", "check a Free-Module SFT JSONL file"),
+    ("data prepare", "freelm.benchmarks.cli:prepare", "download the paper's benchmarks at pinned revisions"),
+    ("data list", "freelm.benchmarks.cli:listing", "list the benchmarks `data prepare` knows: source, revision"),
     ("demo", "freelm.demo.run", "run the embedded default end to end (vanilla vs Free()LM)"),
 ]
 
 
 def _module(name: str):
-    return importlib.import_module(name)
+    """``package.module`` or ``package.module:object`` (one module holding several subcommands)."""
+    module, _, attr = name.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

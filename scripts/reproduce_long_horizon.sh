@@ -2,23 +2,26 @@
 # Long-horizon experiment: the problems whose VANILLA rollouts need more than
 # $LONG_HORIZON_THRESHOLD generated tokens (paper: 80k), rerun with Free()LM, accuracy on that subset.
 #
-#   scripts/reproduce_long_horizon.sh CONFIG VANILLA_JSONL OUT_DIR --tokenizer DIR --endpoint HOST:PORT [...]
-#                                     [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
-#                                     [--threshold TOKENS] [--rule mean|any]
+#   1. freelm data prepare aime24 aime25 hmmt_feb25 brumo25 beyond_aime imo_answerbench   (once)
+#   2. scripts/reproduce_long_horizon.sh CONFIG VANILLA_JSONL OUT_DIR --tokenizer DIR --endpoint HOST:PORT [...]
+#                                        [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
+#                                        [--threshold TOKENS] [--rule mean|any]
 #
+# Step 1 downloads the config's $BENCHMARKS at pinned upstream revisions into data/benchmarks/ of this
+# working copy (git-ignored; `freelm data list` shows sources and revisions), the default --data-dir.
 # VANILLA_JSONL is a finished vanilla run (e.g. OUT_DIR/vanilla.jsonl of reproduce_main.sh, run with a
 # budget above the threshold). A problem is selected when its mean (or, with --rule any, its longest)
 # vanilla rollout reaches the threshold. Outputs: OUT_DIR/subset/{problems,vanilla}.jsonl,
 # OUT_DIR/freelm.jsonl, OUT_DIR/table.md, OUT_DIR/metrics.json.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,15p' "$0"; exit "${1:-2}"; }
 [[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 3 ]] || usage
 config=$1 vanilla=$2 out=$3
 shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-data_dir="$repo/../shared/data/benchmarks"
+data_dir="$repo/data/benchmarks"
 python=${PYTHON:-python3}
 threshold="" rule=mean
 endpoint_args=() extra_args=()

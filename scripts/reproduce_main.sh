@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Main table: vanilla vs Free()LM, N rollouts per problem, on every benchmark of a model config.
 #
-#   scripts/reproduce_main.sh CONFIG OUT_DIR --tokenizer DIR --endpoint HOST:PORT [--endpoint HOST:PORT ...]
-#                             [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
+#   1. freelm data prepare aime24 aime25 hmmt_feb25 brumo25 beyond_aime imo_answerbench   (once)
+#   2. scripts/reproduce_main.sh CONFIG OUT_DIR --tokenizer DIR --endpoint HOST:PORT [--endpoint HOST:PORT ...]
+#                                [--cleaner-endpoint HOST:PORT] [--data-dir DIR]
 #
+# Step 1 downloads the config's $BENCHMARKS at pinned upstream revisions into data/benchmarks/ of this
+# working copy (git-ignored; `freelm data list` shows sources and revisions), the default --data-dir.
 # CONFIG is configs/<model>.env (every setting lives there and is copied to OUT_DIR/config.env).
 # --tokenizer is the served model's tokenizer directory: the runner sends token ids.
 # The servers must serve the base model with the Free-Module LoRA loaded under $ADAPTER_NAME.
@@ -12,13 +15,13 @@
 # metrics.json, table.md (paper layout), accuracy_vs_tokens.png, peak_context.png, efficiency.md.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,15p' "$0"; exit "${1:-2}"; }
 [[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 2 ]] || usage
 config=$1 out=$2
 shift 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
-data_dir="$repo/../shared/data/benchmarks"
+data_dir="$repo/data/benchmarks"
 python=${PYTHON:-python3}
 endpoint_args=() extra_args=()
 while [[ $# -gt 0 ]]; do

@@ -13,6 +13,7 @@ by ``freelm data list`` and in docs/evaluation.md).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ def _matharena(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
     return out
 
 
-def _matharena_aime(row: dict[str, Any], ref: RowRef, year: int) -> dict[str, Any]:
+def _matharena_aime(row: dict[str, Any], ref: RowRef, *, year: int) -> dict[str, Any]:
     """One 30-problem AIME year: problem_idx 1-15 is exam I, 16-30 exam II."""
     out = _matharena(row, ref)
     index = int(out["id"])
@@ -234,71 +235,30 @@ def _matharena_aime(row: dict[str, Any], ref: RowRef, year: int) -> dict[str, An
     return out
 
 
-def _matharena_source(repo: str, revision: str) -> Source:
-    return Source("hf", repo, revision, ("data/train-*.parquet",))
-
-
-_MATHARENA_NOTE = "id = problem_idx; answer verbatim (LaTeX), stripped; problem_type kept"
-
-
-@register(
-    "aime25",
-    title="AIME 2025 (I and II)",
-    source=_matharena_source("MathArena/aime_2025", "c94da77eb22bbd6439e62a323bec18493a421302"),
-    rows=30,
-    normalisation=f"id = problem_idx; {_AIME_NOTE}; exam/problem_number added (1-15 = I, 16-30 = II)",
-    license=_MATHARENA,
-)
-def aime25(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return _matharena_aime(row, ref, 2025)
-
-
-@register(
-    "aime26",
-    title="AIME 2026 (I and II), extra",
-    source=_matharena_source("MathArena/aime_2026", "d2de22f3c656b4f56cf8981212186377d1e23bc3"),
-    rows=30,
-    normalisation=f"as aime25; {_AIME_NOTE}",
-    license=_MATHARENA,
-)
-def aime26(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return _matharena_aime(row, ref, 2026)
-
-
-@register(
-    "hmmt_feb25",
-    title="HMMT February 2025",
-    source=_matharena_source("MathArena/hmmt_feb_2025", "6fdc4277120810ff75aa22d2d5489b91f7a262a1"),
-    rows=30,
-    normalisation=_MATHARENA_NOTE,
-    license=_MATHARENA,
-)
-def hmmt_feb25(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return _matharena(row, ref)
-
-
-@register(
-    "brumo25",
-    title="BrUMO 2025",
-    source=_matharena_source("MathArena/brumo_2025", "6de9bc0987f5710c6376ee980e1483dbeb55cfda"),
-    rows=30,
-    normalisation=_MATHARENA_NOTE,
-    license=_MATHARENA,
-)
-def brumo25(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return _matharena(row, ref)
-
-
-@register(
-    "cmimc25",
-    title="CMIMC 2025, extra",
-    source=_matharena_source("MathArena/cmimc_2025", "8f27517ce4ad1d05e023c0e7eca4344754ba2a04"),
-    rows=40,
-    normalisation=_MATHARENA_NOTE,
-    license=_MATHARENA,
-)
-def cmimc25(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return _matharena(row, ref)
+# MathArena publishes each competition as its own dataset with one schema: one converter for AIME
+# years and one for LaTeX-answer competitions, registered under every competition's name.
+_MATHARENA_AIME = f"id = problem_idx; {_AIME_NOTE}; exam/problem_number added (1-15 = I, 16-30 = II)"
+_MATHARENA_LATEX = "id = problem_idx; answer verbatim (LaTeX), stripped; problem_type kept"
+for _name, _title, _repo, _revision, _rows, _convert, _normalisation in (
+    ("aime25", "AIME 2025 (I and II)", "aime_2025", "c94da77eb22bbd6439e62a323bec18493a421302", 30,
+     functools.partial(_matharena_aime, year=2025), _MATHARENA_AIME),
+    ("aime26", "AIME 2026 (I and II), extra", "aime_2026", "d2de22f3c656b4f56cf8981212186377d1e23bc3", 30,
+     functools.partial(_matharena_aime, year=2026), _MATHARENA_AIME),
+    ("hmmt_feb25", "HMMT February 2025", "hmmt_feb_2025", "6fdc4277120810ff75aa22d2d5489b91f7a262a1", 30,
+     _matharena, _MATHARENA_LATEX),
+    ("brumo25", "BrUMO 2025", "brumo_2025", "6de9bc0987f5710c6376ee980e1483dbeb55cfda", 30,
+     _matharena, _MATHARENA_LATEX),
+    ("cmimc25", "CMIMC 2025, extra", "cmimc_2025", "8f27517ce4ad1d05e023c0e7eca4344754ba2a04", 40,
+     _matharena, _MATHARENA_LATEX),
+):  # fmt: skip
+    register(
+        _name,
+        title=_title,
+        source=Source("hf", f"MathArena/{_repo}", _revision, ("data/train-*.parquet",)),
+        rows=_rows,
+        normalisation=_normalisation,
+        license=_MATHARENA,
+    )(_convert)
 
 
 @register(

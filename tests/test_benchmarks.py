@@ -591,3 +591,24 @@ def test_cli_list_shows_status(tmp_path, capsys):
     assert f"math500: MATH-500 (PRM800K test split) [prepared in {tmp_path / 'b'} (500 rows)]" in text
     assert "aime24: AIME 2024 (I and II) [not prepared]" in text
     assert "gated: accept the terms at https://huggingface.co/datasets/cais/hle" in text
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_hub_cache_is_used_offline_or_when_the_hub_does_not_answer(tmp_path, monkeypatch, offline):
+    hub = pytest.importorskip("huggingface_hub")
+    snapshot = _math500_repo(tmp_path / "snapshots" / ("d" * 40))
+    calls = []
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionRefusedError("refused")
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        return str(snapshot)
+
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(hub.HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    fetched = fetch(BENCHMARKS["math500"], BENCHMARKS["math500"].source.revision, tmp_path)
+    assert calls == [True]  # the cache only: nothing downloaded
+    assert fetched.origin == "hub-cache" and fetched.commit == "d" * 40 and fetched.files == ["test.jsonl"]

@@ -120,6 +120,20 @@ CASES = [
         "field 'Short Answer' is empty",
     ),
     (
+        "imo_answerbench_v2",
+        {
+            "Problem ID": "imo-bench-geometry-096",
+            "Problem": "Find the ratio.",
+            "Short Answer": "$\\frac{7}{18}",
+            "Category": "Geometry",
+            "Subcategory": "x",
+            "Source": "y",
+        },
+        {"id": "imo-bench-geometry-096", "answer": "$\\frac{7}{18}"},
+        {"Problem ID": "", "Problem": "p", "Short Answer": "1", "Category": "A", "Subcategory": "x", "Source": "y"},
+        "field 'Problem ID' must be a non-empty string",
+    ),
+    (
         "math500",
         {
             "problem": "Convert $(0,3)$.",
@@ -612,3 +626,22 @@ def test_hub_cache_is_used_offline_or_when_the_hub_does_not_answer(tmp_path, mon
     fetched = fetch(BENCHMARKS["math500"], BENCHMARKS["math500"].source.revision, tmp_path)
     assert calls == [True]  # the cache only: nothing downloaded
     assert fetched.origin == "hub-cache" and fetched.commit == "d" * 40 and fetched.files == ["test.jsonl"]
+
+
+def test_v2_csv_defect_is_repaired_before_parsing(tmp_path):
+    """Upstream answerbench_v2.csv lacks one closing quote; the pinned file is repaired, any other file refused."""
+    header = "Problem ID,Problem,Short Answer,Category,Subcategory,Source\n"
+    broken = (
+        'imo-bench-algebra-036,"Find all functions $Y$:\n\\[\na Y(a)=b\n\\]\n,"$Y(x)=A+\\frac{B}{x}-x$",'
+        "Algebra,Functional Equation,Iran 2002\n"
+    )
+    path = tmp_path / "answerbench_v2.csv"
+    path.write_text(header + broken, encoding="utf-8")
+    bench = BENCHMARKS["imo_answerbench_v2"]
+    [row] = read_rows(path, bench, "imobench/answerbench_v2.csv")
+    out = bench.convert(row, RowRef(bench.name, "imobench/answerbench_v2.csv", 1))
+    assert out["answer"] == "$Y(x)=A+\\frac{B}{x}-x$" and out["category"] == "Algebra"
+    assert out["prompt"] == "Find all functions $Y$:\n\\[\na Y(a)=b\n\\]"
+    path.write_text(header + broken.replace('\\]\n,"', '\\]\n","'), encoding="utf-8")
+    with pytest.raises(BenchmarkDataError, match="occurs 0 times, not once: the file is not the pinned one"):
+        read_rows(path, bench, "imobench/answerbench_v2.csv")

@@ -12,6 +12,7 @@ rename, so an interrupted run leaves the previous state, never half a file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -96,9 +97,16 @@ def read_rows(path: Path, bench: Benchmark, rel: str) -> list[dict[str, Any]]:
         except ValueError as exc:
             raise BenchmarkDataError(f"{bench.name}: {exc}") from exc
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
+        text = path.read_text(encoding="utf-8")
+        for broken, fixed in bench.source.repairs:
+            if text.count(broken) != 1:
+                raise BenchmarkDataError(
+                    f"{bench.name}: {rel}: the known defect {broken[:40]!r}... occurs {text.count(broken)} times, "
+                    "not once: the file is not the pinned one"
+                )
+            text = text.replace(broken, fixed)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
         for index, row in enumerate(rows, start=1):
             if None in row or None in row.values():
                 raise BenchmarkDataError(

@@ -61,6 +61,8 @@ class Source:
     #: Parquet columns to read (None: all); HLE's image columns are large and unused.
     columns: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
+    #: ``(broken, fixed)`` text replacements for a known defect of the upstream file (each must occur once).
+    repairs: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -281,9 +283,27 @@ def beyond_aime(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
     return {"id": str(ref.index), "prompt": _text(row, "problem", ref), "answer": str(_integer(row, "answer", ref))}
 
 
-@register(
+_IMO_NOTE = (
+    "CSV columns Problem ID/Problem/Short Answer/Category/Subcategory/Source -> "
+    "id/prompt/answer/category/subcategory/origin; answer verbatim, stripped"
+)
+_IMO_LICENSE = "CC BY 4.0 (repository README; code Apache-2.0)"
+
+
+def _imo_answerbench(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
+    return {
+        "id": _text(row, "Problem ID", ref),
+        "prompt": _text(row, "Problem", ref),
+        "answer": _answer_text(row, "Short Answer", ref),
+        "category": _text(row, "Category", ref),
+        "subcategory": _text(row, "Subcategory", ref),
+        "origin": _text(row, "Source", ref),
+    }
+
+
+register(
     "imo_answerbench",
-    title="IMO-AnswerBench (Google DeepMind, v1)",
+    title="IMO-AnswerBench (Google DeepMind), v1: the original 2025-10-27 release",
     source=Source(
         "github",
         "google-deepmind/superhuman",
@@ -293,19 +313,27 @@ def beyond_aime(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
         sha256="37aeca686ce677f93580821cfe16a0c0e45872479a502df43272e099da37d8fa",
     ),
     rows=400,
-    normalisation="CSV columns Problem ID/Problem/Short Answer/Category/Subcategory/Source -> "
-    "id/prompt/answer/category/subcategory/origin; answer verbatim, stripped",
-    license="CC BY 4.0 (repository README; code Apache-2.0)",
-)
-def imo_answerbench(row: dict[str, Any], ref: RowRef) -> dict[str, Any]:
-    return {
-        "id": _text(row, "Problem ID", ref),
-        "prompt": _text(row, "Problem", ref),
-        "answer": _answer_text(row, "Short Answer", ref),
-        "category": _text(row, "Category", ref),
-        "subcategory": _text(row, "Subcategory", ref),
-        "origin": _text(row, "Source", ref),
-    }
+    normalisation=_IMO_NOTE,
+    license=_IMO_LICENSE,
+)(_imo_answerbench)
+
+register(
+    "imo_answerbench_v2",
+    title="IMO-AnswerBench v2 (2026-02-12 corrections: 10 answers, 23 statements), extra",
+    source=Source(
+        "github",
+        "google-deepmind/superhuman",
+        "a02069ef66dbae4c5b0713ba0dc144a35375558f",
+        ("imobench/answerbench_v2.csv",),
+        note="published on GitHub only; the row imo-bench-algebra-036 lacks the closing quote of its Problem "
+        "field upstream (a CSV reader shifts its columns): the quote is restored before parsing",
+        sha256="275877a9d988d85278fad3a5f8a41d7f83393a60bf259531ec0a5161e6b21cf9",
+        repairs=(('\\]\n,"$Y(x)=A+\\frac{B}{x}-x$",Algebra', '\\]\n","$Y(x)=A+\\frac{B}{x}-x$",Algebra'),),
+    ),
+    rows=400,
+    normalisation=_IMO_NOTE + "; geometry-096's answer '$\\frac{7}{18}' (no closing $) kept verbatim",
+    license=_IMO_LICENSE,
+)(_imo_answerbench)
 
 
 @register(

@@ -98,12 +98,7 @@ def _no_match(bench: Benchmark, where: str) -> FetchError:
 def _from_local(bench: Benchmark, root: Path) -> Fetched:
     if not root.is_dir():
         raise FetchError(f"{bench.name}: --from directory {root} does not exist")
-    paths = [
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if path.is_file() and not {".git", ".cache"} & set(path.relative_to(root).parts)
-    ]
-    files = select_files(paths, bench.source)
+    files = select_files(_walk(root), bench.source)
     if not files:
         raise _no_match(bench, str(root))
     return Fetched(root=root, files=files, commit=None, origin=f"local:{root}")
@@ -197,7 +192,9 @@ def _hub_cache(hub, bench: Benchmark, revision: str) -> Fetched | None:
 
 
 def _walk(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    """The files below ``root`` as repository paths (``a/b.parquet``), git and cache folders left out."""
+    paths = (path.relative_to(root) for path in root.rglob("*") if path.is_file())
+    return [path.as_posix() for path in paths if not {".git", ".cache"} & set(path.parts)]
 
 
 def _hub_fetched(bench: Benchmark, root: Path, commit: str | None, origin: str) -> Fetched:

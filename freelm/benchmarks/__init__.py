@@ -9,6 +9,6 @@ and ``MANIFEST.json``; ``cli`` is the command line. Nothing here imports
 
 from __future__ import annotations
 
-from freelm.benchmarks.sources import BENCHMARKS, Benchmark, BenchmarkDataError, RowRef, Source, get_benchmark
+from freelm.benchmarks.sources import BENCHMARKS, Benchmark, BenchmarkDataError, RowRef, Source
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkDataError", "RowRef", "Source", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkDataError", "RowRef", "Source"]

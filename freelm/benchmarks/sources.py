@@ -109,13 +109,6 @@ def register(name: str, **fields: Any) -> Callable[[Converter], Converter]:
     return decorate
 
 
-def get_benchmark(name: str) -> Benchmark:
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (freelm data list)") from None
-
-
 # --------------------------------------------------------------------------- field helpers
 
 

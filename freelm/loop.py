@@ -16,16 +16,25 @@ verbatim and only the remainder is re-tokenized, so the server's prefix (radix)
 cache still covers the unchanged prefix (SGLang reuses only the longest common
 token prefix, apis.md §1.6). Reasoning then resumes on the pruned context.
 
-Budgets
--------
+Budgets and the window
+----------------------
 ``max_tokens`` caps the tokens the reasoner generates in total (deleted ones
-included); ``context_limit`` is the context window as served. SGLang answers
-HTTP 400 to a request whose prompt + ``max_new_tokens`` reaches its context
-length (``tokenizer_manager.py: _validate_one_request``), so no request asks for
-more than ``context_limit - 1`` tokens in all and a rollout holds at most that
-many. Running out of context ends the rollout as ``context_overflow`` exactly as
-a vanilla run is truncated, and running out of ``max_tokens`` as ``length``.
-With no cleaner (vanilla) the whole budget is one call.
+included); ``context_limit`` bounds the context (prompt + response stay below
+it). The reasoner's server has its own window (:class:`ContextWindow`, learned
+from the server by the runner: SGLang refuses a prompt of ``max_req_input_len``
+tokens or more and silently caps ``max_new_tokens`` to ``max_req_len - input -
+1``); every request asks for exactly the room both leave, so no request is one
+the server refuses. Running out of room ends the rollout as
+``context_overflow`` exactly as a vanilla run is truncated (and so does a
+server's "context exceeded" 400 on a reasoning call: the text is kept and
+graded), running out of ``max_tokens`` as ``length``. With no cleaner
+(vanilla) the whole budget is one call.
+
+The cleaning call obeys its server's window too: its prompt is the thinking
+plus the template. A cleaner that knows its window (``LoRACleaner.headroom``)
+makes the loop end a reasoning chunk early and clean while the call still has
+its reserve to answer in; the call asks for at most the room left, and one that
+cannot fit at all is recorded (``clean.no_room``) instead of sent.
 
 Everything measured is recorded per round (:class:`~freelm.records.RoundRecord`)
 and per rollout (:class:`~freelm.records.RolloutResult`).
@@ -37,7 +46,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from freelm.backends.base import Backend, BackendError, GenerateRequest, SamplingParams
+from freelm.backends.base import (
+    Backend,
+    BackendError,
+    ContextLengthError,
+    ContextWindow,
+    GenerateRequest,
+    SamplingParams,
+)
 from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
 from freelm.records import CleanRecord, RolloutResult, RoundRecord
@@ -82,13 +98,16 @@ async def run_rollout(
     config: LoopConfig = LoopConfig(),
     seed: int | None = None,
     initial_response: str = "",
+    window: ContextWindow | None = None,
 ) -> RolloutResult:
     """Run one rollout to completion; never raises on model output or backend failure.
 
     ``initial_response`` continues from a given (e.g. pruned) partial thinking,
     which is how reward filtering compares pruned and unpruned contexts.
+    ``window`` is the reasoner server's window (None: ``config.context_limit`` only).
     """
     started = time.perf_counter()
+    window = ContextWindow.budget(config.context_limit).narrow(window)
     prompt_ids = tokenizer.encode(render_reasoning_prompt(problem, tokenizer, config.problem_suffix))
     ids = tokenizer.encode(initial_response)
     text = tokenizer.decode(ids)
@@ -101,7 +120,7 @@ async def run_rollout(
 
     while finish is None:
         context = len(prompt_ids) + len(ids)
-        room = config.context_limit - 1 - context  # prompt + max_new_tokens must stay below the window
+        room = window.room(context)  # what the server serves in full; 0 once it would refuse the prompt
         left = config.max_tokens - generated
         if room <= 0 or left <= 0:
             finish = "context_overflow" if room <= left else "length"
@@ -109,11 +128,17 @@ async def run_rollout(
         cleaning_on = (
             cleaner is not None
             and THINK_CLOSE not in text
-            and (config.max_clean_rounds is None or sum(r.clean is not None for r in rounds) < config.max_clean_rounds)
+            and (
+                config.max_clean_rounds is None
+                or sum(r.clean is not None and r.clean.no_room is None for r in rounds) < config.max_clean_rounds
+            )
         )
         # past the chunk size only while a split multi-byte character completes
         chunk_left = max(1, config.clean_every - since_clean)
         budget = min(room, left, chunk_left) if cleaning_on else min(room, left)
+        headroom = _clean_headroom(cleaner, problem, len(ids), config) if cleaning_on else None
+        if headroom is not None:
+            budget = min(budget, headroom)  # stop where the cleaning call would lose its reserve
         request = GenerateRequest(
             input_ids=prompt_ids + ids,
             max_new_tokens=budget,
@@ -122,6 +147,9 @@ async def run_rollout(
         )
         try:
             result = await reasoner.generate(request)
+        except ContextLengthError as exc:  # the server's window is smaller than it said: the rollout is full
+            finish, error = "context_overflow", f"reasoner: {exc}"
+            break
         except BackendError as exc:
             finish, error = "error", f"reasoner: {exc}"
             break
@@ -155,7 +183,7 @@ async def run_rollout(
             finish, error = "error", "reasoner aborted the request"
         elif not new_ids:
             finish, error = "error", "reasoner returned no tokens without stopping"
-        elif cleaning_on and since_clean >= config.clean_every and THINK_CLOSE not in text:
+        elif cleaning_on and THINK_CLOSE not in text and _clean_due(since_clean, len(new_ids), room, headroom, config):
             if text.endswith(_REPLACEMENT_CHAR):
                 continue  # mid-character: clean at the next boundary instead
             record.clean, ids, text, reused = await _clean(problem, text, ids, prompt_ids, tokenizer, cleaner)
@@ -172,6 +200,24 @@ async def run_rollout(
         wall_time_s=time.perf_counter() - started,
         error=error,
     )
+
+
+def _clean_due(since_clean: int, new_tokens: int, room: int, headroom: int | None, config: LoopConfig) -> bool:
+    """After a full chunk, or a chunk cut short by the window or by the cleaner's headroom (clean before it is too late)."""
+    return since_clean >= config.clean_every or new_tokens >= room or (headroom is not None and new_tokens >= headroom)
+
+
+def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int, config: LoopConfig) -> int | None:
+    """Tokens the next chunk may add before a cleaning call would lose its reserve; None: no bound applies.
+
+    Only a cleaner that knows its window has one (``LoRACleaner.headroom``). A
+    headroom under a quarter chunk means cleaning no longer frees enough room
+    to be worth an early call: reasoning then runs on in normal chunks and each
+    cleaning call takes the room that is left (or is recorded as ``no_room``).
+    """
+    headroom = getattr(cleaner, "headroom", None)
+    value = headroom(problem, thinking_tokens) if headroom is not None else None
+    return value if value is not None and value >= max(1, config.clean_every // 4) else None
 
 
 async def _clean(
@@ -214,5 +260,7 @@ async def _clean(
         completion_tokens=outcome.completion_tokens,
         cached_tokens=outcome.cached_tokens,
         latency_s=time.perf_counter() - started,
+        max_new_tokens=outcome.max_new_tokens,
+        no_room=outcome.no_room,
     )
     return record, ids, text, reusable

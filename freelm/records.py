@@ -45,6 +45,8 @@ class CleanRecord:
     cached_tokens: int | None = None
     latency_s: float = 0.0
     error: str | None = None
+    max_new_tokens: int | None = None  # the answer budget the call was sent with (capped to the window)
+    no_room: str | None = None  # set when no call was sent: the prompt left no room in the cleaner's window
 
 
 @dataclass
@@ -88,7 +90,7 @@ class RolloutResult:
 
     @property
     def cleaning_rounds(self) -> int:
-        return sum(1 for r in self.rounds if r.clean is not None)
+        return sum(1 for r in self.rounds if r.clean is not None and r.clean.no_room is None)
 
     @property
     def reasoning_time_s(self) -> float:

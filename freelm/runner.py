@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freelm.backends.base import Backend
+from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import HeadTailCleaner, LoRACleaner
 from freelm.cleaners.base import Cleaner
@@ -197,10 +197,14 @@ async def run_batch(
     pools: tuple[EndpointPool, ...] = (),
     manifest_config: dict[str, Any] | None = None,
     progress: bool | None = None,
+    window: ContextWindow | None = None,
+    served: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Resume-aware batch: skip what ``output`` holds, run the rest, keep the manifest current.
 
-    ``progress=None`` shows the bar only on a terminal.
+    ``progress=None`` shows the bar only on a terminal. ``window`` is the
+    reasoner servers' window (see :func:`served_limits`); ``served`` what the
+    servers said about themselves, recorded in the manifest.
     """
     output = Path(output)
     if existing is None:
@@ -230,6 +234,8 @@ async def run_batch(
         "ended_at": None,
         "status": "running",
         "previous_runs": history,
+        "served": served or {},
+        "seeds_honoured": (served or {}).get("seeds_honoured"),
     }
 
     def save(status: str) -> None:
@@ -244,7 +250,7 @@ async def run_batch(
         await _execute(
             jobs, output=output, settings=settings, config=config, reasoner=reasoner, tokenizer=tokenizer,
             cleaner=cleaner, concurrency=concurrency, summary=summary, pools=pools, progress=progress,
-            started=started,
+            started=started, window=window,
         )  # fmt: skip
     except BaseException:
         summary.wall_time_s = time.perf_counter() - started
@@ -282,6 +288,7 @@ async def _execute(
     pools: tuple[EndpointPool, ...],
     progress: bool | None,
     started: float,
+    window: ContextWindow | None = None,
 ) -> None:
     """Workers run rollouts; ONE writer task appends them, so workers never wait for the disk.
 
@@ -307,7 +314,7 @@ async def _execute(
             try:
                 result = await run_rollout(
                     job.problem.prompt, reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner,
-                    config=config, seed=job.seed,
+                    config=config, seed=job.seed, window=window,
                 )  # fmt: skip
                 error = result.error if result.finish_reason == "error" else None
             except Exception as exc:  # a bug or unexpected input must cost one rollout, not the run
@@ -485,9 +492,87 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
             cleaner_pool = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
             pools.append(cleaner_pool)
         cleaner = LoRACleaner(
-            cleaner_pool, adapter=args.adapter_name, template=args.clean_template, max_new_tokens=args.clean_max_tokens
-        )
+            cleaner_pool, adapter=args.adapter_name, template=args.clean_template, max_new_tokens=args.clean_max_tokens,
+            tokenizer=tokenizer, reserve=args.clean_reserve,
+        )  # fmt: skip
     return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
+
+
+async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
+    """What a pool's servers serve: the tightest window over its endpoints, and whether all honour seeds.
+
+    Each endpoint is asked (SGLang ``/server_info``, the OpenAI route's
+    ``/v1/models``; the in-process model's ``max_position_embeddings``). An
+    endpoint that reports no window is taken to serve ``context_limit`` under
+    SGLang's margins, the strictest rules known, so no request is one a real
+    server refuses.
+    """
+    reports: list[ServerLimits] = []
+    for state in pool.endpoints:
+        backend = state.backend
+        length = getattr(backend, "context_length", None)
+        if hasattr(backend, "server_limits"):
+            try:
+                reports.append(await backend.server_limits())
+            except BackendError as exc:
+                print(f"warning: {backend.name}: cannot read its limits ({exc})", file=sys.stderr)
+                reports.append(ServerLimits())
+        elif isinstance(length, int) and length > 0:  # in-process: input < length, stops at length
+            window = ContextWindow(length - 1, length, source=f"{backend.name} max_position_embeddings")
+            reports.append(ServerLimits(window=window, seeds_honoured=True, source=backend.name))
+        else:
+            reports.append(ServerLimits())
+    window: ContextWindow | None = None
+    for report in reports:
+        fallback = ContextWindow.sglang(context_limit, source="--context-limit (the server reports no window)")
+        window = (report.window or fallback).narrow(window)
+    flags = {key: [getattr(r, key) for r in reports] for key in ("seeds_honoured", "cache_report")}
+    return ServerLimits(
+        window=window,
+        seeds_honoured=False if False in flags["seeds_honoured"] else (True if all(flags["seeds_honoured"]) else None),
+        cache_report=False if False in flags["cache_report"] else (True if all(flags["cache_report"]) else None),
+        min_p_forbidden=any(r.min_p_forbidden for r in reports),
+        source=", ".join(r.source for r in reports if r.source),
+    )
+
+
+async def _learn_limits(
+    args: argparse.Namespace, components: Components
+) -> tuple[ContextWindow | None, dict[str, Any]]:
+    """Ask the servers for their windows and seed handling; size the cleaner to its window; warn once.
+
+    Raises ValueError for a combination the server would crash on (SGLang's
+    deterministic sampler asserts on ``min_p > 0``, ``layers/sampler.py``).
+    """
+    reasoner = await served_limits(components.reasoner, args.context_limit)
+    served: dict[str, Any] = {"reasoner": reasoner.to_dict(), "seeds_honoured": reasoner.seeds_honoured}
+    cleaner = components.cleaner
+    if isinstance(cleaner, LoRACleaner):
+        cleaning = reasoner if cleaner.backend is components.reasoner else None
+        if cleaning is None and isinstance(cleaner.backend, EndpointPool):
+            cleaning = await served_limits(cleaner.backend, args.context_limit)
+        if cleaning is not None:
+            cleaner.window = cleaning.window
+            served["cleaner"] = cleaning.to_dict()
+    if reasoner.min_p_forbidden and args.min_p > 0:
+        raise ValueError(
+            f"--min-p {args.min_p}: the reasoner runs with --enable-deterministic-inference, whose sampler asserts "
+            "on min_p > 0 (SGLang layers/sampler.py); use --min-p 0 or serve without deterministic inference"
+        )
+    if reasoner.window is not None and reasoner.window.max_total + 1 < args.context_limit:
+        print(
+            f"warning: the reasoner serves at most {reasoner.window.max_total} tokens per request "
+            f"({reasoner.window.source}), less than --context-limit {args.context_limit}: rollouts end "
+            "context_overflow there",
+            file=sys.stderr,
+        )
+    if reasoner.seeds_honoured is False and args.temperature > 0:
+        print(
+            "warning: the reasoner ignores per-request seeds (SGLang honours sampling_seed only with "
+            "--enable-deterministic-inference): rollouts are not reproducible from --seed",
+            file=sys.stderr,
+        )
+    return reasoner.window, served
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
@@ -512,12 +597,17 @@ async def _run_async(
                 names = ", ".join(e.backend.name for e in pool.endpoints)
                 print(f"error: no healthy endpoint in {pool.name}: {names}", file=sys.stderr)
                 return 2
+        try:
+            window, served = await _learn_limits(args, components)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         summary = await run_batch(
             problems, output=args.output, settings=settings, config=loop_config(args),
             reasoner=components.reasoner, tokenizer=components.tokenizer, cleaner=components.cleaner,
             n_rollouts=args.n_rollouts, concurrency=args.concurrency, existing=existing,
             pools=components.pools, manifest_config=_manifest_config(args),
-            progress=False if args.no_progress else None,
+            progress=False if args.no_progress else None, window=window, served=served,
         )  # fmt: skip
     finally:
         await components.aclose()

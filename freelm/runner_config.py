@@ -160,6 +160,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--clean-max-tokens", metavar="N", type=int, default=1024, help="max tokens of one cleaner answer")
     g.add_argument(
+        "--clean-reserve",
+        metavar="N",
+        type=int,
+        default=256,
+        help="near the cleaner's window, clean early while a cleaning call still has this many tokens "
+        "(at most --clean-max-tokens) to answer in",
+    )
+    g.add_argument(
         "--head-tokens", metavar="N", type=int, default=256, help="--cleaner headtail: tokens kept at the start"
     )
     g.add_argument(
@@ -180,7 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=_LOOP.context_limit,
-        help="the served context window; every request's prompt + max new tokens stays below it",
+        help="context budget of a rollout (prompt + response stay below it); the servers' own windows, "
+        "read from them (SGLang /server_info, /v1/models max_model_len), apply as well; a server that reports "
+        "none is taken to serve exactly this window",
     )
     g.add_argument(
         "--max-clean-rounds",
@@ -283,6 +293,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
             "adapter": args.adapter_name,
             "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
             "max_new_tokens": args.clean_max_tokens,
+            "reserve": min(args.clean_reserve, args.clean_max_tokens),
             "sampling": SamplingParams.greedy().to_dict(),
         }
     else:
@@ -347,7 +358,7 @@ def read_endpoints_file(path: Path) -> list[str]:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot check; raises ValueError naming the flag."""
-    for flag in ("n_rollouts", "concurrency", "clean_max_tokens", "head_tokens", "tail_tokens"):
+    for flag in ("n_rollouts", "concurrency", "clean_max_tokens", "clean_reserve", "head_tokens", "tail_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:

@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF_USAGE'
-Usage: MODEL_PATH=... ADAPTER_PATH=... ENDPOINTS_FILE=... scripts/serve_endpoints.sh [--dry-run]
+Usage: MODEL_PATH=... ADAPTER_PATH=... ENDPOINTS_FILE=... scripts/serve_endpoints.sh [--deterministic] [--dry-run]
 
 Required:
   MODEL_PATH, ADAPTER_PATH   as for scripts/serve_sglang.sh
@@ -19,17 +19,25 @@ Optional:
   READY_TIMEOUT (1800)       seconds to wait for each server's GET /health
 Other variables (CONTEXT_LENGTH, MAX_LORA_RANK, LORA_TARGET_MODULES, ...) pass through to serve_sglang.sh.
 The script waits until every server answers /health, writes the list, and keeps running until
-interrupted (Ctrl-C / scancel stops all servers). --dry-run prints the plan and starts nothing.
+interrupted (Ctrl-C / scancel stops all servers).
+
+Options:
+  --deterministic   every server runs with --enable-deterministic-inference (DETERMINISTIC=1): only then are
+                    per-request seeds honoured (see scripts/serve_sglang.sh --help); runner.py records in its
+                    manifest whether they were.
+  --dry-run         print the plan and start nothing.
 EOF_USAGE
 }
 
 dry_run=0
-case "${1:-}" in
-  -h|--help) usage; exit 0 ;;
-  --dry-run) dry_run=1 ;;
-  "") ;;
-  *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-esac
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) dry_run=1 ;;
+    --deterministic) export DETERMINISTIC=1 ;;
+    *) echo "error: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 : "${MODEL_PATH:?MODEL_PATH is not set: the base model directory}"
 : "${ADAPTER_PATH:?ADAPTER_PATH is not set: the Free-Module adapter directory}"
@@ -56,7 +64,7 @@ for (( i = 0; i < servers; i++ )); do
   port=$(( BASE_PORT + i ))
   endpoints+=("$ADVERTISE_HOST:$port")
   if [[ "$dry_run" == 1 ]]; then
-    echo "server $i: CUDA_VISIBLE_DEVICES=$group PORT=$port -> $ADVERTISE_HOST:$port"
+    echo "server $i: CUDA_VISIBLE_DEVICES=$group PORT=$port DETERMINISTIC=${DETERMINISTIC:-0} -> $ADVERTISE_HOST:$port"
   fi
 done
 if [[ "$dry_run" == 1 ]]; then exit 0; fi

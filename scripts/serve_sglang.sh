@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF_USAGE'
-Usage: MODEL_PATH=... ADAPTER_PATH=... scripts/serve_sglang.sh [--dry-run] [-- EXTRA_SGLANG_ARGS...]
+Usage: MODEL_PATH=... ADAPTER_PATH=... scripts/serve_sglang.sh [--deterministic] [--dry-run] [-- EXTRA_SGLANG_ARGS...]
 
 Required:
   MODEL_PATH        base model: local directory (or Hub id)
@@ -15,8 +15,16 @@ Optional:
   PORT (30000)  HOST (127.0.0.1)  TP (1)  CONTEXT_LENGTH (40960)
   MAX_LORA_RANK (64)  LORA_TARGET_MODULES ("q_proj k_proj v_proj o_proj")  MAX_LORAS_PER_BATCH (2)
   SERVED_MODEL_NAME (basename of MODEL_PATH)  MEM_FRACTION_STATIC  PYTHON (python)
+  DETERMINISTIC (0)  1 = --enable-deterministic-inference (same as --deterministic)
 MAX_LORAS_PER_BATCH counts the base model, so base + Free-Module needs at least 2.
---dry-run prints the command instead of starting the server.
+--enable-cache-report is always passed (cached_tokens in OpenAI-route usage; /generate reports it anyway).
+
+Options:
+  --deterministic   serve with --enable-deterministic-inference: only then does SGLang apply a request's
+                    sampling_seed (sampling/sampling_batch_info.py), so runner.py --seed reproduces rollouts and
+                    the reward filter's paired seeds mean something. Costs throughput (batch-invariant kernels);
+                    its sampler asserts on min_p > 0 (layers/sampler.py): keep --min-p 0 (runner.py refuses it).
+  --dry-run         print the command instead of starting the server.
 EOF_USAGE
 }
 
@@ -26,6 +34,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --dry-run) dry_run=1; shift ;;
+    --deterministic) DETERMINISTIC=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -54,7 +63,8 @@ cmd=("${PYTHON:-python}" -m sglang.launch_server
   --max-loras-per-batch "$MAX_LORAS_PER_BATCH" --max-lora-rank "$MAX_LORA_RANK"
   --lora-target-modules "${targets[@]}"
   --context-length "$CONTEXT_LENGTH" --tp-size "$TP"
-  --host "$HOST" --port "$PORT")
+  --host "$HOST" --port "$PORT" --enable-cache-report)
+if [[ "${DETERMINISTIC:-0}" == 1 ]]; then cmd+=(--enable-deterministic-inference); fi
 if [[ -n "${MEM_FRACTION_STATIC:-}" ]]; then cmd+=(--mem-fraction-static "$MEM_FRACTION_STATIC"); fi
 cmd+=("${extra[@]}")
 

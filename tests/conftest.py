@@ -132,7 +132,10 @@ def local_backend(tiny_model_dir, free_adapter_dir, torch_one_thread):
 def _local_sglang_server_session(local_backend, tiny_model_dir):
     from freelm.testing.sglang_server import SGLangTestServer
 
-    with SGLangTestServer(local_backend, served_model_name="tiny", model_path=str(tiny_model_dir)) as server:
+    # served as scripts/serve_sglang.sh serves: --enable-cache-report (cached_tokens on the OpenAI route too)
+    with SGLangTestServer(
+        local_backend, served_model_name="tiny", model_path=str(tiny_model_dir), cache_report=True
+    ) as server:
         yield server
 
 

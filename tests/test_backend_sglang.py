@@ -161,7 +161,7 @@ def test_health_model_info_and_dynamic_adapter_load(local_sglang_server, free_ad
             GenerateRequest(64, input_ids=free_example.prompt_ids, sampling=GREEDY, adapter="fresh")
         )
         unload = await backend.unload_adapter("fresh")
-        with pytest.raises(BackendError, match="HTTP 400: .*not loaded"):
+        with pytest.raises(BackendError, match="HTTP 400: .*does not exist"):
             await backend.unload_adapter("fresh")
         return healthy, info, load, res, unload
 

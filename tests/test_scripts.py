@@ -109,7 +109,7 @@ def test_train_script_rejects_an_invalid_plan_before_launch():
 
 def test_serve_scripts_dry_run():
     result = run(
-        ["bash", str(SCRIPTS / "serve_sglang.sh"), "--dry-run", "--", "--enable-cache-report"],
+        ["bash", str(SCRIPTS / "serve_sglang.sh"), "--dry-run", "--", "--log-level", "info"],
         env={"MODEL_PATH": "/models/Qwen3-8B", "ADAPTER_PATH": "/adapters/free", "TP": "2", "PORT": "31000"},
     )
     assert result.returncode == 0, result.stderr
@@ -123,7 +123,15 @@ def test_serve_scripts_dry_run():
         ("--served-model-name", "Qwen3-8B"),
     ]:
         assert cmd[cmd.index(flag) + 1] == value
-    assert "--enable-lora" in cmd and cmd[-1] == "--enable-cache-report"
+    assert "--enable-lora" in cmd and "--enable-cache-report" in cmd and cmd[-2:] == ["--log-level", "info"]
+    assert "--enable-deterministic-inference" not in cmd
+    seeded = run(
+        ["bash", str(SCRIPTS / "serve_sglang.sh"), "--deterministic", "--dry-run"],
+        env={"MODEL_PATH": "/m", "ADAPTER_PATH": "/a"},
+    )
+    assert seeded.returncode == 0 and "--enable-deterministic-inference" in seeded.stdout.split()
+    for script in ("serve_sglang.sh", "serve_endpoints.sh"):
+        assert "--deterministic" in run(["bash", str(SCRIPTS / script), "--help"], env={}).stdout
     low = run(
         ["bash", str(SCRIPTS / "serve_sglang.sh"), "--dry-run"],
         env={"MODEL_PATH": "/m", "ADAPTER_PATH": "/a", "MAX_LORAS_PER_BATCH": "1"},
@@ -134,9 +142,9 @@ def test_serve_scripts_dry_run():
     groups = run(["bash", str(SCRIPTS / "serve_endpoints.sh"), "--dry-run"], env=env)
     assert groups.returncode == 0, groups.stderr
     assert groups.stdout.splitlines() == [
-        "server 0: CUDA_VISIBLE_DEVICES=0,1 PORT=30000 -> 127.0.0.1:30000",
-        "server 1: CUDA_VISIBLE_DEVICES=2,3 PORT=30001 -> 127.0.0.1:30001",
-        "server 2: CUDA_VISIBLE_DEVICES=4,5 PORT=30002 -> 127.0.0.1:30002",
+        "server 0: CUDA_VISIBLE_DEVICES=0,1 PORT=30000 DETERMINISTIC=0 -> 127.0.0.1:30000",
+        "server 1: CUDA_VISIBLE_DEVICES=2,3 PORT=30001 DETERMINISTIC=0 -> 127.0.0.1:30001",
+        "server 2: CUDA_VISIBLE_DEVICES=4,5 PORT=30002 DETERMINISTIC=0 -> 127.0.0.1:30002",
     ]
     uneven = run(["bash", str(SCRIPTS / "serve_endpoints.sh"), "--dry-run"], env={**env, "TP": "4"})
     assert uneven.returncode == 2 and "groups of TP=4" in uneven.stderr

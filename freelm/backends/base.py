@@ -78,6 +78,121 @@ class BackendError(RuntimeError):
     """A request failed for good (bad request, unknown adapter, ...): do not retry."""
 
 
+class ContextLengthError(BackendError):
+    """The server refused the request because its prompt or prompt + max_new_tokens exceeds its window.
+
+    A reasoning call refused this way ends the rollout as ``context_overflow``
+    (its text kept and graded), exactly like a rollout that filled the window.
+    """
+
+
+#: How servers word a window refusal: SGLang ``tokenizer_manager.py`` ("is longer than the model's
+#: context length", "exceeds the model's maximum context length"), SGLang ``managers/utils.py``
+#: ``validate_input_length`` ("exceeds the maximum allowed length"), vLLM / OpenAI ("maximum context
+#: length", ``context_length_exceeded``).
+_CONTEXT_ERROR_MARKERS = (
+    "context length",
+    "maximum context length",
+    "maximum allowed length",
+    "context_length_exceeded",
+)
+
+
+def is_context_error(message: str) -> bool:
+    """True when a 400's message says the request does not fit the server's window."""
+    text = message.lower()
+    return any(marker in text for marker in _CONTEXT_ERROR_MARKERS)
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """The lengths a server serves: the largest prompt it takes and the largest prompt + ``max_new_tokens``.
+
+    SGLang 0.5.23 checks a request twice (``managers/tokenizer_manager.py``:
+    400 when ``input >= context_len`` or ``input + max_new_tokens > context_len``;
+    ``managers/scheduler.py`` with ``managers/tp_worker.py``: 400 when ``input >=
+    max_req_input_len``, and ``max_new_tokens`` silently capped to ``max_req_len -
+    input - 1``, where ``max_req_len = min(context_len - 1, kv_capacity - 1)`` and
+    ``max_req_input_len = max_req_len - 5``). :meth:`room` asks for exactly what
+    is served in full, so a call that fills the window ends as ``length`` where
+    it was asked to, and the next call is never one the server refuses.
+    """
+
+    max_input: int
+    max_total: int
+    source: str = "--context-limit"
+
+    @classmethod
+    def sglang(
+        cls, context_length: int, max_req_input_len: int | None = None, reserved: int = 0, source: str = ""
+    ) -> ContextWindow:
+        """SGLang's window for ``context_len`` (and the scheduler's ``max_req_input_len`` when known).
+
+        ``reserved``: output slots EAGLE speculative decoding adds to every input
+        (``managers/utils.py: compute_num_reserved_tokens``). Without a reported
+        ``max_req_input_len`` the KV pool is assumed to hold a full window.
+        """
+        max_req_len = context_length - 1
+        if max_req_input_len is not None:  # max_req_input_len = max_req_len - 5 (less a dLLM block, if any)
+            max_req_len = min(max_req_len, max_req_input_len + 5)
+        else:
+            max_req_input_len = max_req_len - 5
+        return cls(
+            max_input=min(max_req_input_len - 1, context_length - 1 - reserved),
+            max_total=min(max_req_len - 1, context_length - reserved),
+            source=source or f"SGLang rules on a {context_length}-token window",
+        )
+
+    @classmethod
+    def budget(cls, context_limit: int) -> ContextWindow:
+        """The rollout's own budget (``--context-limit``): prompt + response stay below ``context_limit``."""
+        return cls(max_input=context_limit - 2, max_total=context_limit - 1, source="--context-limit")
+
+    def room(self, input_tokens: int) -> int:
+        """The most ``max_new_tokens`` a request with this prompt gets in full; 0 when it would be refused."""
+        if input_tokens > self.max_input:
+            return 0
+        return max(0, self.max_total - input_tokens)
+
+    def narrow(self, other: ContextWindow | None) -> ContextWindow:
+        """Both windows at once (e.g. the served one and the flag's budget)."""
+        if other is None:
+            return self
+        if other.max_input >= self.max_input and other.max_total >= self.max_total:
+            return self
+        if other.max_input <= self.max_input and other.max_total <= self.max_total:
+            return other
+        return ContextWindow(
+            min(self.max_input, other.max_input),
+            min(self.max_total, other.max_total),
+            f"{self.source} + {other.source}",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a server says about itself that changes what the loop may send and what its seeds mean.
+
+    ``None`` = the server did not say. ``seeds_honoured``: SGLang applies
+    ``sampling_seed`` only under ``--enable-deterministic-inference``
+    (``sampling/sampling_batch_info.py``), where ``min_p > 0`` asserts
+    (``layers/sampler.py``: ``min_p_forbidden``). ``cache_report``: the OpenAI route reports
+    ``cached_tokens`` only with ``--enable-cache-report``.
+    """
+
+    window: ContextWindow | None = None
+    seeds_honoured: bool | None = None
+    cache_report: bool | None = None
+    min_p_forbidden: bool = False
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class TransientBackendError(BackendError):
     """Connection error, timeout or 5xx: worth retrying, possibly on another endpoint."""
 

@@ -24,9 +24,19 @@ import os
 import time
 from typing import Any
 
+import httpx
 import openai
 
-from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, TransientBackendError
+from freelm.backends.base import (
+    BackendError,
+    ContextLengthError,
+    ContextWindow,
+    GenerateRequest,
+    GenerateResult,
+    ServerLimits,
+    TransientBackendError,
+    is_context_error,
+)
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
 
@@ -111,10 +121,44 @@ class OpenAIBackend:
         message += f": {self._scrub(str(exc.message))}"
         if isinstance(exc, openai.APIConnectionError) or (status is not None and (status == 429 or status >= 500)):
             return TransientBackendError(message)
+        if status == 400 and (
+            is_context_error(str(exc.message)) or getattr(exc, "code", None) == "context_length_exceeded"
+        ):
+            return ContextLengthError(message)
         return BackendError(message)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
+
+    async def server_limits(self) -> ServerLimits:
+        """What the server reports: SGLang's ``/server_info`` at the origin, else ``max_model_len`` in ``/v1/models``.
+
+        A server that reports neither gets ``ServerLimits()`` and the runner falls
+        back to ``--context-limit`` (with SGLang's margins, the strictest known).
+        """
+        from freelm.backends.sglang import parse_server_info
+
+        origin = httpx.URL(self.base_url).copy_with(path="/", query=None)
+        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                response = await client.get(str(origin.join("server_info")), headers=headers)
+            if response.status_code == 200:
+                limits = parse_server_info(response.json(), self.base_url)
+                if limits.window is not None:
+                    return limits
+        except (httpx.HTTPError, ValueError, BackendError):
+            pass  # not SGLang (or not reachable there): ask the OpenAI route
+        try:
+            models = await self._client.models.list()
+        except openai.APIError:
+            return ServerLimits()
+        for card in models.data:
+            length = getattr(card, "max_model_len", None)
+            if card.id == self.model and isinstance(length, int) and length > 0:
+                window = ContextWindow.sglang(length, source=f"{self.base_url}/models max_model_len")
+                return ServerLimits(window=window, source=f"{self.base_url}/models")
+        return ServerLimits()
 
     async def health(self) -> bool:
         try:

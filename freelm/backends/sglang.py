@@ -30,7 +30,16 @@ from typing import Any
 
 import httpx
 
-from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, TransientBackendError
+from freelm.backends.base import (
+    BackendError,
+    ContextLengthError,
+    ContextWindow,
+    GenerateRequest,
+    GenerateResult,
+    ServerLimits,
+    TransientBackendError,
+    is_context_error,
+)
 
 #: SGLang's "top_k off" in the API contract (``TOP_K_ALL = 1 << 30``).
 TOP_K_ALL = 1 << 30
@@ -73,7 +82,8 @@ def parse_generate_response(data: Any, endpoint: str) -> GenerateResult:
     kind = finish.get("type")
     if kind == "abort":
         status = finish.get("status_code")
-        raise BackendError(f"{endpoint}: generation aborted (status {status}): {finish.get('message')}")
+        message = f"{endpoint}: generation aborted (status {status}): {finish.get('message')}"
+        raise (ContextLengthError if is_context_error(str(finish.get("message"))) else BackendError)(message)
     if kind not in ("stop", "length"):
         raise BackendError(f"{endpoint}: unexpected finish_reason {finish!r}")
     try:
@@ -90,8 +100,52 @@ def parse_generate_response(data: Any, endpoint: str) -> GenerateResult:
         raise BackendError(f"{endpoint}: malformed /generate meta_info {meta!r}: {exc}") from exc
 
 
+#: EAGLE-family algorithms reserve output slots on top of every input (``managers/utils.py``).
+_EAGLE_ALGORITHMS = ("EAGLE", "EAGLE3", "FROZEN_KV_MTP")
+
+
+def parse_server_info(info: Any, endpoint: str) -> ServerLimits:
+    """SGLang's ``/server_info``: the resolved server args plus the scheduler's ``max_req_input_len``.
+
+    ``context_length`` is null when the model's config.json decides it; then
+    ``max_req_input_len`` alone bounds the window (``managers/tp_worker.py``:
+    ``max_req_input_len = min(context_len - 1, kv_capacity - 1) - 5``).
+    """
+    if not isinstance(info, dict):
+        raise BackendError(f"{endpoint}/server_info: expected a JSON object, got {str(info)[:200]}")
+
+    def number(key: str) -> int | None:
+        value = info.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    max_input = number("max_req_input_len")
+    context = number("context_length") or (max_input + 6 if max_input else None)
+    reserved = 0
+    if str(info.get("speculative_algorithm") or "").upper() in _EAGLE_ALGORITHMS:
+        steps = (number("speculative_eagle_topk") or 1) * (number("speculative_num_steps") or 0)
+        reserved = max(
+            steps, number("speculative_num_draft_tokens") or 0, number("max_speculative_num_draft_tokens") or 0
+        )
+    window = None
+    if context is not None:
+        window = ContextWindow.sglang(context, max_input, reserved, source=f"{endpoint}/server_info")
+    deterministic = info.get("enable_deterministic_inference")
+    return ServerLimits(
+        window=window,
+        seeds_honoured=bool(deterministic) if isinstance(deterministic, bool) else None,
+        cache_report=info.get("enable_cache_report") if isinstance(info.get("enable_cache_report"), bool) else None,
+        min_p_forbidden=deterministic is True,
+        source=f"{endpoint}/server_info",
+    )
+
+
 def error_message(response: httpx.Response) -> str:
-    """The server's own error text: SGLang answers ``{"error": {"message": ...}}``, FastAPI ``{"detail": ...}``."""
+    """The server's own error text, from any of SGLang's error bodies (``entrypoints/http_server.py``).
+
+    ``{"error": "..."}`` (schema violations), ``{"error": {"message": ...}}``
+    (ValueErrors), ``{"object": "error", "message": ...}`` (HTTP exceptions),
+    ``{"success": false, "error_message": ...}`` (LoRA load/unload), FastAPI's ``{"detail": ...}``.
+    """
     try:
         body = response.json()
     except ValueError:
@@ -160,6 +214,10 @@ class SGLangBackend:
     async def model_info(self) -> dict[str, Any]:
         return _json(await self._request("GET", "/model_info"))
 
+    async def server_limits(self) -> ServerLimits:
+        """The served window, seed and cache-report settings, from ``GET /server_info``."""
+        return parse_server_info(_json(await self._request("GET", "/server_info")), self.base_url)
+
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Load a LoRA directory (on the server's disk) under ``name`` into the running server."""
         return _json(await self._request("POST", "/load_lora_adapter", json={"lora_name": name, "lora_path": path}))
@@ -194,7 +252,9 @@ class SGLangBackend:
                 last = f"HTTP {response.status_code}: {error_message(response)}"
                 continue
             if response.status_code >= 400:
-                raise BackendError(f"{self.base_url}{path}: HTTP {response.status_code}: {error_message(response)}")
+                message = error_message(response)
+                kind = ContextLengthError if response.status_code == 400 and is_context_error(message) else BackendError
+                raise kind(f"{self.base_url}{path}: HTTP {response.status_code}: {message}")
             return response
         raise TransientBackendError(f"{self.base_url}{path}: failed after {self.max_retries + 1} attempts: {last}")
 

@@ -25,6 +25,8 @@ class CleanOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int | None = None
+    max_new_tokens: int | None = None  # the answer budget the call was sent with (capped to the window)
+    no_room: str | None = None  # why no call was sent: the prompt leaves no room in the cleaner's window
 
 
 @runtime_checkable

@@ -211,9 +211,10 @@ def test_chunk_boundary_inside_a_multibyte_character(tokenizer):
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "headtail"])
-def test_requests_stay_below_the_served_context_length(mode):
-    """SGLang answers 400 when prompt + max_new_tokens reaches its context length: running into the
-    limit must end the rollout as context_overflow or length, never as a rejected request."""
+def test_requests_stay_inside_the_served_window(mode):
+    """SGLang refuses a prompt of max_req_input_len tokens or more and caps max_new_tokens silently: with the
+    window read from /server_info, running into it ends the rollout as context_overflow (vanilla) or
+    cleans and goes on to the token budget (headtail), never as a rejected request."""
     tokenizer = Tokenizer(ScriptedTokenizer())
     prompt_tokens = len(tokenizer.encode(render_reasoning_prompt("Count.", tokenizer)))
     limit = prompt_tokens + 100
@@ -222,16 +223,19 @@ def test_requests_stay_below_the_served_context_length(mode):
         async def main():
             backend = SGLangBackend(server.url, max_retries=0)
             cleaner = HeadTailCleaner(tokenizer, head_tokens=5, tail_tokens=5) if mode == "headtail" else None
-            # headtail: 95 tokens, cleaned down to ~10, then a last chunk of the 89 that still fit
             config = LoopConfig(clean_every=95, max_tokens=400, context_limit=limit)
             try:
+                window = (await backend.server_limits()).window
                 return await run_rollout(
-                    "Count.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config
+                    "Count.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config, window=window
                 )
             finally:
                 await backend.aclose()
 
         result = run(main())
-    assert result.error is None and result.finish_reason == "context_overflow"
-    assert result.peak_context_tokens == limit - 1
-    assert result.cleaning_rounds == (1 if mode == "headtail" else 0)
+    assert result.error is None and result.peak_context_tokens == limit - 2  # max_req_len - 1
+    if mode == "vanilla":
+        assert result.finish_reason == "context_overflow" and result.generated_tokens == 100 - 2
+    else:  # 95 tokens, cleaned to ~10, then cleaned again each time the window cuts a chunk short
+        assert result.finish_reason == "length" and result.generated_tokens == 400
+        assert result.cleaning_rounds >= 4

@@ -8,7 +8,6 @@ the event loop, in-flight requests and a possibly half-written line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.manifest import manifest_path
 from freelm.records import iter_jsonl, read_rollouts
-from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
+from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
 from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
@@ -31,32 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 24
 PROBLEMS = 6
 ROLLOUTS = 4
-
-
-class CountingEngine:
-    """The counting model as a blocking server engine; ``delay`` seconds per call stand in for GPU time."""
-
-    adapter_names = ["free"]
-
-    def __init__(self, tokenizer: Tokenizer, delay: float):
-        self.tokenizer = tokenizer
-        self.delay = delay
-
-    def generate_blocking(self, request: GenerateRequest) -> GenerateResult:
-        time.sleep(self.delay)
-        return asyncio.run(CountingBackend(self.tokenizer, target=TARGET).generate(request))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids)
-
-    def load_adapter(self, name: str, path: str) -> None: ...
-
-    def unload_adapter(self, name: str) -> None: ...
-
-    def flush_cache(self) -> None: ...
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +44,7 @@ def counting_setup(tmp_path_factory):
             for i in range(PROBLEMS)
         )
     )
-    with SGLangTestServer(CountingEngine(tokenizer, delay=0.03)) as server:
+    with SGLangTestServer(CountingEngine(tokenizer, target=TARGET, delay=0.03)) as server:
         yield server, root / "tokenizer", data
 
 
@@ -131,7 +103,7 @@ def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(cou
     from freelm.runner import main
 
     server.reset()
-    with SGLangTestServer(CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), delay=0.0)) as cleaner_server:
+    with SGLangTestServer(CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), target=TARGET)) as cleaner_server:
         out = tmp_path / "out.jsonl"
         command = runner_command(server, tokenizer_dir, data, out)[2:]
         assert main([*command, "--n-rollouts", "1", "--cleaner-endpoint", cleaner_server.url]) == 0

@@ -237,9 +237,7 @@ def test_completions_report_cached_tokens_only_with_cache_report(server):
     assert post(server, "/v1/completions", body).json()["usage"]["prompt_tokens_details"] is None
     with SGLangTestServer(ScriptedEngine(), served_model_name="qwen3-8b", cache_report=True) as reporting:
         post(reporting, "/v1/completions", body)
-        assert post(reporting, "/v1/completions", body).json()["usage"]["prompt_tokens_details"] == {
-            "cached_tokens": 2
-        }
+        assert post(reporting, "/v1/completions", body).json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
 
 
 # ----- aborts and health (managers/tokenizer_manager.py, entrypoints/http_server.py)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -100,3 +101,37 @@ def _keep_last_step(context: str) -> str:
     if len(lines) < 2:
         return "[]"
     return json.dumps([{"prefix": f"step {lines[0]}\n", "suffix": f"step {lines[-2]}\n"}])
+
+
+class CountingEngine:
+    """The counting model as a blocking server engine (:mod:`freelm.testing.sglang_server`).
+
+    ``delay`` seconds per call stand in for GPU time. Any adapter name answers
+    the cleaning JSON; the server's registry decides which names exist.
+    """
+
+    adapter_names = ["free"]
+
+    def __init__(self, tokenizer: Tokenizer, target: int = 40, delay: float = 0.0):
+        self.tokenizer = tokenizer
+        self.target = target
+        self.delay = delay
+
+    def generate_blocking(self, request: GenerateRequest) -> GenerateResult:
+        time.sleep(self.delay)
+        return asyncio.run(CountingBackend(self.tokenizer, target=self.target).generate(request))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        return None
+
+    def unload_adapter(self, name: str) -> None:
+        return None
+
+    def flush_cache(self) -> None:
+        return None

@@ -634,7 +634,8 @@ def shape_output(
         if position >= 0:
             text = text[: position + len(matched)] if no_trim else text[:position]
         return text, {"type": "stop", "matched": matched}
-    if overridden or not ids:  # a scripted override ends without an eos token
+    if overridden or not ids or engine.decode(ids[-1:], skip_special_tokens=True):
+        # no stop token at the end: a scripted override, or a test engine that stops without emitting one
         return engine.decode(ids, skip_special_tokens=skip_special), {"type": "stop", "matched": None}
     kept = ids if no_trim else ids[:-1]
     return engine.decode(kept, skip_special_tokens=skip_special), {"type": "stop", "matched": ids[-1]}

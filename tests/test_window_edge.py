@@ -1,0 +1,116 @@
+"""The window edge against the SGLang stand-in's real rules, on the SGLang and OpenAI-compatible backends.
+
+A 1000-token window, the counting model told to count far past it: vanilla with
+``--max-tokens`` equal to the window keeps every rollout (finished
+``context_overflow``, none in OUT.errors.jsonl), and Free()LM with the default
+``--clean-max-tokens`` (1024, more than the whole window) keeps cleaning up to
+the window and finishes with the right answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from freelm.backends.sglang import SGLangBackend
+from freelm.loop import LoopConfig, run_rollout
+from freelm.manifest import errors_path, manifest_path
+from freelm.prompts import render_reasoning_prompt
+from freelm.records import read_rollouts
+from freelm.runner import main
+from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
+from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.tokenizer import Tokenizer
+
+WINDOW = 1000
+TARGET = 400  # ~1,600 tokens of counting: four windows' worth
+PROBLEMS, ROLLOUTS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("window")
+    tokenizer = counting_tokenizer(TARGET, steps=TARGET + 1)
+    tokenizer.hf.save_pretrained(root / "tokenizer")
+    data = root / "problems.jsonl"
+    lines = [
+        json.dumps({"id": i, "prompt": f"Count to {TARGET} ({i}).", "answer": str(TARGET)}) for i in range(PROBLEMS)
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    template = root / "clean.txt"
+    template.write_text("<|im_start|>user\nFree:\n{problem}\n{thinking}<|im_end|>\n<|im_start|>assistant\n")
+    engine = CountingEngine(tokenizer, target=TARGET)
+    with SGLangTestServer(engine, served_model_name="counter", context_length=WINDOW, cache_report=True) as server:
+        yield server, root, data, template
+
+
+def _run(server, root: Path, data: Path, out: Path, backend: str, *extra: str) -> int:
+    endpoint = server.url.removeprefix("http://")
+    route = ["--backend", "openai", "--served-model", "counter"] if backend == "openai" else ["--backend", "sglang"]
+    return main([
+        "--data", str(data), "--output", str(out), "--endpoint", endpoint, "--tokenizer", str(root / "tokenizer"),
+        "--n-rollouts", str(ROLLOUTS), "--context-limit", str(WINDOW), "--temperature", "0", "--no-progress",
+        "--max-retries", "0", *route, *extra,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["sglang", "openai"])
+def test_vanilla_with_max_tokens_equal_to_the_window_keeps_every_rollout(counting, tmp_path, backend):
+    server, root, data, _ = counting
+    server.reset()
+    out = tmp_path / "vanilla.jsonl"
+    assert _run(server, root, data, out, backend, "--mode", "vanilla", "--max-tokens", str(WINDOW)) == 0
+    records = read_rollouts(out)
+    assert len(records) == PROBLEMS * ROLLOUTS and not errors_path(out).exists()
+    assert {r.finish_reason for r in records} == {"context_overflow"}
+    # SGLang serves max_req_len - 1 = 998 tokens per request: the rollout is exactly that full
+    assert {r.final_context_tokens for r in records} == {WINDOW - 2}
+    assert all(r.response.startswith("step 1\n") for r in records)  # the text is kept, to be graded
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["served"]["reasoner"]["window"]["max_input"] == WINDOW - 7
+    assert manifest["seeds_honoured"] is False
+
+
+@pytest.mark.parametrize("backend", ["sglang", "openai"])
+def test_freelm_with_default_clean_max_tokens_keeps_cleaning_up_to_the_window(counting, tmp_path, backend):
+    server, root, data, template = counting
+    server.reset()
+    out = tmp_path / "freelm.jsonl"
+    code = _run(
+        server, root, data, out, backend, "--mode", "freelm", "--clean-every", "128", "--max-tokens", "8000",
+        "--clean-template", str(template),
+    )  # fmt: skip
+    assert code == 0
+    records = read_rollouts(out)
+    assert len(records) == PROBLEMS * ROLLOUTS and not errors_path(out).exists()
+    for record in records:
+        assert record.finish_reason == "stop" and record.response.endswith(counting_answer(TARGET))
+        assert record.generated_tokens > WINDOW and record.peak_context_tokens <= WINDOW - 2
+        cleans = [r.clean for r in record.rounds if r.clean is not None]
+        assert len(cleans) >= 4 and all(c.error is None and c.no_room is None for c in cleans)
+        # every cleaning call asked for what its window left, never the default 1024
+        assert all(c.max_new_tokens < 1024 for c in cleans)
+        assert all(c.prompt_tokens + c.max_new_tokens <= WINDOW - 2 for c in cleans)
+
+
+def test_a_context_400_on_a_reasoning_call_ends_the_rollout_context_overflow_with_its_text():
+    """A server whose window is smaller than the one the loop was given: its 400 is an overflow, not a loss."""
+    tokenizer = Tokenizer(ScriptedTokenizer())
+    prompt = len(tokenizer.encode(render_reasoning_prompt("Count.", tokenizer)))
+    with SGLangTestServer(ScriptedEngine({None: "x" * 1000}), context_length=prompt + 100) as server:
+
+        async def go():
+            backend = SGLangBackend(server.url, max_retries=0)
+            # --context-limit alone, without SGLang's margins: the issue's "Input length exceeds" case
+            config = LoopConfig(max_tokens=400, context_limit=prompt + 100)
+            try:
+                return await run_rollout("Count.", reasoner=backend, tokenizer=tokenizer, cleaner=None, config=config)
+            finally:
+                await backend.aclose()
+
+        result = asyncio.run(go())
+    assert result.finish_reason == "context_overflow" and "exceeds the maximum allowed length" in result.error
+    assert result.response == "x" * 98 and result.generated_tokens == 98  # capped at max_req_len - input - 1

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from freelm.backends.base import ContextWindow
 from freelm.backends.sglang import SGLangBackend
+from freelm.cleaners import LoRACleaner
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path
 from freelm.prompts import render_reasoning_prompt
@@ -114,3 +116,40 @@ def test_a_context_400_on_a_reasoning_call_ends_the_rollout_context_overflow_wit
         result = asyncio.run(go())
     assert result.finish_reason == "context_overflow" and "exceeds the maximum allowed length" in result.error
     assert result.response == "x" * 98 and result.generated_tokens == 98  # capped at max_req_len - input - 1
+
+
+def test_a_cleaning_prompt_with_no_room_is_recorded_not_sent():
+    tokenizer = Tokenizer(ScriptedTokenizer())
+    engine = ScriptedEngine({None: "x", "free": "[]"})
+    with SGLangTestServer(engine) as server:
+
+        async def go():
+            backend = SGLangBackend(server.url, max_retries=0)
+            window = ContextWindow.sglang(300)  # max_input 293: the thinking below leaves no room
+            cleaner = LoRACleaner(backend, window=window, tokenizer=tokenizer)
+            try:
+                return await cleaner.clean("Count.", "step 1\n" * 60), cleaner.headroom("Count.", 400)
+            finally:
+                await backend.aclose()
+
+        outcome, headroom = asyncio.run(go())
+    assert outcome.no_room.startswith("cleaning prompt of") and outcome.edit.spans == []
+    assert headroom < 0 and server.requests["/generate"] == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_runner_records_whether_seeds_are_honoured_and_warns_once(counting, tmp_path, capsys, deterministic):
+    _, root, data, _ = counting
+    engine = CountingEngine(Tokenizer.from_pretrained(root / "tokenizer"), target=TARGET)
+    with SGLangTestServer(engine, served_model_name="counter", deterministic=deterministic) as server:
+        out = tmp_path / "seeded.jsonl"
+        args = ["--mode", "vanilla", "--max-tokens", "64", "--temperature", "0.6", "--min-p", "0"]
+        assert _run(server, root, data, out, "sglang", *args) == 0
+        warned = capsys.readouterr().err.count("ignores per-request seeds")
+        assert json.loads(manifest_path(out).read_text())["seeds_honoured"] is deterministic
+        assert warned == (0 if deterministic else 1)
+        refused = _run(server, root, data, tmp_path / "min_p.jsonl", "sglang", *args[:-1], "0.05")
+        assert refused == (2 if deterministic else 0)  # the deterministic sampler would assert: nothing sent
+        if deterministic:
+            assert "asserts on min_p > 0" in capsys.readouterr().err
+            assert not (tmp_path / "min_p.jsonl").exists() and server.status == "up"

@@ -98,10 +98,12 @@ _CONTEXT_ERROR_MARKERS = (
 )
 
 
-def is_context_error(message: str) -> bool:
-    """True when a 400's message says the request does not fit the server's window."""
-    text = message.lower()
-    return any(marker in text for marker in _CONTEXT_ERROR_MARKERS)
+def refused(message: str, server_message: str, status: int | None = 400) -> BackendError:
+    """The error for a request the server refused: a :class:`ContextLengthError` when a 400 (or an abort,
+    ``status=None``) says it does not fit the window, else a plain :class:`BackendError`."""
+    text = server_message.lower()
+    fits = not any(marker in text for marker in _CONTEXT_ERROR_MARKERS)
+    return BackendError(message) if fits or status not in (400, None) else ContextLengthError(message)
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,11 @@ class ServerLimits:
     cache_report: bool | None = None
     min_p_forbidden: bool = False
     source: str = ""
+
+    @classmethod
+    def from_context_length(cls, context_length: int, source: str) -> ServerLimits:
+        """A server that reports only its context length (``max_model_len``): SGLang's margins, the strictest known."""
+        return cls(window=ContextWindow.sglang(context_length, source=source), source=source)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,13 +29,11 @@ import openai
 
 from freelm.backends.base import (
     BackendError,
-    ContextLengthError,
-    ContextWindow,
     GenerateRequest,
     GenerateResult,
     ServerLimits,
     TransientBackendError,
-    is_context_error,
+    refused,
 )
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
@@ -121,11 +119,10 @@ class OpenAIBackend:
         message += f": {self._scrub(str(exc.message))}"
         if isinstance(exc, openai.APIConnectionError) or (status is not None and (status == 429 or status >= 500)):
             return TransientBackendError(message)
-        if status == 400 and (
-            is_context_error(str(exc.message)) or getattr(exc, "code", None) == "context_length_exceeded"
-        ):
-            return ContextLengthError(message)
-        return BackendError(message)
+        server_message = str(exc.message) + (
+            " context_length_exceeded" if getattr(exc, "code", None) == "context_length_exceeded" else ""
+        )
+        return refused(message, server_message, status)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -156,8 +153,7 @@ class OpenAIBackend:
         for card in models.data:
             length = getattr(card, "max_model_len", None)
             if card.id == self.model and isinstance(length, int) and length > 0:
-                window = ContextWindow.sglang(length, source=f"{self.base_url}/models max_model_len")
-                return ServerLimits(window=window, source=f"{self.base_url}/models")
+                return ServerLimits.from_context_length(length, source=f"{self.base_url}/models max_model_len")
         return ServerLimits()
 
     async def health(self) -> bool:

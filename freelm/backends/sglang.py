@@ -32,13 +32,12 @@ import httpx
 
 from freelm.backends.base import (
     BackendError,
-    ContextLengthError,
     ContextWindow,
     GenerateRequest,
     GenerateResult,
     ServerLimits,
     TransientBackendError,
-    is_context_error,
+    refused,
 )
 
 #: SGLang's "top_k off" in the API contract (``TOP_K_ALL = 1 << 30``).
@@ -83,7 +82,7 @@ def parse_generate_response(data: Any, endpoint: str) -> GenerateResult:
     if kind == "abort":
         status = finish.get("status_code")
         message = f"{endpoint}: generation aborted (status {status}): {finish.get('message')}"
-        raise (ContextLengthError if is_context_error(str(finish.get("message"))) else BackendError)(message)
+        raise refused(message, str(finish.get("message")), status)
     if kind not in ("stop", "length"):
         raise BackendError(f"{endpoint}: unexpected finish_reason {finish!r}")
     try:
@@ -253,8 +252,9 @@ class SGLangBackend:
                 continue
             if response.status_code >= 400:
                 message = error_message(response)
-                kind = ContextLengthError if response.status_code == 400 and is_context_error(message) else BackendError
-                raise kind(f"{self.base_url}{path}: HTTP {response.status_code}: {message}")
+                raise refused(
+                    f"{self.base_url}{path}: HTTP {response.status_code}: {message}", message, response.status_code
+                )
             return response
         raise TransientBackendError(f"{self.base_url}{path}: failed after {self.max_retries + 1} attempts: {last}")
 

@@ -236,3 +236,40 @@ def test_export_adapter_takes_the_latest_hf_sidecar_and_checks_it(tiny_base, tin
 
     empty = run([*cmd, "--lora-checkpoint", str(tmp_path), "--output", str(tmp_path / "x")])
     assert empty.returncode == 2 and "iter_*" in empty.stderr
+
+
+# --------------------------------------------------------------------------- the cluster smoke check
+
+
+def test_smoke_check_against_the_stand_in_passes_and_prints_the_table(tmp_path):
+    out = tmp_path / "smoke"
+    cmd = ["bash", str(SCRIPTS / "smoke_sglang.sh"), "--server", "stand-in", "--problems", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].split() == ["check", "result", "detail"] and len(table) == 7
+    assert all(" PASS " in line for line in table[1:]), result.stdout
+    assert (out / "served.freelm.jsonl").exists() and (out / "local.freelm.jsonl").exists()
+
+
+def test_smoke_check_fails_clearly_without_sglang_or_a_healthy_server(tmp_path):
+    no_sglang = run(["bash", str(SCRIPTS / "smoke_sglang.sh"), "--out", str(tmp_path / "a")])
+    assert no_sglang.returncode == 2 and "sglang is not installed" in no_sglang.stderr
+    assert "Traceback" not in no_sglang.stderr
+    slow = run(
+        [
+            "bash",
+            str(SCRIPTS / "smoke_sglang.sh"),
+            "--server",
+            "stand-in",
+            "--timeout",
+            "0",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert slow.returncode == 1 and "did not answer /health within 0s" in slow.stderr
+    helped = run(["bash", str(SCRIPTS / "smoke_sglang.sh"), "--help"]).stdout
+    for option in ("--server", "--gpu", "--port", "--problems", "--window", "--timeout", "--out", "GPU"):
+        assert option in helped

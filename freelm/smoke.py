@@ -1,0 +1,185 @@
+"""The first check on a new cluster (``scripts/smoke_sglang.sh``): served runs against in-process ones, token for token.
+
+The script starts a server with the embedded default (real SGLang on a GPU, or
+the SGLang-protocol stand-in), runs ``runner.py`` against it and in process,
+then calls ``python -m freelm.smoke check`` to compare the records and print
+one table line per question a researcher needs answered before spending GPU
+hours. ``python -m freelm.smoke serve`` is the stand-in server the script
+starts with ``--server stand-in``: the embedded model in
+:class:`~freelm.backends.local.LocalBackend` behind
+:class:`~freelm.testing.sglang_server.SGLangTestServer`, served as the script
+serves SGLang (deterministic inference, cache report, the same window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from freelm.backends.base import GenerateRequest, SamplingParams
+from freelm.backends.sglang import SGLangBackend
+from freelm.manifest import errors_path, manifest_path
+from freelm.prompts import render_cleaning_prompt
+from freelm.records import RolloutRecord, read_rollouts
+from freelm.tokenizer import Tokenizer
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _by_key(path: Path) -> dict[tuple[str, str, int], RolloutRecord]:
+    return {r.key: r for r in read_rollouts(path)} if path.exists() else {}
+
+
+def first_difference(served: RolloutRecord, local: RolloutRecord, tokenizer: Tokenizer) -> str | None:
+    """Where two rollouts of one problem part: the round, the token position in it, and both continuations."""
+    for index, (a, b) in enumerate(zip(served.rounds, local.rounds)):
+        if a.generated_text != b.generated_text:
+            ids_a, ids_b = tokenizer.encode(a.generated_text), tokenizer.encode(b.generated_text)
+            position = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+            head = tokenizer.decode(ids_a[:position])
+            return (
+                f"problem {served.id} rollout {served.rollout} round {index} token {position}: "
+                f"served {a.generated_text[len(head) :][:60]!r} vs local {b.generated_text[len(head) :][:60]!r}"
+            )
+        decisions = [None if r.clean is None else (r.clean.raw_output, r.clean.deleted_spans) for r in (a, b)]
+        if decisions[0] != decisions[1]:
+            return (
+                f"problem {served.id} rollout {served.rollout} round {index}: cleaning {decisions[0]} vs {decisions[1]}"
+            )
+    if len(served.rounds) != len(local.rounds) or served.response != local.response:
+        return f"problem {served.id} rollout {served.rollout}: {len(served.rounds)} vs {len(local.rounds)} rounds"
+    return None
+
+
+def compare(name: str, served_path: Path, local_path: Path, tokenizer: Tokenizer) -> Check:
+    served, local = _by_key(served_path), _by_key(local_path)
+    if not served or set(served) != set(local):
+        return Check(name, False, f"{len(served)} served vs {len(local)} local rollouts (see {served_path})")
+    for key in sorted(served):
+        where = first_difference(served[key], local[key], tokenizer)
+        if where is not None:
+            return Check(name, False, where)
+    return Check(name, True, f"{len(served)}/{len(served)} responses and cleaning decisions identical")
+
+
+def cache_hits(freelm_path: Path) -> Check:
+    """``cached_tokens`` of reasoning calls right after a deletion, against the ideal (the unchanged prefix)."""
+    hit = ideal = 0
+    for record in _by_key(freelm_path).values():
+        for before, after in zip(record.rounds, record.rounds[1:]):
+            if before.clean is not None and before.clean.deleted_spans:
+                ideal += min(after.reused_tokens, after.prompt_tokens - 1)
+                hit += min(after.cached_tokens or 0, after.prompt_tokens - 1)
+    if ideal == 0:
+        return Check("prefix cache after deletions", False, "no deletion happened: nothing to measure")
+    share = hit / ideal
+    return Check("prefix cache after deletions", share >= 0.9, f"{hit}/{ideal} ideal tokens hit ({share:.1%})")
+
+
+def seeds(first: Path, second: Path) -> Check:
+    a, b = _by_key(first), _by_key(second)
+    same = sum(1 for key in a if key in b and a[key].response == b[key].response)
+    honoured = json.loads(manifest_path(first).read_text()).get("seeds_honoured") if a else None
+    ok = bool(a) and same == len(a) == len(b) and honoured is True
+    return Check("seeds honoured", ok, f"seeded sampling twice: {same}/{len(a)} identical; manifest {honoured}")
+
+
+async def _base_answer(url: str, prompt: str, max_new_tokens: int) -> str:
+    backend = SGLangBackend(url, max_retries=0)
+    try:
+        request = GenerateRequest(max_new_tokens, text=prompt, sampling=SamplingParams.greedy())
+        return (await backend.generate(request)).text
+    finally:
+        await backend.aclose()
+
+
+def adapter_applied(freelm_path: Path, url: str, template: Path | None) -> Check:
+    """The cleaner's answer on its own prompt differs from the base model's answer to the same prompt."""
+    for record in _by_key(freelm_path).values():
+        for rnd, thinking in record.replay():
+            if rnd.clean is not None and rnd.clean.raw_output is not None:
+                prompt = render_cleaning_prompt(record.prompt or "", thinking, template)
+                base = asyncio.run(_base_answer(url, prompt, rnd.clean.max_new_tokens or 64))
+                ok = base != rnd.clean.raw_output
+                detail = f"adapter {rnd.clean.raw_output[:40]!r} vs base {base[:40]!r}"
+                return Check("adapter applied", ok, detail)
+    return Check("adapter applied", False, "no cleaning call in the Free()LM run")
+
+
+def window_edge(path: Path, window: int) -> Check:
+    records = _by_key(path)
+    finishes: dict[str, int] = {}
+    for record in records.values():
+        finishes[record.finish_reason] = finishes.get(record.finish_reason, 0) + 1
+    errors = errors_path(path)
+    lost = sum(1 for _ in errors.open()) if errors.exists() else 0
+    ok = bool(records) and lost == 0 and set(finishes) <= {"context_overflow", "length", "stop"}
+    return Check("window edge", ok, f"--max-tokens {window} = window: {len(records)} kept, {lost} lost, {finishes}")
+
+
+def check(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    results = [
+        compare("greedy vanilla = in-process", out / "served.vanilla.jsonl", out / "local.vanilla.jsonl", tokenizer),
+        compare("greedy Free()LM = in-process", out / "served.freelm.jsonl", out / "local.freelm.jsonl", tokenizer),
+        cache_hits(out / "served.freelm.jsonl"),
+        seeds(out / "seeded.1.jsonl", out / "seeded.2.jsonl"),
+        adapter_applied(out / "served.freelm.jsonl", args.url, args.clean_template),
+        window_edge(out / "window.jsonl", args.window),
+    ]
+    width = max(len(r.name) for r in results)
+    print(f"{'check':<{width}}  result  detail")
+    for r in results:
+        print(f"{r.name:<{width}}  {'PASS' if r.ok else 'FAIL':<6}  {r.detail}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The stand-in, served as the smoke script serves SGLang; prints its URL (a free port), runs until killed."""
+    import torch
+
+    from freelm.backends.local import LocalBackend
+    from freelm.testing.sglang_server import SGLangTestServer
+
+    torch.set_num_threads(1)
+    backend = LocalBackend.from_pretrained(args.model, adapters={"free": args.adapter}, threads=1)
+    server = SGLangTestServer(
+        backend, served_model_name="embedded", model_path=str(args.model), context_length=args.window,
+        deterministic=True, cache_report=True,
+    )  # fmt: skip
+    server.start()
+    print(server.url, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m freelm.smoke", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="compare the smoke runs in OUT and print the table")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True, help="the embedded base model (its tokenizer)")
+    p.add_argument("--url", required=True, help="the server the runs went to")
+    p.add_argument("--window", type=int, required=True)
+    p.add_argument("--clean-template", type=Path, default=None)
+    p = sub.add_parser("serve", help="the SGLang-protocol stand-in over the embedded model")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--window", type=int, required=True)
+    args = parser.parse_args(argv)
+    return check(args) if args.command == "check" else serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

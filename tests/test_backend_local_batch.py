@@ -7,6 +7,7 @@ confident logits, so "batched greedy == one-by-one greedy" is a real equality, n
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,71 @@ def test_batched_greedy_equals_one_by_one(backend, requests):
     expected = one_by_one(backend, requests)
     for adapter in (None, "free"):
         group = [r for r in requests if r.adapter == adapter]
-        got = backend.generate_batch_blocking(group)
         want = [e for e, r in zip(expected, requests, strict=True) if r.adapter == adapter]
+        backend.flush_cache()
+        got = backend.generate_batch_blocking(group)
         assert [g.output_ids for g in got] == [w.output_ids for w in want]
         assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
         assert all(g.cached_tokens == 0 and g.prompt_tokens == w.prompt_tokens for g, w in zip(got, want, strict=True))
+        # the same wave again: every row starts from the KV the first wave left (except eos-ended reasoning)
+        again = backend.generate_batch_blocking(group)
+        assert [g.output_ids for g in again] == [w.output_ids for w in want]
+        kept = [adapter is not None or w.output_ids[-1] not in backend.eos_token_ids for w in want]
+        assert [g.cached_tokens for g in again] == [w.prompt_tokens - 1 if k else 0 for w, k in zip(want, kept)]
+        assert all(kept) or adapter is None
     assert {e.finish_reason for e in expected} == {"stop", "length"}  # rows leave the batch at different steps
+
+
+def test_kv_kept_across_waves_prefills_only_the_changed_suffix(backend, requests):
+    """Wave 2 continues some rows and deletes a middle span of others; outputs equal fresh one-by-one decoding."""
+    reasoning = [r for r in requests if r.adapter is None]
+    backend.flush_cache()
+    first = backend.generate_batch_blocking(reasoning)
+    follow, expected_cached = [], []
+    for i, (request, result) in enumerate(zip(reasoning, first, strict=True)):
+        if result.output_ids[-1] in backend.eos_token_ids:
+            continue  # a finished rollout: nothing continues it (and its KV was not kept)
+        context = request.input_ids + result.output_ids
+        if i % 2:  # a deletion: only the common prefix with what the row's KV holds is reused
+            cut = len(request.input_ids) + 1
+            context = context[:cut] + context[cut + 4 :]
+            held = request.input_ids + result.output_ids[:-1]
+            expected_cached.append(len(os.path.commonprefix([context, held])))
+            assert expected_cached[-1] < len(held)
+        else:  # reasoning continues: all but the last token (never fed) is cached
+            expected_cached.append(len(context) - 1)
+        follow.append(GenerateRequest(max_new_tokens=12, input_ids=context, sampling=GREEDY))
+    assert len(follow) >= 3 and len(set(expected_cached)) > 1
+    stats_before = backend.stats[None].prefill_tokens
+    got = backend.generate_batch_blocking(follow)
+    assert [g.cached_tokens for g in got] == expected_cached
+    assert backend.stats[None].prefill_tokens - stats_before == sum(len(f.input_ids) for f in follow) - sum(
+        expected_cached
+    )
+    assert [g.output_ids for g in got] == [r.output_ids for r in one_by_one(backend, follow)]
+
+
+def test_the_cache_is_bounded_in_sequences_and_bytes(backend, requests):
+    reasoning = [r for r in requests if r.adapter is None]
+    backend.flush_cache()
+    size, limit = backend.cache_size, backend.cache_bytes
+    try:
+        backend.cache_size = 2
+        backend.generate_batch_blocking(reasoning)
+        assert len(backend._caches[None]) == 2
+        backend.cache_size = 64
+        backend.flush_cache()
+        backend.generate_batch_blocking(reasoning)
+        one = max(seq.nbytes for seq in backend._caches[None].values())
+        backend.cache_bytes = 2 * one
+        backend.generate_batch_blocking([r for r in requests if r.adapter == "free"])
+        held = [seq.nbytes for lru in backend._caches.values() for seq in lru.values()]
+        assert 1 <= len(held) <= 2 and sum(held) <= 2 * one
+        backend.cache_bytes = 0  # nothing kept: every wave prefilled from scratch
+        assert all(g.cached_tokens == 0 for g in backend.generate_batch_blocking(reasoning))
+    finally:
+        backend.cache_size, backend.cache_bytes = size, limit
+        backend.flush_cache()
 
 
 def test_concurrent_calls_are_batched_per_adapter(backend, requests, monkeypatch):
@@ -118,3 +178,39 @@ def test_the_same_request_sent_three_times_gets_three_answers(backend, requests)
 
     got = asyncio.run(main())
     assert len({tuple(g.output_ids) for g in got}) == 1 and len(got) == 3
+
+
+def test_free_lm_rollouts_are_identical_with_kv_kept_across_waves(backend):
+    """The demo's loop (greedy, clean every 32 tokens): keeping KV across waves changes the time, not one token."""
+    from freelm.cleaners import LoRACleaner
+    from freelm.loop import LoopConfig, run_rollout
+
+    problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=8)
+    cleaner = LoRACleaner(backend, adapter="free", template=TEMPLATE, max_new_tokens=48)
+    config = LoopConfig(clean_every=32, max_tokens=256, context_limit=512, sampling=GREEDY)
+
+    def rollouts(cache_bytes: int):
+        backend.flush_cache()
+        backend.cache_bytes, backend.stats = cache_bytes, {}
+
+        async def main():
+            return await asyncio.gather(
+                *(run_rollout(p.prompt, reasoner=backend, tokenizer=backend.tokenizer, cleaner=cleaner, config=config)
+                  for p in problems)
+            )  # fmt: skip
+
+        return asyncio.run(main()), backend.stats
+
+    limit = backend.cache_bytes
+    try:
+        fresh, fresh_stats = rollouts(0)  # every wave prefilled from scratch: the backend without KV reuse
+        kept, kept_stats = rollouts(limit)
+    finally:
+        backend.cache_bytes = limit
+    assert [r.response for r in kept] == [r.response for r in fresh]
+    assert [[x.generated_text for x in r.rounds] for r in kept] == [[x.generated_text for x in r.rounds] for r in fresh]
+    assert sum(r.cleaning_rounds for r in kept) >= len(problems)  # cleaning did happen
+    for namespace in (None, "free"):
+        assert fresh_stats[namespace].cached_tokens == 0
+        assert kept_stats[namespace].prefill_tokens < fresh_stats[namespace].prefill_tokens
+    assert kept_stats[None].cached_tokens > 2 * kept_stats[None].prefill_tokens  # most of the context is reused

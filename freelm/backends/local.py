@@ -15,8 +15,12 @@ It behaves like a one-GPU SGLang server with ``--lora-paths free=...``:
   same adapter are decoded together in one left-padded batch (what SGLang's
   scheduler does for concurrent rollouts). On a small model a batch of 16 costs
   about as much per step as one sequence, so concurrent rollouts, synthesis and
-  the demo run several times faster. Batched requests do not use the KV LRU
-  (``cached_tokens`` 0); a lone request still does.
+  the demo run several times faster. Each row of a wave starts from its own
+  cached prefix (the same LRU), so a rollout's context is prefilled once across
+  waves and, after a deletion, only the changed suffix is;
+* the cache is bounded: ``cache_size`` sequences per namespace and
+  ``cache_bytes`` of KV in all (least recently stored evicted first), and a
+  reasoning sequence that ended on eos (its rollout is over) is not kept.
 
 torch, transformers and peft are imported lazily (``import freelm`` stays light).
 """
@@ -24,7 +28,6 @@ torch, transformers and peft are imported lazily (``import freelm`` stays light)
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import threading
 import time
@@ -43,6 +46,23 @@ class _CachedSequence:
 
     ids: list[int]
     cache: Any  # transformers DynamicCache
+    nbytes: int = 0  # set when stored (what the cache_bytes bound counts)
+
+
+@dataclass
+class DecodeStats:
+    """Where the model's time went, per namespace (``None`` = base): prompt prefill vs token-by-token decoding.
+
+    ``prefill_tokens`` counts tokens actually computed (a reused prefix is not);
+    ``cached_tokens`` the prompt tokens served from the cache instead.
+    """
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    decode_steps: int = 0  # decode_tokens / decode_steps = the mean batch
 
 
 class LocalBackend:
@@ -61,10 +81,11 @@ class LocalBackend:
         tokenizer: Tokenizer,
         *,
         eos_token_ids: list[int] | None = None,
-        cache_size: int = 4,
+        cache_size: int | None = None,
         name: str = "local",
         model_path: str = "",
         max_batch: int = 1,
+        cache_bytes: int = 1 << 30,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -73,8 +94,11 @@ class LocalBackend:
             raise ValueError("LocalBackend needs at least one eos token id (none in tokenizer or generation_config)")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.cache_size = cache_size
+        #: sequences kept per namespace: by default two per batch row (a rollout's live one and a stale one)
+        self.cache_size = cache_size if cache_size is not None else max(4, 2 * max_batch)
+        self.cache_bytes = cache_bytes
         self.max_batch = max_batch
+        self.stats: dict[str | None, DecodeStats] = {}
         self.name = name
         self.model_path = model_path
         #: Generation stops with "length" here (prompt + output never exceed the model's positions).
@@ -94,8 +118,9 @@ class LocalBackend:
         device: str = "cpu",
         dtype: str | None = None,
         threads: int | None = None,
-        cache_size: int = 4,
+        cache_size: int | None = None,
         max_batch: int = 1,
+        cache_bytes: int = 1 << 30,
     ) -> LocalBackend:
         """Load an HF checkpoint directory and PEFT adapter directories (``{"free": dir}``) from disk."""
         import torch
@@ -112,6 +137,7 @@ class LocalBackend:
             cache_size=cache_size,
             model_path=str(model_dir),
             max_batch=max_batch,
+            cache_bytes=cache_bytes,
         )
         for adapter_name, adapter_dir in (adapters or {}).items():
             backend.load_adapter(adapter_name, adapter_dir)
@@ -203,17 +229,17 @@ class LocalBackend:
             entry, reused = self._take_cache(request.adapter, ids)
             output_ids, finish = self._decode_loop(ids, entry.cache, reused, request)
             entry.ids = ids + output_ids[:-1]
-            if entry.cache.get_seq_length() == len(entry.ids):  # a cache out of step with its ids must never be reused
-                self._store(request.adapter, entry)
+            self._keep(request.adapter, entry, output_ids)
         return self._result(ids, output_ids, finish, reused, start)
 
     def generate_batch_blocking(self, requests: list[GenerateRequest]) -> list[GenerateResult | BackendError]:
         """Decode requests for the SAME adapter together; a bad request is returned as its error, not raised.
 
-        One request goes through :meth:`generate_blocking` (and the KV LRU).
-        Greedy outputs equal the one-by-one outputs up to floating-point ties
-        (the padded batch sums in a different order); the tests check equality
-        on the embedded default's model.
+        One request goes through :meth:`generate_blocking`. Each row starts from
+        its longest cached prefix, as a lone request does. Greedy outputs equal
+        the one-by-one outputs up to floating-point ties (the padded batch sums
+        in a different order); the tests check equality on the embedded
+        default's model.
         """
         import torch
 
@@ -239,8 +265,8 @@ class LocalBackend:
                 decoded = self._decode_batch([outcomes[i] for i in rows], [requests[i] for i in rows])
         except BackendError as exc:
             return [exc] * len(requests)
-        for i, (output_ids, finish) in zip(rows, decoded, strict=True):
-            outcomes[i] = self._result(outcomes[i], output_ids, finish, 0, start)
+        for i, (output_ids, finish, reused) in zip(rows, decoded, strict=True):
+            outcomes[i] = self._result(outcomes[i], output_ids, finish, reused, start)
         return outcomes
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -299,63 +325,112 @@ class LocalBackend:
         if best == len(seq.ids):
             del lru[best_key]
             cache = seq.cache
-        else:
-            cache = copy.deepcopy(seq.cache)
-            # a negative argument removes that many tokens from the end (the form every transformers version takes)
-            cache.crop(-(len(seq.ids) - best))
+        else:  # a copy of the shared prefix only; the other sequence keeps its own tail
+            cache = DynamicCache(config=self.model.config)
+            for layer, data in enumerate(seq.cache.layers):
+                cache.update(data.keys[:, :, :best].clone(), data.values[:, :, :best].clone(), layer)
         return _CachedSequence(ids=ids[:best], cache=cache), best
 
-    def _store(self, namespace: str | None, entry: _CachedSequence) -> None:
+    def _keep(self, namespace: str | None, entry: _CachedSequence, output_ids: list[int]) -> None:
+        """Store a finished request's KV for the next request that shares its prefix, if it can have one."""
+        if entry.cache.get_seq_length() != len(entry.ids):  # a cache out of step with its ids must never be reused
+            return
+        if namespace is None and output_ids[-1] in self.eos_token_ids:
+            return  # the reasoning ended: its rollout is over, nothing continues this sequence
+        entry.nbytes = sum(t.nbytes for layer in entry.cache.layers for t in (layer.keys, layer.values))
         lru = self._caches.setdefault(namespace, OrderedDict())
         self._next_key += 1
         lru[self._next_key] = entry
         while len(lru) > self.cache_size:
             lru.popitem(last=False)
+        total = sum(seq.nbytes for cached in self._caches.values() for seq in cached.values())
+        while total > self.cache_bytes:  # the least recently stored sequence of any namespace goes first
+            oldest = min((cached for cached in self._caches.values() if cached), key=lambda c: next(iter(c)))
+            total -= oldest.popitem(last=False)[1].nbytes
+
+    def _forward(self, stats: DecodeStats, prefill_tokens: int, reused: int, **inputs: Any) -> Any:
+        """One model step, its time booked as prefill (``prefill_tokens`` > 0) or as one decoded token per row."""
+        started = time.perf_counter()
+        logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        elapsed = time.perf_counter() - started
+        if prefill_tokens:
+            stats.prefill_s += elapsed
+            stats.prefill_tokens += prefill_tokens
+            stats.cached_tokens += reused
+        else:
+            stats.decode_s += elapsed
+            stats.decode_tokens += len(logits)
+            stats.decode_steps += 1
+        return logits
 
     def _decode_loop(self, ids: list[int], cache: Any, reused: int, request: GenerateRequest) -> tuple[list[int], str]:
         import torch
 
-        pick = _token_picker(request.sampling, request.seed, self.model.device)
+        stats = self.stats.setdefault(request.adapter, DecodeStats())
+        pick = _token_picker(request.sampling, request.seed, self.model.device) or _argmax
         feed = ids[reused:]
+        prefill, cached = len(feed), reused
         output: list[int] = []
         while True:
-            logits = self.model(
-                input_ids=torch.tensor([feed], device=self.model.device), past_key_values=cache, use_cache=True
-            ).logits[0, -1]
+            logits = self._forward(
+                stats, prefill, cached, input_ids=torch.tensor([feed], device=self.model.device), past_key_values=cache
+            )[0]
+            prefill = 0
             output.append(pick(logits))
             finish = self._finish(len(ids), output, request)
             if finish:
                 return output, finish
             feed = [output[-1]]
 
-    def _decode_batch(self, prompts: list[list[int]], requests: list[GenerateRequest]) -> list[tuple[list[int], str]]:
-        """Left-padded batched decoding; finished rows leave the batch (and its KV) as they stop."""
+    def _decode_batch(
+        self, prompts: list[list[int]], requests: list[GenerateRequest]
+    ) -> list[tuple[list[int], str, int]]:
+        """Batched decoding from each row's cached prefix; finished rows leave the batch (their KV kept) as they stop.
+
+        Layout of row r (``past`` = the longest reused prefix, ``width`` the
+        longest suffix to prefill): ``[pad, reused KV of r | pad, suffix of r]``,
+        the pads masked out, positions counting only r's own tokens, so each
+        row computes what it would alone. Returns (output ids, finish, reused) per row.
+        """
         import torch
-        from transformers import DynamicCache
 
         device = self.model.device
+        namespace = requests[0].adapter
+        stats = self.stats.setdefault(namespace, DecodeStats())
         pad = self.tokenizer.hf.pad_token_id or 0
-        width = max(map(len, prompts))
-        feed = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        pickers = [_token_picker(r.sampling, r.seed, device) for r in requests]
+        taken = [self._take_cache(namespace, ids) for ids in prompts]
+        reused = [n for _, n in taken]
+        suffixes = [ids[n:] for ids, n in zip(prompts, reused, strict=True)]
+        past, width = max(reused), max(map(len, suffixes))
+        cache = self._stack_caches([entry.cache for entry, _ in taken], reused, past)
+        feed = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=device)
+        mask = torch.tensor(
+            [[0] * (past - n) + [1] * n + [0] * (width - len(x)) + [1] * len(x) for n, x in zip(reused, suffixes)],
+            device=device,
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        pickers = [_token_picker(r.sampling, r.seed, device) for r in requests]  # None: greedy
         outputs: list[list[int]] = [[] for _ in requests]
         finishes = [""] * len(requests)
         live = list(range(len(requests)))  # batch row -> request index
+        prefill = sum(map(len, suffixes))
         while True:
-            logits = self.model(
-                input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            ).logits[:, -1]
+            logits = self._forward(
+                stats, prefill, sum(reused) if prefill else 0,
+                input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            )  # fmt: skip
+            prefill = 0
             keep = []
+            greedy = logits.argmax(-1).tolist()  # one call for the whole batch: exact, like a per-row argmax
             for row, i in enumerate(live):
-                outputs[i].append(pickers[i](logits[row]))
+                outputs[i].append(greedy[row] if pickers[i] is None else pickers[i](logits[row]))
                 finishes[i] = self._finish(len(prompts[i]), outputs[i], requests[i])
-                if not finishes[i]:
+                if finishes[i]:
+                    self._keep(namespace, self._row_cache(cache, mask, row, prompts[i] + outputs[i][:-1]), outputs[i])
+                else:
                     keep.append(row)
             if not keep:
-                return list(zip(outputs, finishes, strict=True))
+                return list(zip(outputs, finishes, reused, strict=True))
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
@@ -364,6 +439,40 @@ class LocalBackend:
             feed = torch.tensor([[outputs[i][-1]] for i in live], device=device)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
+
+    def _stack_caches(self, caches: list[Any], lengths: list[int], past: int) -> Any:
+        """One batch cache from per-sequence caches of ``lengths`` tokens, each left-padded to ``past``."""
+        from transformers import DynamicCache
+
+        batch = DynamicCache(config=self.model.config)
+        if past == 0:
+            return batch
+        filled = [c for c, n in zip(caches, lengths, strict=True) if n]
+        for layer, template in enumerate(filled[0].layers):
+            stacked = []
+            for part in ("keys", "values"):
+                like = getattr(template, part)
+                out = like.new_zeros((len(caches), like.shape[1], past, like.shape[3]))
+                for row, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+                    if n:
+                        out[row, :, past - n :] = getattr(cache.layers[layer], part)[0]
+                stacked.append(out)
+            batch.update(*stacked, layer)
+        return batch
+
+    def _row_cache(self, cache: Any, mask: Any, row: int, ids: list[int]) -> _CachedSequence:
+        """Row ``row`` of a batch cache without its padding, as a one-sequence cache for exactly ``ids``."""
+        from transformers import DynamicCache
+
+        columns = mask[row].nonzero().squeeze(-1)
+        single = DynamicCache(config=self.model.config)
+        for layer, data in enumerate(cache.layers):
+            single.update(
+                data.keys[row : row + 1].index_select(2, columns),
+                data.values[row : row + 1].index_select(2, columns),
+                layer,
+            )
+        return _CachedSequence(ids=ids, cache=single)
 
     def _finish(self, prompt_len: int, output: list[int], request: GenerateRequest) -> str:
         """Why decoding stops after ``output``: ``stop`` (eos or a stop string), ``length``, or empty: go on."""
@@ -380,12 +489,16 @@ class LocalBackend:
         return ""
 
 
+def _argmax(logits: Any) -> int:
+    return int(logits.argmax())
+
+
 def _token_picker(sampling: SamplingParams, seed: int | None, device: Any):
-    """A function logits -> next token id: argmax at temperature 0, else HF's warpers + a seeded generator."""
+    """A function logits -> next token id (HF's warpers + a seeded generator), or None at temperature 0: argmax."""
     import torch
 
     if sampling.temperature <= 0:
-        return lambda logits: int(torch.argmax(logits))
+        return None
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinPLogitsWarper,

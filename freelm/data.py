@@ -1,5 +1,9 @@
 """Evaluation problems: one validated loader for JSONL files and Hugging Face datasets.
 
+:func:`load_problem_sources` joins several of them (files, globs, Hub names) into
+one run: a paper reproduction runs every benchmark in one invocation, so the
+servers never idle through one benchmark's tail before the next starts.
+
 Benchmarks store the bare problem statement; the instruction the model sees is
 appended at prompt-rendering time (:data:`freelm.prompts.PROBLEM_SUFFIX`), so
 the data files stay identical to their upstream sources.
@@ -7,6 +11,7 @@ the data files stay identical to their upstream sources.
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,3 +111,50 @@ def load_problems(path_or_hf_name: str | Path, split: str | None = None, limit: 
     else:
         problems = _load_hf(str(path_or_hf_name), split)
     return problems[:limit] if limit is not None else problems
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def expand_data_specs(specs: list[str | Path]) -> list[str]:
+    """Each ``--data`` value as files or Hub names: a glob becomes its sorted matches (none is an error).
+
+    The same file named twice (a glob and an explicit path that overlap) counts once.
+    """
+    expanded: list[str] = []
+    for spec in map(str, specs):
+        if _GLOB_CHARS & set(spec) and not Path(spec).exists():
+            matches = sorted(glob.glob(spec))
+            if not matches:
+                raise ValueError(f"--data {spec}: no file matches this pattern")
+            expanded.extend(matches)
+        else:
+            expanded.append(spec)
+    seen: set[str] = set()
+    unique = []
+    for spec in expanded:
+        key = str(Path(spec).resolve()) if Path(spec).exists() else spec
+        if key not in seen:
+            seen.add(key)
+            unique.append(spec)
+    return unique
+
+
+def load_problem_sources(specs: list[str | Path], split: str | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems of every source in ``specs`` (files, globs, Hub names), in order; ``limit`` applies per source.
+
+    A ``(source, id)`` in two sources (two files with the same stem, say) is an
+    error naming both, because the runner keys rollouts by it.
+    """
+    problems: list[Problem] = []
+    first: dict[tuple[str, str], str] = {}
+    for spec in expand_data_specs(specs):
+        for problem in load_problems(spec, split=split, limit=limit):
+            if problem.key in first:
+                raise ValueError(
+                    f"{spec}: problem {problem.id!r} of source {problem.source!r} is also in {first[problem.key]}: "
+                    "give each benchmark its own source"
+                )
+            first[problem.key] = spec
+            problems.append(problem)
+    return problems

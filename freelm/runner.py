@@ -33,7 +33,7 @@ from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLim
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import HeadTailCleaner, LoRACleaner
 from freelm.cleaners.base import Cleaner
-from freelm.data import Problem, load_problems
+from freelm.data import Problem, load_problem_sources
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path, now_iso, package_versions, read_manifest, write_manifest
 from freelm.records import RolloutRecord, RolloutResult, append_jsonl, read_rollouts, repair_torn_tail
@@ -48,6 +48,7 @@ from freelm.runner_config import (
     settings_differences,
     validate_args,
 )
+from freelm.shards import Shard
 from freelm.tokenizer import Tokenizer
 
 __all__ = ["ConfigMismatch", "Job", "RunSummary", "add_arguments", "inspect_output", "run", "run_batch"]
@@ -74,7 +75,7 @@ class Job:
 class RunSummary:
     """Counts of one invocation; printed at the end and stored in the manifest."""
 
-    total: int = 0  # rollouts wanted: problems x n_rollouts
+    total: int = 0  # rollouts wanted: problems x n_rollouts (of this shard)
     present_at_start: int = 0
     done: int = 0
     failed: int = 0
@@ -167,15 +168,23 @@ def _move_aside(output: Path) -> Path:
     return target
 
 
-def plan_jobs(problems: list[Problem], n_rollouts: int, seed: int, skip: set[RolloutKey]) -> list[Job]:
-    """Problem-major order: rollouts of one problem run together and share the server's prompt cache."""
-    jobs = []
+def plan_jobs(
+    problems: list[Problem], n_rollouts: int, seed: int, skip: set[RolloutKey], shard: Shard = Shard()
+) -> tuple[list[Job], int]:
+    """The jobs to run and how many ``shard`` owns in all (run or not).
+
+    Problem-major order: rollouts of one problem run together and share the server's prompt cache.
+    """
+    jobs, owned = [], 0
     for problem in problems:
         for index in range(n_rollouts):
+            if not shard.owns(problem.source, problem.id, index):
+                continue
+            owned += 1
             job = Job(problem, index, rollout_seed(seed, problem.source, problem.id, index))
             if job.key not in skip:
                 jobs.append(job)
-    return jobs
+    return jobs, owned
 
 
 # --------------------------------------------------------------------------- execution
@@ -199,12 +208,13 @@ async def run_batch(
     progress: bool | None = None,
     window: ContextWindow | None = None,
     served: dict[str, Any] | None = None,
+    shard: Shard = Shard(),
 ) -> RunSummary:
-    """Resume-aware batch: skip what ``output`` holds, run the rest, keep the manifest current.
+    """Resume-aware batch: skip what ``output`` holds, run the rest of ``shard``'s jobs, keep the manifest current.
 
     ``progress=None`` shows the bar only on a terminal. ``window`` is the
     reasoner servers' window (see :func:`served_limits`); ``served`` what the
-    servers said about themselves, recorded in the manifest.
+    servers said about themselves, recorded in the manifest. ``output`` is the shard's own file.
     """
     output = Path(output)
     if existing is None:
@@ -218,8 +228,8 @@ async def run_batch(
         if old and old.get("config_hash") == settings.config_hash:
             history = [*old.get("previous_runs", []), _run_entry(old)]
 
-    jobs = plan_jobs(problems, n_rollouts, settings.seed, existing.keys)
-    summary = RunSummary(total=len(problems) * n_rollouts, present_at_start=len(problems) * n_rollouts - len(jobs))
+    jobs, owned = plan_jobs(problems, n_rollouts, settings.seed, existing.keys, shard)
+    summary = RunSummary(total=owned, present_at_start=owned - len(jobs))
     manifest: dict[str, Any] = {
         "output": str(output),
         "command": sys.argv,
@@ -230,6 +240,7 @@ async def run_batch(
         "versions": package_versions(),
         "problems": len(problems),
         "n_rollouts": n_rollouts,
+        "shard": shard.to_dict(),
         "started_at": now_iso(),
         "ended_at": None,
         "status": "running",
@@ -608,6 +619,7 @@ async def _run_async(
             n_rollouts=args.n_rollouts, concurrency=args.concurrency, existing=existing,
             pools=components.pools, manifest_config=_manifest_config(args),
             progress=False if args.no_progress else None, window=window, served=served,
+            shard=Shard(args.shard_index, args.num_shards),
         )  # fmt: skip
     finally:
         await components.aclose()
@@ -624,10 +636,11 @@ def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 all rollouts present, 1 some failed (re-run retries them), 2 bad input or config, 130 interrupted."""
     try:
         validate_args(args)
+        args.output = Shard(args.shard_index, args.num_shards).output(args.output)  # each shard its own files
         settings = run_settings(args)
         if args.backend != "local":
             _endpoints(args)
-        problems = load_problems(args.data, split=args.split, limit=args.limit)
+        problems = load_problem_sources(args.data, split=args.split, limit=args.limit)
         existing = inspect_output(args.output, settings, force=args.force)
         components = build_components(args)
     except ValueError as exc:  # includes ConfigMismatch: nothing was sent or written

@@ -21,6 +21,7 @@ from freelm.backends import BACKEND_KINDS
 from freelm.backends.base import SamplingParams
 from freelm.loop import LoopConfig
 from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, PROBLEM_SUFFIX, load_clean_template
+from freelm.shards import Shard
 
 MODES = ("freelm", "vanilla")
 RUNNER_CLEANERS = ("free", "headtail")  # "none" is --mode vanilla
@@ -35,6 +36,9 @@ files:
   OUT.manifest.json   full config, settings + config hash, package versions, times, counts, summary
   OUT.errors.jsonl    rollouts that failed (server down past --max-retries/--down-wait, HTTP 4xx);
                       they are not in OUT, so re-running the same command retries them
+
+shards: with --num-shards N --shard-index I, OUT becomes OUT with .shard-I-of-N before its suffix
+(runs/x.jsonl -> runs/x.shard-1-of-3.jsonl); eval_passk.py --input NAME=runs/x.jsonl reads all N together.
 
 resume: re-running the same command skips every (source, id, rollout) already in OUT; a torn last
 line (kill -9 mid-write) is dropped. Different results-deciding settings (mode, cleaner, budgets,
@@ -61,13 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data",
         metavar="PATH_OR_HF_NAME",
+        action="append",
         required=True,
-        help="problem JSONL ({id, source, prompt, answer}) or a Hugging Face dataset name",
+        help="problem JSONL ({id, source, prompt, answer}), a glob of them, or a Hugging Face dataset name; "
+        "repeatable: one run over every benchmark",
     )
     g.add_argument(
         "--split", metavar="NAME", default=None, help="dataset split for a Hugging Face name (default: test)"
     )
-    g.add_argument("--limit", metavar="K", type=int, default=None, help="only the first K problems")
+    g.add_argument("--limit", metavar="K", type=int, default=None, help="only the first K problems of each --data")
     g.add_argument(
         "--output",
         metavar="OUT",
@@ -82,6 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="base seed; each rollout's seed derives from it, the problem and the rollout index",
+    )
+    g.add_argument(
+        "--num-shards",
+        metavar="N",
+        type=int,
+        default=1,
+        help="split the (problem, rollout) jobs into N shards run by separate processes (a job array)",
+    )
+    g.add_argument(
+        "--shard-index",
+        metavar="I",
+        type=int,
+        default=0,
+        help="the shard this process runs (0..N-1); it writes OUT with .shard-I-of-N before the suffix",
     )
     g.add_argument(
         "--force",
@@ -361,6 +381,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("n_rollouts", "concurrency", "clean_max_tokens", "clean_reserve", "head_tokens", "tail_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    Shard(args.shard_index, args.num_shards)  # raises naming --shard-index and --num-shards
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_retries < 0:

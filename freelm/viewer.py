@@ -18,7 +18,8 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from freelm.records import RolloutRecord, read_rollouts
+from freelm.records import RolloutRecord
+from freelm.shards import read_run, run_files
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
 
@@ -179,9 +180,14 @@ def find_record(path: str | Path, id: str, rollout: int, source: str | None = No
 
     Ids repeat across benchmarks (AIME25 and BeyondAIME both have id 1) and a
     concatenated run holds several, so an id alone must not pick one silently.
-    A duplicated line counts as in evaluation: the last one written.
+    A duplicated line counts as in evaluation: the last one written. ``path``
+    may stand for a sharded run's shards, as in evaluation (:func:`freelm.shards.run_files`).
     """
-    found = [r for r in read_rollouts(path) if r.id == id and r.rollout == rollout and source in (None, r.source)]
+    try:
+        records = read_run(run_files(path))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    found = [r for r in records if r.id == id and r.rollout == rollout and source in (None, r.source)]
     sources = sorted({r.source for r in found})
     if len(sources) > 1:
         raise SystemExit(f"{path}: id {id!r} is in several sources ({', '.join(sources)}): choose one with --source")
@@ -192,7 +198,7 @@ def find_record(path: str | Path, id: str, rollout: int, source: str | None = No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", help="runner output JSONL")
+    parser.add_argument("output", help="runner output JSONL (a sharded run: its un-sharded name, a glob or a,b,c)")
     parser.add_argument("--id", required=True, help="problem id")
     parser.add_argument("--source", help="the problem's source (benchmark); needed when the id is in several")
     parser.add_argument("--rollout", type=int, default=0, help="rollout index (default 0)")

@@ -1,4 +1,9 @@
-"""Naming runs on the command line (``NAME=PATH`` or ``PATH``) and loading them once."""
+"""Naming runs on the command line (``NAME=PATH`` or ``PATH``) and loading them once.
+
+A run's PATH may stand for its shards (:func:`freelm.shards.run_files`): the
+un-sharded output name, a glob, or a comma-separated list; they are checked to
+be exactly one run's shards and read as one run.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from freelm.evaluation.metrics import dedupe_records
-from freelm.records import RolloutRecord, read_rollouts
+from freelm.records import RolloutRecord
+from freelm.shards import read_run, run_files, run_stem
 
 
 @dataclass
@@ -21,16 +27,14 @@ def parse_run_spec(spec: str) -> Run:
     """``NAME=PATH`` names a run explicitly; a bare ``PATH`` is named by its file stem."""
     name, sep, path = spec.partition("=")
     if not sep:
-        name, path = Path(spec).stem, spec
+        name, path = run_stem(spec), spec
     if not name or not path:
         raise ValueError(f"bad run spec {spec!r}: expected NAME=PATH or PATH")
     return Run(name, Path(path))
 
 
 def load_run(run: Run) -> Run:
-    if not run.path.is_file():
-        raise ValueError(f"{run.path}: runner output not found")
-    records = read_rollouts(run.path)
+    records = read_run(run_files(run.path))
     if not records:
         raise ValueError(f"{run.path}: no rollout records")
     run.records, run.duplicates = dedupe_records(records)

@@ -1,0 +1,131 @@
+"""Free()LM's overhead over vanilla on the embedded demo, with and without KV reuse across batched waves.
+
+Runs the demo's runner settings (in-process backend, 16 rollouts in flight,
+greedy, ``clean_every=32``) at the context limit where vanilla and Free()LM
+generate the same tokens (512), three ways in the same process: vanilla (the
+reference), Free()LM with every wave prefilled from scratch (``cache_bytes=0``,
+the backend before KV reuse) and Free()LM with each rollout's KV kept across
+waves. Prints wall time per generated token relative to vanilla, whether the
+two Free()LM runs wrote identical rollouts, and where Free()LM's extra time went
+(cleaning prefill + decode, reasoning prefill, reasoning decode, the rest:
+scheduling, executor, tokenizer) from the backend's own timers.
+
+    python bench/demo_overhead_bench.py [--problems 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "freelm" / "assets" / "embedded"
+VARIANTS = (
+    ("vanilla", "vanilla", None),
+    ("freelm, fresh KV per wave", "freelm", 0),
+    ("freelm, KV kept", "freelm", None),
+)
+
+
+def run_variant(assets: Path, out: Path, mode: str, cache_bytes: int | None, problems: int, limit: int) -> dict:
+    from freelm.data import load_problem_sources
+    from freelm.demo.run import runner_args
+    from freelm.records import read_rollouts
+    from freelm.runner import add_arguments, build_components, run_batch
+    from freelm.runner_config import loop_config, run_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(runner_args(assets, assets / "benchmark.jsonl", out, mode, limit, problems)[1:])
+    components = build_components(args)
+    backend = components.reasoner.endpoints[0].backend
+    if cache_bytes is not None:
+        backend.cache_bytes = cache_bytes
+
+    async def go():
+        try:
+            return await run_batch(
+                load_problem_sources(args.data, limit=args.limit), output=out, settings=run_settings(args),
+                config=loop_config(args), reasoner=components.reasoner, tokenizer=components.tokenizer,
+                cleaner=components.cleaner, n_rollouts=1, concurrency=args.concurrency, pools=components.pools,
+                progress=False,
+            )  # fmt: skip
+        finally:
+            await components.aclose()
+
+    started = time.perf_counter()
+    summary = asyncio.run(go())
+    wall = time.perf_counter() - started
+    records = sorted(read_rollouts(out), key=lambda r: r.key)
+    return {"wall": wall, "tokens": summary.generated_tokens, "stats": dict(backend.stats), "records": records}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the three runs; the fastest of each is kept")
+    parser.add_argument("--limit", type=int, default=512, help="context limit (512: both modes generate alike)")
+    parser.add_argument("--assets", type=Path, default=ASSETS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for name, mode, cache_bytes in VARIANTS:
+                out = Path(tmp) / f"{repeat}-{mode}-{cache_bytes}.jsonl"
+                got = run_variant(args.assets, out, mode, cache_bytes, args.problems, args.limit)
+                print(f"round {repeat + 1}: {name:26s} {got['wall']:6.2f} s  {got['tokens']} tokens", flush=True)
+                if name not in best or got["wall"] < best[name]["wall"]:
+                    best[name] = got
+    vanilla = best["vanilla"]
+    per_token = vanilla["wall"] / vanilla["tokens"]
+    print(f"\n{args.problems} problems, context limit {args.limit}, fastest of {args.repeats} (greedy, 1 thread)")
+    print(f"{'run':26s} {'wall s':>7s} {'tokens':>7s} {'ms/token':>9s} {'vs vanilla':>10s}")
+    for name, _, _ in VARIANTS:
+        got = best[name]
+        ratio = (got["wall"] / got["tokens"]) / per_token
+        print(
+            f"{name:26s} {got['wall']:7.2f} {got['tokens']:7d} {1000 * got['wall'] / got['tokens']:9.2f} {ratio:9.2f}x"
+        )
+    fresh, kept = best["freelm, fresh KV per wave"], best["freelm, KV kept"]
+    same = sum(
+        a.response == b.response and [r.generated_text for r in a.rounds] == [r.generated_text for r in b.rounds]
+        for a, b in zip(fresh["records"], kept["records"], strict=True)
+    )
+    print(f"identical Free()LM rollouts with and without KV reuse: {same}/{len(kept['records'])}")
+    print("\nwhere the time went (s; prefill = prompt tokens computed, cached = prompt tokens reused):")
+    for name, _, _ in VARIANTS:
+        got = best[name]
+        parts = []
+        for namespace, label in ((None, "reasoning"), ("free", "cleaning")):
+            s = got["stats"].get(namespace)
+            if s is not None:
+                parts.append(
+                    f"{label}: prefill {s.prefill_s:.2f} ({s.prefill_tokens} computed, {s.cached_tokens} cached), "
+                    f"decode {s.decode_s:.2f} ({s.decode_tokens} tokens in {s.decode_steps} steps)"
+                )
+        model = sum(s.prefill_s + s.decode_s for s in got["stats"].values())
+        print(f"  {name}: " + "; ".join(parts) + f"; rest {got['wall'] - model:.2f}")
+    base = vanilla["stats"][None]
+    for name in ("freelm, fresh KV per wave", "freelm, KV kept"):
+        got = best[name]
+        reasoning, cleaning = got["stats"][None], got["stats"].get("free")
+        extra = got["wall"] * vanilla["tokens"] / got["tokens"] - vanilla["wall"]  # at equal generated tokens
+        clean = (cleaning.prefill_s + cleaning.decode_s) if cleaning else 0.0
+        rest = got["wall"] - clean - reasoning.prefill_s - reasoning.decode_s
+        print(
+            f"extra time of {name}: {got['wall'] - vanilla['wall']:+.2f} s "
+            f"({extra:+.2f} s at equal tokens) = cleaning {clean:.2f} "
+            f"+ reasoning prefill {reasoning.prefill_s - base.prefill_s:+.2f} "
+            f"+ reasoning decode {reasoning.decode_s - base.decode_s:+.2f} "
+            f"+ rest {rest - (vanilla['wall'] - base.prefill_s - base.decode_s):+.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -11,11 +11,12 @@
 # --tokenizer is the served model's tokenizer directory: the runner sends token ids.
 # The servers must serve the base model with the Free-Module LoRA loaded under $ADAPTER_NAME.
 # Runs are resumable: rerunning the same command continues where it stopped.
-# Outputs: OUT_DIR/{vanilla,freelm}/<benchmark>.jsonl, OUT_DIR/{vanilla,freelm}.jsonl,
+# Each mode is ONE runner invocation over every benchmark (--data repeated), so the servers never idle
+# through one benchmark's tail. Outputs: OUT_DIR/{vanilla,freelm}.jsonl (+ .manifest.json),
 # metrics.json, table.md (paper layout), accuracy_vs_tokens.png, peak_context.png, efficiency.md.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,16p' "$0"; exit "${1:-2}"; }
 [[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 2 ]] || usage
 config=$1 out=$2
@@ -42,19 +43,20 @@ source "$config"
 mkdir -p "$out"
 cp "$config" "$out/config.env"
 
+data_args=()
+for bench in $BENCHMARKS; do
+  data="$data_dir/$bench.jsonl"
+  [[ -f $data ]] || { echo "benchmark file not found: $data (see docs/evaluation.md)" >&2; exit 2; }
+  data_args+=(--data "$data")
+done
+
 for mode in vanilla freelm; do
-  mkdir -p "$out/$mode"
-  for bench in $BENCHMARKS; do
-    data="$data_dir/$bench.jsonl"
-    [[ -f $data ]] || { echo "benchmark file not found: $data (see docs/evaluation.md)" >&2; exit 2; }
-    echo "== $MODEL_NAME $mode $bench" >&2
-    "$python" "$repo/runner.py" --data "$data" --output "$out/$mode/$bench.jsonl" \
-      --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
-      --mode "$mode" --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
-      --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
-      --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
-  done
-  for bench in $BENCHMARKS; do cat "$out/$mode/$bench.jsonl"; done > "$out/$mode.jsonl"
+  echo "== $MODEL_NAME $mode: $BENCHMARKS" >&2
+  "$python" "$repo/runner.py" "${data_args[@]}" --output "$out/$mode.jsonl" \
+    --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
+    --mode "$mode" --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
+    --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
+    --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
 done
 
 # shellcheck disable=SC2086  # BENCHMARKS is a word list

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from freelm.viewer import find_record
 
 ROLLOUTS = 3
 TARGET = 24
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_benchmark(path: Path, ids: range) -> Path:
@@ -209,3 +213,30 @@ def test_shards_of_another_config_or_count_are_refused(setup, sharded, tmp_path,
     shutil.copy(sharded[0], foreign)
     assert evaluate(tmp_path, f"x={foreign},{sharded[1]},{sharded[2]}") == 2
     assert "shards of different runs (--num-shards [2, 3])" in capsys.readouterr().err
+
+
+def test_the_slurm_array_script_runs_one_shard_per_task(setup, tmp_path):
+    flags, data = setup
+    out = tmp_path / "array.jsonl"
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("NUM_SHARDS", "SHARD_INDEX")
+    }
+    base.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    script = [str(ROOT / "scripts" / "slurm_array.sh")]
+    for task in range(3):
+        env = {**base, "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0"}
+        done = subprocess.run(["bash", *script, *all_data(data), "--output", str(out), *flags], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"shard {task} of 3" in done.stderr
+    assert keys(read_run(run_files(out))) == expected_keys(data)
+    rerun = {**base, "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "2"}
+    refused = subprocess.run(
+        ["bash", *script, "--dry-run", "--output", str(out)], env=rerun, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "set NUM_SHARDS" in refused.stderr  # a partial resubmission must keep N
+    dry = subprocess.run(["bash", *script, "--dry-run", "--output", str(out)], env={**rerun, "NUM_SHARDS": "3"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0 and "--num-shards 3 --shard-index 2" in dry.stdout
+    outside = subprocess.run(["bash", *script, "--output", str(out)], env=base, capture_output=True, text=True)
+    assert outside.returncode == 2 and "not a Slurm array task" in outside.stderr

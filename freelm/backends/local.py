@@ -325,10 +325,11 @@ class LocalBackend:
         if best == len(seq.ids):
             del lru[best_key]
             cache = seq.cache
-        else:  # a copy of the shared prefix only; the other sequence keeps its own tail
+        else:  # the shared prefix only; the other sequence keeps its own tail
+            # no clone needed: DynamicCache.update concatenates into new tensors, never writing in place
             cache = DynamicCache(config=self.model.config)
             for layer, data in enumerate(seq.cache.layers):
-                cache.update(data.keys[:, :, :best].clone(), data.values[:, :, :best].clone(), layer)
+                cache.update(data.keys[:, :, :best], data.values[:, :, :best], layer)
         return _CachedSequence(ids=ids[:best], cache=cache), best
 
     def _keep(self, namespace: str | None, entry: _CachedSequence, output_ids: list[int]) -> None:

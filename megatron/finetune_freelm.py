@@ -2,15 +2,21 @@
 
 Three modes, all driven by one plan (``freelm/training/megatron_plan.py``):
 
-* ``--dry-run``: resolve and validate the plan, print it as JSON, exit. Imports no
-  Megatron code, so it runs anywhere (and in the project's tests).
+* ``--dry-run``: resolve and validate the plan against the local HF checkpoint at
+  ``--model-path`` (its ``config.json`` must have the preset's shape), print Megatron's
+  warnings for the layout and the plan as JSON, exit. Imports no Megatron code and
+  reads nothing from the Hub, so it runs anywhere (and in the project's tests).
 * ``--prepare-data``: write the SFT layout Megatron-Bridge reads
   (``<output_dir>/<run_name>/data/{training,validation}.jsonl``) from ``--train-fp``,
   dropping rows longer than ``--seq-length`` tokens. Run it once, before torchrun.
 * default: check the layout and the checkpoint's ``config.json`` against the plan,
-  then start from Megatron-Bridge's own PEFT recipe for the model size, apply the
-  plan's overrides, and call ``megatron.bridge.training.finetune.finetune`` with
-  ``megatron.bridge.training.gpt_step.forward_step``.
+  then build Megatron-Bridge's own PEFT recipe for the model size FROM ``--model-path``
+  (the 0.6.2 recipes call ``AutoBridge.from_hf_pretrained("Qwen/...")`` while they are
+  built; :func:`local_recipe` points that call at the local directory, and
+  ``HF_HUB_OFFLINE=1`` makes any other Hub access fail at once), apply the plan's
+  overrides, and call ``megatron.bridge.training.finetune.finetune`` with
+  ``megatron.bridge.training.gpt_step.forward_step``. The base weights come from
+  ``--nemo-path`` when given, else straight from the HF directory.
 
 This directory has no ``__init__.py`` on purpose: ``megatron`` is the namespace
 package of megatron-core and megatron-bridge, and this folder must never shadow it.
@@ -19,6 +25,7 @@ package of megatron-core and megatron-bridge, and this folder must never shadow 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -36,7 +43,6 @@ from freelm.training.megatron_plan import (  # noqa: E402
     PROMPT_COMPLETION_KWARGS,
     MegatronPlan,
     PlanError,
-    arch_mismatches,
     build_plan,
 )
 
@@ -52,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     paths = p.add_argument_group("paths")
     paths.add_argument("--model-path", default="", help="local HF checkpoint directory of the base model")
-    paths.add_argument("--nemo-path", default="", help="Megatron checkpoint from scripts/convert_hf_to_mbridge.py")
+    paths.add_argument(
+        "--nemo-path",
+        default="",
+        help="optional Megatron checkpoint from scripts/convert_hf_to_mbridge.py (default: load the HF weights "
+        "of --model-path directly)",
+    )
     paths.add_argument("--train-fp", default="", help="SFT JSONL with prompt/completion rows")
     paths.add_argument("--output-dir", default="")
     paths.add_argument("--run-name", default="")
@@ -137,21 +148,18 @@ def prepare_data(plan: MegatronPlan, validation_fraction: float) -> None:
 
 
 def preflight(plan: MegatronPlan) -> None:
-    """Refuse to start 64 GPUs on a stale layout, a different model, or a different world size."""
-    problems = []
+    """Refuse to start 64 GPUs on a stale layout, a different model, missing weights or a different world size."""
+    problems = plan.local_model_problems()
     if read_sft_layout(plan.paths.train_fp, plan.paths.data_dir, plan.schedule.seq_length) is None:
         problems.append(
             f"no current SFT layout of {plan.paths.train_fp} in {plan.paths.data_dir}: run this script with "
             "--prepare-data (same arguments) first"
         )
-    config_path = Path(plan.paths.model_path) / "config.json"
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-        problems += [f"{config_path}: {m}" for m in arch_mismatches(plan.arch, hf_config)]
-    except (OSError, ValueError) as exc:
-        problems.append(f"cannot read {config_path}: {exc}")
-    if not Path(plan.paths.nemo_path).exists():
-        problems.append(f"nemo_path {plan.paths.nemo_path} does not exist: run scripts/convert_hf_to_mbridge.py")
+    if plan.paths.nemo_path and not Path(plan.paths.nemo_path).exists():
+        problems.append(
+            f"nemo_path {plan.paths.nemo_path} does not exist: run scripts/convert_hf_to_mbridge.py, or leave "
+            "--nemo-path out to load the HF weights of --model-path"
+        )
     world = os.environ.get("WORLD_SIZE")
     if world is not None and int(world) != plan.parallel.world_size:
         problems.append(f"torchrun started {world} processes but the plan is for {plan.parallel.world_size} GPUs")
@@ -169,24 +177,43 @@ def _set(container: Any, dotted: str, value: Any) -> None:
     setattr(target, name, value)
 
 
+@contextlib.contextmanager
+def local_recipe(module: Any, hf_path: str):
+    """While a recipe of ``module`` is built, its ``AutoBridge.from_hf_pretrained(<Hub id>, revision=...)``
+    loads ``hf_path`` instead (no revision: a local directory has none).
+
+    The 0.6.2 recipes (``recipes/qwen/h100/qwen3.py``, ``qwen3_moe.py``) take no model path; they name
+    ``AutoBridge`` as a module global, so replacing that global for the duration of the call is the one
+    place to redirect them. Everything the recipe reads then (architecture, RoPE base, context length)
+    is the local checkpoint's own ``config.json``, e.g. the Thinking-2507 release rather than the base id.
+    """
+    real = module.AutoBridge
+
+    class _LocalAutoBridge:
+        @staticmethod
+        def from_hf_pretrained(_hub_id: str, *args: Any, revision: str | None = None, **kwargs: Any) -> Any:
+            return real.from_hf_pretrained(hf_path, *args, **kwargs)
+
+    module.AutoBridge = _LocalAutoBridge
+    try:
+        yield
+    finally:
+        module.AutoBridge = real
+
+
 def train(plan: MegatronPlan) -> None:
-    from megatron.bridge import AutoBridge
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: a Hub access is a bug, fail at once
     from megatron.bridge.data.builders import GPTSFTDatasetConfig
     from megatron.bridge.data.sft_processing import PromptCompletionSFTPreprocessingConfig
     from megatron.bridge.peft.lora import LoRA
     from megatron.bridge.training.finetune import finetune
     from megatron.bridge.training.gpt_step import forward_step
 
-    module, function = plan.recipe.split(":")
-    recipe = getattr(importlib.import_module(module), function)
-    cfg = recipe(peft_scheme=LoRA(**plan.lora_kwargs()))
-    # The recipe builds its model from the Hub base id (e.g. Qwen/Qwen3-30B-A3B); the checkpoint being
-    # trained (e.g. the Thinking-2507 release) can differ in RoPE base and context, so the architecture
-    # fields come from model_path's own config (models/conversion/model_bridge.py: CONFIG_MAPPING).
-    local = AutoBridge.from_hf_pretrained(plan.paths.model_path).to_megatron_provider(load_weights=False)
-    for name in ARCH_FIELDS:
-        if hasattr(local, name):
-            _set(cfg, f"model.{name}", getattr(local, name))
+    module_name, function = plan.recipe.split(":")
+    recipe_function = getattr(importlib.import_module(module_name), function)
+    recipe_module = importlib.import_module(recipe_function.__module__)  # qwen3.py re-exports from h100/qwen3.py
+    with local_recipe(recipe_module, plan.recipe_hf_path):
+        cfg = recipe_function(peft_scheme=LoRA(**plan.lora_kwargs()))
     for dotted, value in plan.overrides().items():
         _set(cfg, dotted, value)
     cfg.dataset = GPTSFTDatasetConfig(
@@ -195,32 +222,17 @@ def train(plan: MegatronPlan) -> None:
     finetune(cfg, forward_step)
 
 
-#: Provider fields set from the HF config by Megatron-Bridge's Qwen3 bridges (``model_bridge.py: CONFIG_MAPPING``,
-#: ``qwen/qwen3_moe_bridge.py``), copied from the local checkpoint over the recipe's Hub model.
-ARCH_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "layernorm_epsilon",
-    "share_embeddings_and_output_weights",
-    "rotary_base",
-    "num_moe_experts",
-    "moe_router_topk",
-    "moe_ffn_hidden_size",
-    "moe_router_pre_softmax",
-)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         plan = plan_from_args(args)
+        for warning in plan.warnings():
+            print(f"warning (Megatron): {warning}", file=sys.stderr)
         if args.dry_run:
+            problems = plan.local_model_problems()
+            if problems:
+                raise PlanError(problems)
             print(json.dumps(plan.summary(), indent=2, default=str))
             return 0
         if args.prepare_data:

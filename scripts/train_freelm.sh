@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Shared launcher behind scripts/train_qwen3_*.sh: convert (once), lay out the SFT data (once),
-# then start megatron/finetune_freelm.py on every GPU with torchrun, directly or under Slurm.
+# Shared launcher behind scripts/train_qwen3_*.sh: lay out the SFT data (once), optionally convert
+# the base model (once), then start megatron/finetune_freelm.py on every GPU with torchrun, directly
+# or under Slurm. For ONE node (CPU, one GPU or all GPUs of a node) without Megatron, use `freelm train`
+# (TRL + PEFT) instead: `scripts/train_freelm.sh --help` shows both ways to launch it.
 set -euo pipefail
 
 usage() {
@@ -9,12 +11,14 @@ Usage: PRESET=qwen3-8b|qwen3-30b-a3b|qwen3-235b-a22b scripts/train_freelm.sh [--
        (normally called through scripts/train_qwen3_8b.sh, train_qwen3_30b_a3b.sh, train_qwen3_235b.sh)
 
 Required (environment or the calling script):
-  model_path     local HF directory of the base model (config, tokenizer, weights)
-  nemo_path      Megatron checkpoint dir; created from model_path by scripts/convert_hf_to_mbridge.py if missing
+  model_path     local HF directory of the base model (config, tokenizer, weights); the Megatron-Bridge
+                 recipe is built from it (no Hub access) and, without nemo_path, its weights are loaded directly
   train_fp       SFT JSONL: {"prompt": ..., "completion": "[...]<|im_end|>"} per line
   output_dir     where <run_name>/{data,checkpoints,tb_logs} go
   run_name       name of this run
 Optional:
+  nemo_path      Megatron checkpoint dir to load the base from instead (faster start on many nodes);
+                 created from model_path by scripts/convert_hf_to_mbridge.py if set and missing
   train_iters (1000)  save_interval (100)  seq_length (8192)  global_batch_size (32)  lr (1e-4)
   lora_dim (8)  lora_alpha (16)  wandb_project
   NNODES  GPUS_PER_NODE  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
@@ -22,6 +26,13 @@ Under Slurm (SLURM_JOB_ID set) the job's node list gives NNODES/MASTER_ADDR and 
 one torchrun per node. Otherwise run this script on every node with its NODE_RANK.
 --dry-run prints the resolved plan and the launch command without starting anything.
 Anything after -- goes to megatron/finetune_freelm.py (e.g. -- --tp 8 --lora-targets linear_qkv).
+
+One node without Megatron (freelm train: TRL SFTTrainer + PEFT; same SFT JSONL, same adapter format):
+  all GPUs, DDP:     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 \
+                       -m freelm.cli train --model DIR --data SFT.jsonl --output-dir OUT [freelm train flags]
+  larger bases:      the same with configs/accelerate/fsdp.yaml (FSDP, full shard) or zero3.yaml (DeepSpeed ZeRO-3)
+  torchrun instead:  torchrun --nproc-per-node 8 -m freelm.cli train --model DIR --data SFT.jsonl --output-dir OUT
+  --batch-size is per process: the step is batch_size x grad_accum x processes rows (docs/training.md).
 EOF
 }
 
@@ -38,7 +49,6 @@ done
 
 : "${PRESET:?PRESET is not set (qwen3-8b, qwen3-30b-a3b or qwen3-235b-a22b)}"
 : "${model_path:?model_path is not set: local HF directory of the base model}"
-: "${nemo_path:?nemo_path is not set: Megatron checkpoint directory (converted from model_path)}"
 : "${train_fp:?train_fp is not set: the SFT JSONL file}"
 : "${output_dir:?output_dir is not set}"
 : "${run_name:?run_name is not set}"
@@ -58,7 +68,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 
 args=(
   --preset "$PRESET"
-  --model-path "$model_path" --nemo-path "$nemo_path" --train-fp "$train_fp"
+  --model-path "$model_path" --nemo-path "${nemo_path:-}" --train-fp "$train_fp"
   --output-dir "$output_dir" --run-name "$run_name"
   --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE"
   --train-iters "${train_iters:-1000}" --save-interval "${save_interval:-100}"
@@ -86,7 +96,7 @@ rm -f "${TMPDIR:-/tmp}/freelm_plan_$$.json"
 
 layout="$output_dir/$run_name/data/layout.json"
 if [[ -n "${SLURM_JOB_ID:-}" || "$NODE_RANK" == 0 ]]; then
-  if [[ ! -e "$nemo_path" ]]; then
+  if [[ -n "${nemo_path:-}" && ! -e "$nemo_path" ]]; then
     "$python_bin" "$repo/scripts/convert_hf_to_mbridge.py" --input "$model_path" --output "$nemo_path"
   fi
   "$python_bin" "$entry" --prepare-data "${args[@]}"

@@ -4,13 +4,13 @@
 # scripts/train_freelm.sh --help lists them all. An empty required variable is an error.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  echo "Usage: [model_path=... nemo_path=... train_fp=... output_dir=... run_name=...] $0 [--dry-run] [-- EXTRA_ARGS...]"
+  echo "Usage: [model_path=... [nemo_path=...] train_fp=... output_dir=... run_name=...] $0 [--dry-run] [-- EXTRA_ARGS...]"
   echo "Trains the Free-Module LoRA on qwen3-8b (default: 1 node(s) x 8 GPUs)."
   exec "$(dirname "${BASH_SOURCE[0]}")/train_freelm.sh" --help
 fi
 export PRESET=qwen3-8b
 export model_path="${model_path:-}"   # e.g. /models/qwen3-8b
-export nemo_path="${nemo_path:-}"     # e.g. /ckpt/qwen3-8b-mbridge
+export nemo_path="${nemo_path:-}"     # optional, e.g. /ckpt/qwen3-8b-mbridge (default: HF weights of model_path)
 export train_fp="${train_fp:-}"       # e.g. /data/freelm_sft.jsonl
 export output_dir="${output_dir:-}"   # e.g. /runs
 export run_name="${run_name:-}"       # e.g. free-qwen3-8b

@@ -149,3 +149,30 @@ def test_not_a_directory_and_bad_json(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     assert "not valid JSON" in check_sglang_adapter(tmp_path)[0]
     assert main([str(tmp_path)]) == 1
+
+
+def test_dotted_target_names_are_read_by_their_last_part(tiny, tmp_path):
+    """SGLang's get_normalized_target_modules keeps name.split(".")[-1]: a dotted list is the same adapter."""
+    adapter = _copy(tiny["default"], tmp_path / "a")
+    _edit_config(adapter, target_modules=[f"self_attn.{t}" for t in TARGETS])
+    assert check_sglang_adapter(adapter, tiny["base_config"]) == []
+
+
+def test_q_proj_needs_v_proj_and_k_v_need_q_proj(tiny, tmp_path):
+    """lora.py normalize_qkv_proj stacks q/k/v from q_proj: v_proj is required, k_proj may be missing."""
+    no_v = _copy(tiny["default"], tmp_path / "no_v")
+    _rewrite_weights(no_v, lambda sd: {k: v for k, v in sd.items() if "v_proj" not in k})
+    _edit_config(no_v, target_modules=["q_proj", "k_proj", "o_proj"])
+    problems = check_sglang_adapter(no_v)
+    assert any("q_proj LoRA without v_proj" in p for p in problems), problems
+
+    no_k = _copy(tiny["default"], tmp_path / "no_k")
+    _rewrite_weights(no_k, lambda sd: {k: v for k, v in sd.items() if "k_proj" not in k})
+    _edit_config(no_k, target_modules=["q_proj", "v_proj", "o_proj"])
+    assert check_sglang_adapter(no_k) == []  # k_proj is zero-filled by SGLang
+
+    no_q = _copy(tiny["default"], tmp_path / "no_q")
+    _rewrite_weights(no_q, lambda sd: {k: v for k, v in sd.items() if "q_proj" not in k})
+    _edit_config(no_q, target_modules=["k_proj", "v_proj", "o_proj"])
+    problems = check_sglang_adapter(no_q)
+    assert any("['k_proj', 'v_proj'] LoRA without q_proj" in p for p in problems), problems

@@ -83,8 +83,6 @@ def test_235b_needs_the_embedding_and_loss_stages_to_split_94_layers_over_pp4():
             {"parallel": {"ep": 3, "gpus_per_node": 12, "tp": 1, "sp": False}},
             "128 experts are not divisible by EP=3",
         ),
-        ("qwen3-8b", {"parallel": {"sp": True}}, "sequence parallelism needs TP > 1"),
-        ("qwen3-30b-a3b", {"parallel": {"sp": False}}, "needs sequence parallelism"),
         ("qwen3-8b", {"parallel": {"ep": 2}}, "dense: EP and ETP must be 1"),
         (
             "qwen3-235b-a22b",
@@ -125,6 +123,103 @@ def test_invalid_plans_are_rejected_with_the_reason(preset, changes, needle):
     assert needle in str(err.value), err.value.problems
     with pytest.raises(PlanError):
         p.overrides()  # nothing is handed to Megatron from an invalid plan
+
+
+def test_layouts_megatron_only_warns_about_or_fixes_run_with_its_warning():
+    """megatron-core warns on EP x TP without SP; Megatron-Bridge's finalize() turns SP off at TP=1 (arguments.py)."""
+    sp_tp1 = plan("qwen3-8b", parallel={"sp": True}).validate()
+    assert sp_tp1.warnings() == ["Disabling sequence parallelism because tensor model parallelism is disabled"]
+    assert sp_tp1.overrides()["model.sequence_parallel"] is False
+    ep_no_sp = plan("qwen3-30b-a3b", parallel={"sp": False}).validate()
+    assert ep_no_sp.warnings() == [
+        "When using expert parallelism and tensor parallelism for training, sequence parallelism must be used"
+    ]
+    assert ep_no_sp.overrides()["model.sequence_parallel"] is False
+    assert all(plan(preset).warnings() == [] for preset in PRESETS)
+    assert plan("qwen3-8b", parallel={"sp": True}).summary()["warnings"] == sp_tp1.warnings()
+
+
+def test_without_nemo_path_the_hf_directory_is_the_pretrained_checkpoint():
+    """Megatron-Bridge 0.6.2 loads an HF directory given as checkpoint.pretrained_checkpoint (is_hf_checkpoint_dir)."""
+    hf_only = plan("qwen3-8b", paths={**PATHS, "nemo_path": ""}).validate()
+    assert hf_only.overrides()["checkpoint.pretrained_checkpoint"] == "/m"
+    assert plan("qwen3-8b").overrides()["checkpoint.pretrained_checkpoint"] == "/n"
+
+
+def write_hf_dir(root, preset: str, weights: bool = True):
+    """A local HF checkpoint directory of the preset's shape (config.json; an index file stands for the weights)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(ARCHITECTURES[PRESETS[preset].arch_key].hf_config()))
+    if weights:
+        (root / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    return root
+
+
+def test_local_model_problems(tmp_path):
+    empty = plan("qwen3-8b", paths={**PATHS, "model_path": str(tmp_path / "none")})
+    assert "no config.json" in empty.local_model_problems()[0]
+    good = write_hf_dir(tmp_path / "8b", "qwen3-8b")
+    assert plan("qwen3-8b", paths={**PATHS, "model_path": str(good)}).local_model_problems() == []
+    wrong = plan("qwen3-30b-a3b", paths={**PATHS, "model_path": str(good)}).local_model_problems()
+    assert any("num_hidden_layers: checkpoint has 36, plan expects 48" in m for m in wrong), wrong
+    bare = write_hf_dir(tmp_path / "bare", "qwen3-8b", weights=False)
+    no_weights = plan("qwen3-8b", paths={**PATHS, "model_path": str(bare), "nemo_path": ""})
+    assert any("no HF weight files" in m for m in no_weights.local_model_problems())
+    assert plan("qwen3-8b", paths={**PATHS, "model_path": str(bare)}).local_model_problems() == []  # nemo_path has them
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_dry_run_builds_the_plan_from_a_local_hf_path_with_the_hub_offline(preset, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = write_hf_dir(tmp_path / "model", preset)
+    entry = Path(__file__).resolve().parents[1] / "megatron" / "finetune_freelm.py"
+    cmd = [sys.executable, str(entry), "--dry-run", "--preset", preset, "--model-path", str(model)]
+    cmd += ["--train-fp", str(tmp_path / "sft.jsonl"), "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["recipe_hf_path"] == str(model)
+    o = summary["overrides"]
+    assert (
+        o["checkpoint.pretrained_checkpoint"] == o["tokenizer.tokenizer_model"] == o["model.hf_model_id"] == str(model)
+    )
+    assert not (tmp_path / "hf-home").exists()  # nothing looked at the Hub cache
+
+    mismatched = write_hf_dir(tmp_path / "other", "qwen3-8b" if preset != "qwen3-8b" else "qwen3-30b-a3b")
+    refused = subprocess.run(
+        [*cmd[:6], str(mismatched), *cmd[7:]], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert refused.returncode == 2 and "num_hidden_layers: checkpoint has" in refused.stderr
+
+
+def test_local_recipe_points_the_recipes_hub_id_at_the_local_directory():
+    """The 0.6.2 recipes call AutoBridge.from_hf_pretrained("Qwen/...", revision=...) as a module global."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_freelm", Path(__file__).resolve().parents[1] / "megatron" / "finetune_freelm.py"
+    )
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    calls = []
+
+    class AutoBridge:
+        @staticmethod
+        def from_hf_pretrained(path, **kwargs):
+            calls.append((path, kwargs))
+            return path
+
+    recipes = types.SimpleNamespace(AutoBridge=AutoBridge)
+    with entry.local_recipe(recipes, "/models/qwen3-8b-local"):
+        assert recipes.AutoBridge.from_hf_pretrained("Qwen/Qwen3-8B", revision="b968826d") == "/models/qwen3-8b-local"
+    assert calls == [("/models/qwen3-8b-local", {})]
+    assert recipes.AutoBridge is AutoBridge  # restored
 
 
 def test_dense_model_may_train_mlp_loras_and_exports_their_hf_names():

@@ -85,11 +85,22 @@ def test_reproduce_scripts_need_the_tokenizer_before_doing_anything(script, posi
     assert not (tmp_path / "out").exists()
 
 
-TRAIN_ENV = {"model_path": "/m", "nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run_name": "free"}
+TRAIN_ENV = {"nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run_name": "free"}
 
 
-def test_train_235b_dry_run_is_64_gpus_on_8_nodes():
-    result = run(["bash", str(SCRIPTS / "train_qwen3_235b.sh"), "--dry-run"], env={**TRAIN_ENV, "train_iters": "200"})
+def hf_dir(root: Path, preset: str) -> str:
+    """A local HF directory of the preset's shape: the dry run builds the plan from it."""
+    from freelm.training.megatron_plan import ARCHITECTURES, PRESETS
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(ARCHITECTURES[PRESETS[preset].arch_key].hf_config()))
+    (root / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    return str(root)
+
+
+def test_train_235b_dry_run_is_64_gpus_on_8_nodes(tmp_path):
+    env = {**TRAIN_ENV, "train_iters": "200", "model_path": hf_dir(tmp_path, "qwen3-235b-a22b")}
+    result = run(["bash", str(SCRIPTS / "train_qwen3_235b.sh"), "--dry-run"], env=env)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert plan["world_size"] == 64 and plan["data_parallel"] == 4
@@ -99,10 +110,18 @@ def test_train_235b_dry_run_is_64_gpus_on_8_nodes():
     assert "torchrun --nnodes 8 --nproc-per-node 8" in launch and "--preset qwen3-235b-a22b" in launch
 
 
-def test_train_script_rejects_an_invalid_plan_before_launch():
-    result = run(
-        ["bash", str(SCRIPTS / "train_qwen3_8b.sh"), "--dry-run"], env={**TRAIN_ENV, "global_batch_size": "12"}
-    )
+def test_train_8b_dry_run_needs_no_converted_checkpoint(tmp_path):
+    model = hf_dir(tmp_path / "qwen3-8b", "qwen3-8b")
+    env = {**TRAIN_ENV, "nemo_path": "", "model_path": model, "HF_HUB_OFFLINE": "1"}
+    result = run(["bash", str(SCRIPTS / "train_qwen3_8b.sh"), "--dry-run"], env=env)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert plan["overrides"]["checkpoint.pretrained_checkpoint"] == plan["recipe_hf_path"] == model
+
+
+def test_train_script_rejects_an_invalid_plan_before_launch(tmp_path):
+    env = {**TRAIN_ENV, "global_batch_size": "12", "model_path": hf_dir(tmp_path, "qwen3-8b")}
+    result = run(["bash", str(SCRIPTS / "train_qwen3_8b.sh"), "--dry-run"], env=env)
     assert result.returncode == 2
     assert "global batch 12 is not divisible" in result.stderr
 
@@ -195,7 +214,7 @@ def test_finetune_entry_prepares_data_and_refuses_a_mismatched_model(tiny_base, 
     started = run(args, env={"WORLD_SIZE": "4"})  # default mode stops in the preflight, before any Megatron import
     assert started.returncode == 2
     assert "num_hidden_layers: checkpoint has 2, plan expects 36" in started.stderr
-    assert "nemo_path" in started.stderr and "does not exist" in started.stderr
+    assert "nemo_path" in started.stderr and "does not exist" in started.stderr and "leave" in started.stderr
     assert "torchrun started 4 processes but the plan is for 8 GPUs" in started.stderr
     assert "no current SFT layout" not in started.stderr
 
@@ -236,6 +255,10 @@ def test_export_adapter_takes_the_latest_hf_sidecar_and_checks_it(tiny_base, tin
 
     empty = run([*cmd, "--lora-checkpoint", str(tmp_path), "--output", str(tmp_path / "x")])
     assert empty.returncode == 2 and "iter_*" in empty.stderr
+
+    (run_dir / "iter_0000300").mkdir()  # a Megatron-only iteration: the CPU export must be asked for
+    cpu = run([*cmd, "--lora-checkpoint", str(run_dir), "--output", str(tmp_path / "cpu")])
+    assert cpu.returncode == 2 and "--cpu-export" in cpu.stderr and "940 GB" in cpu.stderr
 
 
 # --------------------------------------------------------------------------- the cluster smoke check

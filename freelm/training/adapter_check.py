@@ -6,7 +6,12 @@ SGLang (0.5.23, ``sglang/srt/lora/lora_config.py``, ``lora.py``) reads only
 ``*.safetensors`` in the directory by PEFT's weight names. Anything else that
 changes the maths (rsLoRA scaling, per-module ``rank_pattern`` /
 ``alpha_pattern``) is silently ignored there, so the served adapter would differ
-from the trained one. Both exporters produce such directories: the PEFT trainer
+from the trained one. The check follows the loader both ways: a target name is
+read by its last dotted part (``utils.py: get_normalized_target_modules``, so
+``self_attn.q_proj`` is ``q_proj``), and a layer's q/k/v LoRA is stacked from
+``q_proj`` with ``v_proj`` required and ``k_proj`` zero-filled when missing
+(``lora.py: normalize_qkv_proj``), so ``q_proj`` without ``v_proj`` fails to load
+and ``k_proj``/``v_proj`` without ``q_proj`` are never stacked (their weights are skipped). Both exporters produce such directories: the PEFT trainer
 (``save_pretrained``) and Megatron-Bridge (``AutoBridge.export_adapter_ckpt`` or
 ``iter_*/hf/`` written during training).
 """
@@ -47,6 +52,24 @@ def _module_dims(module: str, cfg: dict[str, Any]) -> tuple[int, int]:
     }[module]
 
 
+def target_names(targets: list[str]) -> set[str]:
+    """Module names as SGLang reads ``target_modules``: the last dotted part (``self_attn.q_proj`` -> ``q_proj``)."""
+    return {name.split(".")[-1] for name in targets}
+
+
+def _qkv_problems(pairs: dict[tuple[int, str], dict[str, tuple[int, ...]]]) -> list[str]:
+    """Layers whose q/k/v LoRA SGLang's ``normalize_qkv_proj`` cannot stack (``lora.py``)."""
+    out = []
+    for layer in sorted({layer for layer, _ in pairs}):
+        present = {module for (at, module) in pairs if at == layer}
+        if "q_proj" in present and "v_proj" not in present:
+            out.append(f"layer {layer}: q_proj LoRA without v_proj: SGLang stacks q/k/v and fails to load it")
+        elif "q_proj" not in present and present & {"k_proj", "v_proj"}:
+            found = sorted(present & {"k_proj", "v_proj"})
+            out.append(f"layer {layer}: {found} LoRA without q_proj: SGLang stacks q/k/v from q_proj and skips them")
+    return out
+
+
 def _config_problems(cfg: dict[str, Any]) -> list[str]:
     out = []
     if cfg.get("peft_type") != "LORA":
@@ -61,7 +84,7 @@ def _config_problems(cfg: dict[str, Any]) -> list[str]:
         if targets not in ALL_TARGETS:
             out.append(f"target_modules {targets!r}: SGLang takes a list of module names, 'all' or 'all-linear'")
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        unsupported = sorted(set(targets) - set(QWEN3_TARGETS))
+        unsupported = sorted(set(target_names(targets)) - set(QWEN3_TARGETS))
         if unsupported:
             out.append(
                 f"target_modules {unsupported} are not LoRA targets SGLang supports for Qwen3 {list(QWEN3_TARGETS)}"
@@ -127,7 +150,7 @@ def _weight_problems(
                 out.append(
                     f"{where}: A{list(a)} B{list(b)} do not fit the base model's {fan_in} -> {fan_out} projection"
                 )
-    return out, {module for _, module in pairs}
+    return out + _qkv_problems(pairs), {module for _, module in pairs}
 
 
 def check_sglang_adapter(adapter_dir: str | Path, base_config: dict[str, Any] | None = None) -> list[str]:
@@ -166,11 +189,11 @@ def check_sglang_adapter(adapter_dir: str | Path, base_config: dict[str, Any] | 
     if not modules and not weight_problems:
         problems.append(f"{root}: the safetensors files hold no LoRA weights")
     targets = cfg.get("target_modules")
-    if isinstance(targets, list) and modules:
-        untargeted = sorted(modules - set(targets))
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets) and modules:
+        untargeted = sorted(modules - target_names(targets))
         if untargeted:
             problems.append(f"weights for {untargeted} but target_modules is {targets}: SGLang would skip them")
-        unweighted = sorted(set(targets) & set(QWEN3_TARGETS) - modules)
+        unweighted = sorted(target_names(targets) & set(QWEN3_TARGETS) - modules)
         if unweighted:
             problems.append(f"target_modules lists {unweighted} but the files hold no weights for them")
     return problems

@@ -22,8 +22,16 @@ Sources read (megatron-bridge 0.6.2 wheel, megatron-core 0.19.2 wheel):
   ``save_interval``, ``train_iters``, ``lr_warmup_iters``...),
   ``megatron/core/model_parallel_config.py`` (parallel sizes);
 * divisibility rules: ``megatron/core/transformer/transformer_config.py``
-  (heads and query groups by TP; layers plus embedding/loss stages by PP) and
-  ``model_parallel_config.py`` (EP with TP needs sequence parallelism).
+  (heads and query groups by TP; layers plus embedding/loss stages by PP);
+* what Megatron only warns about or fixes itself, reported as :meth:`MegatronPlan.warnings`
+  with Megatron's own words, not refused: EP with TP and no SP
+  (``megatron/core/model_parallel_config.py`` warns) and SP with TP=1
+  (``megatron/bridge/models/transformer_config.py: finalize`` turns SP off;
+  ``megatron/training/arguments.py`` warns "Disabling sequence parallelism ...").
+* base weights: ``checkpoint.pretrained_checkpoint`` may be a Megatron checkpoint or an
+  HF directory with ``config.json`` and weight files
+  (``training/utils/checkpoint_utils.py: is_hf_checkpoint_dir``, loaded by
+  ``training/checkpointing.py: _load_hf_pretrained_checkpoint``), so converting first is optional.
 """
 
 from __future__ import annotations
@@ -65,6 +73,12 @@ class ModelArch:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` fields :func:`arch_mismatches` compares (a checkpoint of this shape has them)."""
+        moe_only = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
+        config = {key: getattr(self, name) for name, key in _HF_KEYS.items() if self.is_moe or name not in moe_only}
+        return {"architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"], **config}
 
 
 #: THE table of architectures. Values from the models' Hugging Face ``config.json``
@@ -224,10 +238,15 @@ class Paths:
     """The run's inputs and outputs (the variables the training scripts take)."""
 
     model_path: str = ""  # local HF checkpoint directory (config, tokenizer; template for the HF adapter export)
-    nemo_path: str = ""  # Megatron checkpoint written by scripts/convert_hf_to_mbridge.py
+    nemo_path: str = ""  # optional Megatron checkpoint from scripts/convert_hf_to_mbridge.py (else: model_path)
     train_fp: str = ""  # the project's SFT JSONL ({"prompt", "completion"} rows)
     output_dir: str = ""
     run_name: str = ""
+
+    @property
+    def pretrained_checkpoint(self) -> str:
+        """The base weights Megatron-Bridge loads: the converted checkpoint if given, else the HF directory."""
+        return self.nemo_path or self.model_path
 
     @property
     def run_dir(self) -> Path:
@@ -277,6 +296,15 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+#: Weight files that make a directory an HF checkpoint for Megatron-Bridge (``checkpoint_utils.py: _has_hf_weight_files``).
+_HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model-*-of-*.safetensors",
+    "pytorch_model-*-of-*.bin",
+)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")  # SchedulerConfig.lr_decay_style
 
@@ -310,6 +338,17 @@ class MegatronPlan:
         """Everything wrong with the plan, in one list (empty = Megatron-Bridge will accept it)."""
         return self._parallel_problems() + self._lora_problems() + self._schedule_problems() + self._path_problems()
 
+    def warnings(self) -> list[str]:
+        """What Megatron warns about (or silently fixes) for this layout, in its own words; the plan still runs."""
+        p, out = self.parallel, []
+        if p.sp and p.tp == 1:  # bridge transformer_config.py finalize() sets SP off; arguments.py says why
+            out.append("Disabling sequence parallelism because tensor model parallelism is disabled")
+        if p.ep > 1 and p.tp > 1 and not p.sp:  # megatron/core/model_parallel_config.py __post_init__
+            out.append(
+                "When using expert parallelism and tensor parallelism for training, sequence parallelism must be used"
+            )
+        return out
+
     def validate(self) -> MegatronPlan:
         problems = self.problems()
         if problems:
@@ -330,12 +369,6 @@ class MegatronPlan:
             )
         if world % (p.etp * p.ep * p.pp):
             out.append(f"world size {world} is not divisible by ETP*EP*PP = {p.etp * p.ep * p.pp}")
-        if p.sp and p.tp == 1:
-            out.append("sequence parallelism needs TP > 1")
-        if p.ep > 1 and p.tp > 1 and not p.sp:
-            out.append(
-                "expert parallelism with TP > 1 needs sequence parallelism (megatron-core model_parallel_config.py)"
-            )
         if arch.is_moe:
             if arch.num_experts % p.ep:
                 out.append(f"{arch.num_experts} experts are not divisible by EP={p.ep}")
@@ -412,7 +445,7 @@ class MegatronPlan:
 
     def _path_problems(self) -> list[str]:
         paths, out = self.paths, []
-        for name in ("model_path", "nemo_path", "train_fp", "output_dir", "run_name"):
+        for name in ("model_path", "train_fp", "output_dir", "run_name"):
             if not str(getattr(paths, name)).strip():
                 out.append(f"{name} is not set")
         if paths.run_name and not _RUN_NAME.match(paths.run_name):
@@ -421,7 +454,38 @@ class MegatronPlan:
             out.append("nemo_path (the base checkpoint) must differ from the run's checkpoint directory")
         return out
 
+    def local_model_problems(self) -> list[str]:
+        """``model_path`` must be a local HF directory of this preset's shape: the recipe is built from it.
+
+        Without it the 0.6.2 recipes call ``AutoBridge.from_hf_pretrained("Qwen/...")`` on the Hub;
+        with no ``nemo_path`` it also holds the base weights (``is_hf_checkpoint_dir``: a weight file).
+        """
+        import json
+
+        root = Path(self.paths.model_path)
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            return [f"model_path {root}: no config.json (a local HF checkpoint directory is required)"]
+        try:
+            hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return [f"cannot read {config_path}: {exc}"]
+        if not isinstance(hf_config, dict):
+            return [f"{config_path}: expected a JSON object"]
+        out = [f"{config_path}: {m}" for m in arch_mismatches(self.arch, hf_config)]
+        if not self.paths.nemo_path and not any(any(root.glob(pattern)) for pattern in _HF_WEIGHT_FILES):
+            out.append(
+                f"model_path {root} has no HF weight files ({', '.join(_HF_WEIGHT_FILES)}) and no nemo_path is "
+                "given: Megatron-Bridge has no base weights to load"
+            )
+        return out
+
     # ------------------------------------------------------------------ outputs
+
+    @property
+    def recipe_hf_path(self) -> str:
+        """Where the recipe's ``AutoBridge.from_hf_pretrained("Qwen/...")`` is pointed instead of the Hub."""
+        return self.paths.model_path
 
     @property
     def grad_accumulation_steps(self) -> int:
@@ -431,7 +495,8 @@ class MegatronPlan:
         """``"section.field" -> value`` applied onto the recipe's ``ConfigContainer`` (validated plan only).
 
         ``model.hf_model_id`` / ``tokenizer.tokenizer_model`` / ``checkpoint.hf_source_path`` point at the
-        local ``model_path`` so nothing reads the Hub after the recipe is built, and the HF adapter written
+        local ``model_path`` (the recipe itself is built from it too: :attr:`recipe_hf_path`), so nothing
+        reads the Hub, and the HF adapter written
         at each save (``iter_*/hf/``, ``training/checkpointing.py: _save_hf_adapter_weights``) names it.
         """
         self.validate()
@@ -440,7 +505,7 @@ class MegatronPlan:
             "model.tensor_model_parallel_size": p.tp,
             "model.pipeline_model_parallel_size": p.pp,
             "model.context_parallel_size": p.cp,
-            "model.sequence_parallel": p.sp,
+            "model.sequence_parallel": p.sp and p.tp > 1,  # what Megatron-Bridge's finalize() makes of it
             "model.expert_model_parallel_size": p.ep,
             "model.expert_tensor_parallel_size": p.etp,
             "model.account_for_embedding_in_pipeline_split": p.account_for_embedding_and_loss,
@@ -458,7 +523,7 @@ class MegatronPlan:
             "scheduler.lr_decay_style": s.lr_decay_style,
             "validation.eval_interval": s.eval_interval or None,  # 0 = no validation (None in Megatron)
             "validation.eval_iters": s.eval_iters,
-            "checkpoint.pretrained_checkpoint": paths.nemo_path,
+            "checkpoint.pretrained_checkpoint": paths.pretrained_checkpoint,
             "checkpoint.save": str(paths.checkpoint_dir),
             "checkpoint.load": str(paths.checkpoint_dir),  # resume the adapter run if it has a checkpoint
             "checkpoint.save_interval": s.save_interval,
@@ -506,6 +571,8 @@ class MegatronPlan:
             "preset": self.preset,
             "recipe": self.recipe,
             "architecture": asdict(self.arch),
+            "recipe_hf_path": self.recipe_hf_path,
+            "warnings": self.warnings(),
             "world_size": self.parallel.world_size,
             "data_parallel": self.parallel.data_parallel,
             "grad_accumulation_steps": self.grad_accumulation_steps,

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from freelm.demo.pretrain import PretrainConfig, make_examples, pretrain  # noqa: E402
+from freelm.demo.pretrain import Example, PretrainConfig, collate, make_examples, pretrain  # noqa: E402
 from freelm.demo.task import generate_problems  # noqa: E402
 from freelm.tinymodel import TinyConfig  # noqa: E402
 
@@ -90,3 +90,11 @@ def test_cleaning_states_are_what_the_oracle_cleans_and_quoting_spans_all_comple
     skipped = cleaning_states(generate_problems(6, seed=2, min_turns=12, max_turns=12), tokenizer, (8, 12), 0, 1.0)
     longest = max(t.count("\n") for _, t in states)
     assert max(t.count("\n") for _, t in skipped) > longest  # undeleted rounds pile up, as after a skipped command
+
+
+def test_collate_puts_loss_on_response_tokens_only():
+    examples = [Example([5, 6, 7, 8, 9], 3), Example([1, 2, 3], 1)]
+    batch = collate(examples, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 2, 3, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]

@@ -14,7 +14,7 @@ exactly what a Qwen3-8B run does:
    kept only when the REWARD FILTER (base-model continuations from the pruned and
    the unpruned thinking, graded by the evaluation grader) shows they do not hurt.
 3. ``free/``: the Free-Module LoRA trained on those rows by ``freelm.training.trainer``
-   and checked for SGLang compatibility.
+   (TRL's SFTTrainer + PEFT, on the CPU) and checked for SGLang compatibility.
 4. ``benchmark.jsonl``: held-out problems: only (start, turns) pairs that no training set draws (``task.held_out``).
 
 Each step is skipped when its output already exists (the build resumes), and
@@ -167,9 +167,12 @@ def build(out: Path, config: BuildConfig) -> dict:
 
 
 def _install_adapter(out: Path, config: BuildConfig) -> dict:
-    """Train, then keep only the servable adapter directory (checkpoints are build scratch)."""
+    """Train, then keep only the servable adapter and its records (checkpoints and the tokenizer copy are scratch)."""
     summary = _train_lora(out, config)
-    shutil.copytree(summary["adapter_dir"], out / "free")
+    keep = ("adapter_config.json", "adapter_model.safetensors", "README.md", "train_config.json", "train_log.jsonl")
+    (out / "free").mkdir()
+    for name in keep:
+        shutil.copy2(Path(summary["adapter_dir"]) / name, out / "free" / name)
     shutil.rmtree(out / "lora-run")
     summary["adapter_dir"] = "free"
     return summary

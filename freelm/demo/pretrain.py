@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from freelm.demo.oracle import complete_lines, oracle_deletions, span_command
 from freelm.demo.task import MODULUS, CounterProblem, generate_problems, solution
@@ -39,7 +40,6 @@ from freelm.free import apply_deletions, format_commands
 from freelm.prompts import render_reasoning_prompt
 from freelm.tinymodel import EOS_TOKEN, TinyConfig, new_tiny_qwen3
 from freelm.tokenizer import Tokenizer
-from freelm.training.trainer import Example, collate
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
 #: End windows cut within this many tokens before ``</think>`` (the last three lines).
@@ -60,6 +60,27 @@ BASE_MODEL = TinyConfig(
     head_dim=32,
     max_position_embeddings=1024,
 )
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: list[int]
+    prompt_len: int  # tokens before the response (no loss on them)
+
+
+def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
+    """Right-padded ids, attention mask and labels (-100 on prompt and padding)."""
+    import torch
+
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        labels[row, e.prompt_len : len(e.ids)] = torch.tensor(e.ids[e.prompt_len :])
+        mask[row, : len(e.ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 @dataclass(frozen=True)

@@ -468,10 +468,10 @@ class MegatronPlan:
             return [f"model_path {root}: no config.json (a local HF checkpoint directory is required)"]
         try:
             hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(hf_config, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             return [f"cannot read {config_path}: {exc}"]
-        if not isinstance(hf_config, dict):
-            return [f"{config_path}: expected a JSON object"]
         out = [f"{config_path}: {m}" for m in arch_mismatches(self.arch, hf_config)]
         if not self.paths.nemo_path and not any(any(root.glob(pattern)) for pattern in _HF_WEIGHT_FILES):
             out.append(

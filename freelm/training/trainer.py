@@ -1,24 +1,14 @@
-"""``freelm train``: LoRA SFT of the Free-Module with PEFT on one GPU or the CPU.
+"""``freelm train``: LoRA SFT of the Free-Module with TRL's ``SFTTrainer`` and PEFT, on one node.
 
-A plain torch loop rather than a trainer framework: the whole recipe (masking,
-accumulation, schedule, checkpoint) fits on a screen, and nothing in it can
-silently change the adapter format SGLang has to load.
-
-* Each row is tokenized as ``encode(prompt) + encode(completion)``, the same
-  split as at inference (the server tokenizes the prompt text alone, then
-  generates); only completion tokens carry loss.
-* A step is ``grad_accum`` micro-batches of ``batch_size`` rows; the loss is the
-  sum over the step's completion tokens divided by their count, so rows count
-  by their tokens whatever the accumulation.
-* Data order is a pure function of (seed, epoch), so a resumed run continues on
-  exactly the batches an uninterrupted one would have seen.
-* The adapter is saved with PEFT's default adapter name (files at the top of
-  the output directory), one uniform rank, no rsLoRA, and checked with
-  :func:`freelm.training.adapter_check.check_sglang_adapter` before the run
-  counts as done.
-
-torch, transformers and peft are imported inside functions (``import freelm``
-stays light).
+TRL (transformers' ``Trainer``, accelerate, PEFT) does the training, logging,
+checkpoints, resume and every multi-device layout ``accelerate launch`` /
+``torchrun`` set up. This module adds what the project relies on (docs/training.md
+lists both sides): rows tokenized as ``encode(prompt) + encode(completion)``, the
+split SGLang sees at inference, handed to TRL pre-tokenized with a completion mask
+(TRL would tokenize ``prompt + completion`` as one text); too-long rows dropped, not
+truncated; the recipe recorded and a changed one refused on resume; resume from the
+last *complete* checkpoint; the adapter checked by ``check_sglang_adapter``.
+torch, transformers, peft and trl are imported inside functions (``import freelm`` stays light).
 """
 
 from __future__ import annotations
@@ -26,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,58 +27,68 @@ from freelm.records import append_jsonl
 from freelm.training.sft_data import read_rows
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"
 LOG_FILE = "train_log.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
 #: Settings a resumed run must share with its checkpoint (they shape the weights or the data order).
 RESUME_KEYS = (
     "model", "data", "eval_data", "eval_fraction", "rank", "alpha", "target_modules", "batch_size", "grad_accum",
     "max_length", "seed",
 )  # fmt: skip
+REPORT_TO = ("none", "tensorboard", "wandb")
+SCHEDULERS = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu")
+
+
+def _opt(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
+    """A setting with its ``freelm train --flag`` help (the CLI is generated from :class:`TrainConfig`)."""
+    return field(default=default, metadata={"help": help_text, **argparse_kwargs})
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; saved in the checkpoint so a resume can refuse a changed recipe."""
+    """Every setting of a run; recorded in ``train_config.json`` so a resume can refuse a changed recipe."""
 
-    model: str  # base model directory (HF checkpoint)
-    data: str  # SFT JSONL (prompt/completion rows)
-    output_dir: str
-    eval_data: str | None = None  # held-out JSONL; else ``eval_fraction`` of ``data``
-    eval_fraction: float = 0.05
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ATTENTION_TARGETS
-    lr: float = 1e-4
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 1
-    grad_accum: int = 8
-    max_length: int = 16384
-    seed: int = 0
-    eval_every: int = 50
-    save_every: int = 50
-    device: str = "auto"
-    dtype: str | None = None  # default: float32 on CPU, bfloat16 on a GPU that supports it
-    gradient_checkpointing: bool = False
-    progress: bool = True
+    model: str = field(metadata={"help": "base model directory (HF checkpoint)"})
+    data: str = field(metadata={"help": "SFT JSONL (prompt/completion), e.g. from freelm synth"})
+    output_dir: str = field(metadata={"help": "adapter directory (also holds checkpoint-N/ and logs)"})
+    eval_data: str | None = _opt(None, "held-out JSONL (default: --eval-fraction of --data)", type=str)
+    eval_fraction: float = _opt(0.05, "share of --data held out for eval loss")
+    rank: int = _opt(16, "LoRA rank r (one uniform rank)")
+    alpha: float = _opt(32.0, "lora_alpha; the update is scaled by alpha / r")
+    dropout: float = _opt(0.05, "LoRA dropout")
+    target_modules: tuple[str, ...] = _opt(ATTENTION_TARGETS, "modules that get a LoRA", nargs="+", type=str)
+    lr: float = _opt(1e-4, "peak learning rate")
+    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "LR decay after warmup", choices=SCHEDULERS)
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off)")
+    epochs: int = _opt(1, "passes over the training rows")
+    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)", type=int)
+    batch_size: int = _opt(1, "rows per micro-batch per process")
+    grad_accum: int = _opt(8, "micro-batches per optimizer step")
+    max_length: int = _opt(16384, "rows with more prompt+completion tokens are dropped")
+    seed: int = _opt(0, "LoRA init, eval split and data order")
+    eval_every: int = _opt(50, "eval loss every N steps (and at the end)")
+    save_every: int = _opt(50, "checkpoint every N steps")
+    device: Literal["auto", "cpu"] = _opt("auto", "auto: what accelerate/torchrun set up; cpu", choices=DEVICES)
+    dtype: str | None = _opt(None, "model dtype (default float32 on CPU, bfloat16 on GPU)", type=str)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    report_to: Literal["none", "tensorboard", "wandb"] = _opt("none", "where metrics go", choices=REPORT_TO)
+    progress: bool = _opt(True, "progress bar (--no-progress: off)")
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "epochs", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        low = [n for n in ("rank", "batch_size", "grad_accum", "max_length", "epochs", "eval_every", "save_every")
+               if getattr(self, n) < 1] + (["max_steps"] if self.max_steps is not None and self.max_steps < 1 else [])  # fmt: skip
+        if low:
+            raise ValueError(f"{', '.join(f'{n}={getattr(self, n)}' for n in low)}: must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if self.report_to not in REPORT_TO or self.device not in DEVICES or self.scheduler not in SCHEDULERS:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, device of {DEVICES}, scheduler of {SCHEDULERS}")
 
 
 @dataclass
@@ -104,21 +105,17 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class Example:
-    ids: list[int]
-    prompt_len: int  # tokens before the completion (no loss on them)
-
-
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[Example], int]:
-    """Examples that fit ``max_length`` and have completion tokens, and how many rows were dropped."""
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, list]], int]:
+    """TRL-ready examples (``input_ids``, ``completion_mask``) that fit ``max_length``, and how many were dropped."""
     examples, dropped = [], 0
     for row in rows:
         prompt, completion = tokenizer.encode(row["prompt"]), tokenizer.encode(row["completion"])
         if not completion or len(prompt) + len(completion) > max_length:
             dropped += 1
             continue
-        examples.append(Example(prompt + completion, len(prompt)))
+        examples.append(
+            {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+        )
     return examples, dropped
 
 
@@ -130,161 +127,7 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def step_groups(n: int, batch_size: int, grad_accum: int, seed: int, start_step: int):
-    """Yield each optimizer step's micro-batches (lists of row indices), forever, from ``start_step`` on.
-
-    Epoch ``e`` is a permutation seeded by ``(seed, e)``; its last step may be short.
-    """
-    per_step = batch_size * grad_accum
-    steps_per_epoch = math.ceil(n / per_step)
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-        order = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        for s in range(skip, steps_per_epoch):
-            rows = order[s * per_step : (s + 1) * per_step]
-            yield [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        epoch, skip = epoch + 1, 0
-
-
-def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
-    """Right-padded ids, attention mask and labels (-100 on prompt and padding)."""
-    import torch
-
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        labels[row, e.prompt_len : len(e.ids)] = torch.tensor(e.ids[e.prompt_len :])
-        mask[row, : len(e.ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def loss_tokens(examples: list[Example]) -> int:
-    """Tokens that carry loss: the causal shift drops none of them (the prompt is never empty of them)."""
-    return sum(len(e.ids) - max(e.prompt_len, 1) for e in examples)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def _device_and_dtype(config: TrainConfig) -> tuple[Any, Any]:
-    import torch
-
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-    if config.dtype:
-        return device, getattr(torch, config.dtype)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return device, torch.bfloat16 if bf16 else torch.float32
-
-
-def build_model(config: TrainConfig, device: Any, dtype: Any) -> Any:
-    """The base model with a fresh LoRA named "default" (a non-default name nests the saved files)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
-        bias="none",
-        use_rslora=False,  # SGLang scales by alpha / r
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, lora)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    return model
-
-
-def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: Any) -> float:
-    """Mean loss per completion token over ``examples``."""
-    import torch
-
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            total += float(model(**collate(chunk, pad_id, device), num_items_in_batch=1).loss)
-            tokens += loss_tokens(chunk)
-    return total / max(tokens, 1)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, step: int, config: TrainConfig) -> Path:
-    """Adapter + optimizer + scheduler + step, swapped in atomically (a kill never leaves half a checkpoint)."""
-    import torch
-
-    out = Path(config.output_dir)
-    final, tmp, old = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": asdict(config),
-        "torch_rng": torch.get_rng_state(),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(model: Any, optimizer: Any, scheduler: Any, config: TrainConfig) -> int:
-    """Restore a checkpoint of the same recipe; returns its step (0 when there is none).
-
-    A kill between :func:`save_checkpoint`'s two renames leaves no ``checkpoint/``
-    but a whole ``checkpoint.old/``: that one is put back and resumed from.
-    """
-    import torch
-    from peft import load_peft_weights, set_peft_model_state_dict
-
-    path = Path(config.output_dir) / CHECKPOINT
-    old = path.with_name(f"{CHECKPOINT}.old")
-    if not (path / STATE_FILE).is_file() and (old / STATE_FILE).is_file():
-        shutil.rmtree(path, ignore_errors=True)
-        old.rename(path)
-    if not (path / STATE_FILE).is_file():
-        return 0
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    theirs = state["config"]
-    changed = [k for k in RESUME_KEYS if _jsonable(theirs.get(k)) != _jsonable(getattr(config, k))]
-    if changed:
-        raise ValueError(
-            f"{path}: checkpoint was trained with different {', '.join(changed)}; "
-            "use another --output-dir or --restart to discard it"
-        )
-    set_peft_model_state_dict(model, load_peft_weights(str(path)))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-# --------------------------------------------------------------------------- training
-
-
-def load_examples(config: TrainConfig, tokenizer: Any) -> tuple[list[Example], list[Example], int]:
+def load_examples(config: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[dict], int]:
     rows = [row for _, row in read_rows(config.data)]
     if config.eval_data:
         train_rows, eval_rows = rows, [row for _, row in read_rows(config.eval_data)]
@@ -298,11 +141,134 @@ def load_examples(config: TrainConfig, tokenizer: Any) -> tuple[list[Example], l
     return train, held_out, dropped + dropped_eval
 
 
+# --------------------------------------------------------------------------- model and TRL settings
+
+
+def lora_config(config: TrainConfig) -> Any:
+    """The Free-Module LoRA as SGLang serves it: one uniform rank, scaled by alpha / r (no rsLoRA)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        use_rslora=False,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _dtype(config: TrainConfig) -> Any:
+    import torch
+
+    if config.dtype:
+        return getattr(torch, config.dtype)
+    on_gpu = config.device == "auto" and torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def sft_config(config: TrainConfig, has_eval: bool) -> Any:
+    """TRL's ``SFTConfig`` for the recipe (TRL defaults that differ from the project's are set explicitly)."""
+    import torch
+    from trl import SFTConfig
+
+    dtype = _dtype(config)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # transformers >= 5.2x renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing
+    names = {f.name for f in fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return SFTConfig(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=config.device == "cpu",
+        ddp_backend="gloo" if config.device == "cpu" and distributed else None,  # CPUs under torchrun: gloo
+        **{checkpointing: config.gradient_checkpointing},
+        max_length=config.max_length,  # rows are already filtered to fit: nothing is truncated
+        completion_only_loss=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_every,
+        save_steps=config.save_every,
+        save_total_limit=2,  # the newest may be half-written when a run is killed; the one before is complete
+        logging_steps=1,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) exists."""
+    done = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(done)[1] if done else None
+
+
+def _check_recipe(config: TrainConfig, checkpoint: Path) -> int:
+    """The checkpoint's step, if it was trained with the same recipe (else ValueError naming what changed)."""
+    recorded = Path(config.output_dir) / CONFIG_FILE
+    theirs = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
+    ours = json.loads(json.dumps(asdict(config)))
+    changed = [k for k in RESUME_KEYS if theirs.get(k) != ours[k]]
+    if changed:
+        raise ValueError(
+            f"{checkpoint}: checkpoint was trained with different {', '.join(changed)} (see {recorded}); "
+            "use another --output-dir or --restart to discard it"
+        )
+    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _callbacks(log_path: Path, result: TrainResult, start_step: int, progress: bool) -> list[Any]:
+    """Log events -> ``train_log.jsonl`` (rank 0) and ``result``; a progress bar showing losses, not log dicts."""
+    from transformers.trainer_callback import ProgressCallback, TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if "loss" in logs and state.global_step > start_step:
+                result.losses.append(float(logs["loss"]))
+            if "eval_loss" in logs:
+                result.eval_losses.append((state.global_step, float(logs["eval_loss"])))
+            if state.is_world_process_zero:
+                with log_path.open("a", encoding="utf-8") as log:
+                    append_jsonl(log, {"step": state.global_step, **logs})
+
+    class LossesInBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.set_postfix({k: f"{v:.4g}" for k, v in (logs or {}).items() if k.endswith("loss")})
+
+    return [Record(), LossesInBar()] if progress else [Record()]
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training and save a servable adapter to ``config.output_dir``."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
 
     from freelm.tokenizer import Tokenizer
     from freelm.training.adapter_check import check_sglang_adapter
@@ -310,55 +276,36 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_pretrained(config.model)
-    pad_id = tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None else tokenizer.eos_token_ids[0]
+    if tokenizer.hf.pad_token is None:
+        tokenizer.hf.pad_token = tokenizer.hf.eos_token
     train_set, eval_set, dropped = load_examples(config, tokenizer)
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-
-    torch.manual_seed(config.seed)
-    device, dtype = _device_and_dtype(config)
-    model = build_model(config, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(
-        config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+    checkpoint = last_complete_checkpoint(out)
+    start_step = _check_recipe(config, checkpoint) if checkpoint else 0
+    result = TrainResult(out, start_step, len(train_set), len(eval_set), dropped)
+    args = sft_config(config, has_eval=bool(eval_set))  # first: under DeepSpeed ZeRO-3 it shards the loading
+    if args.process_index == 0:
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+    set_seed(config.seed)  # before the base model and the LoRA init
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_dtype(config))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_set),
+        eval_dataset=Dataset.from_list(eval_set) if eval_set else None,
+        processing_class=tokenizer.hf,
+        peft_config=lora_config(config),
     )
-    step = load_checkpoint(model, optimizer, scheduler, config)
-    result = TrainResult(out, step, len(train_set), len(eval_set), dropped)
-
-    with (out / LOG_FILE).open("a", encoding="utf-8") as log, tqdm(
-        total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress
-    ) as bar:  # fmt: skip
-        groups = step_groups(len(train_set), config.batch_size, config.grad_accum, config.seed, step)
-        while step < total_steps:
-            micro_batches = [[train_set[i] for i in rows] for rows in next(groups)]
-            n_tokens = sum(loss_tokens(mb) for mb in micro_batches)
-            model.train()
-            loss = 0.0
-            for mb in micro_batches:
-                part = model(**collate(mb, pad_id, device), num_items_in_batch=n_tokens).loss
-                part.backward()
-                loss += part.detach().item()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            result.losses.append(loss)
-            entry: dict[str, Any] = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]}
-            if eval_set and (step % config.eval_every == 0 or step == total_steps):
-                entry["eval_loss"] = evaluate(model, eval_set, config.batch_size, pad_id, device)
-                result.eval_losses.append((step, entry["eval_loss"]))
-            append_jsonl(log, entry)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k.endswith("loss")})
-            if step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(model, optimizer, scheduler, step, config)
-
-    save_checkpoint(model, optimizer, scheduler, step, config)
-    model.save_pretrained(out)
-    result.steps = step
+    for printer in (PrinterCallback, ProgressCallback):  # no log dict per step on stdout: train_log.jsonl has them
+        trainer.remove_callback(printer)
+    for callback in _callbacks(out / LOG_FILE, result, start_step, config.progress):
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result.steps = trainer.state.global_step
+    if eval_set and (not result.eval_losses or result.eval_losses[-1][0] != result.steps):
+        trainer.evaluate()  # eval loss at the end too, not only every eval_every steps
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return result
     base_config = json.loads((Path(config.model) / "config.json").read_text(encoding="utf-8"))
     problems = check_sglang_adapter(out, base_config=base_config)
     if problems:
@@ -370,53 +317,32 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig(model="", data="", output_dir="")
-    parser.add_argument("--model", required=True, help="base model directory (HF checkpoint)")
-    parser.add_argument("--data", required=True, help="SFT JSONL (prompt/completion), e.g. from freelm synth")
-    parser.add_argument("--output-dir", required=True, help="adapter directory (also holds checkpoint/ and logs)")
-    parser.add_argument("--eval-data", help="held-out JSONL (default: --eval-fraction of --data)")
-    parser.add_argument("--restart", action="store_true", help="discard OUTPUT_DIR/checkpoint instead of resuming")
-    parser.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules))
-    parser.add_argument("--scheduler", choices=("cosine", "linear", "constant"), default=defaults.scheduler)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    for name, kind, help_text in (
-        ("eval_fraction", float, "share of --data held out for eval loss"),
-        ("rank", int, "LoRA rank r (one uniform rank)"),
-        ("alpha", float, "lora_alpha; the update is scaled by alpha / r"),
-        ("dropout", float, "LoRA dropout"),
-        ("lr", float, "peak learning rate"),
-        ("warmup_steps", int, "linear warmup steps"),
-        ("weight_decay", float, "AdamW weight decay"),
-        ("max_grad_norm", float, "gradient clipping (0: off)"),
-        ("epochs", int, "passes over the training rows"),
-        ("max_steps", int, "optimizer steps (overrides --epochs)"),
-        ("batch_size", int, "rows per micro-batch"),
-        ("grad_accum", int, "micro-batches per optimizer step"),
-        ("max_length", int, "rows with more prompt+completion tokens are dropped"),
-        ("seed", int, "LoRA init, eval split and data order"),
-        ("eval_every", int, "eval loss every N steps (and at the end)"),
-        ("save_every", int, "checkpoint every N steps"),
-        ("device", str, "auto, cpu, cuda, cuda:1, ..."),
-        ("dtype", str, "model dtype (default float32 on CPU, bfloat16 on GPU)"),
-    ):
-        default = getattr(defaults, name)
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{help_text} (default: {default})"
-        )
+    """One flag per :class:`TrainConfig` field (``--no-progress`` for ``progress``), plus ``--restart``."""
+    parser.add_argument("--restart", action="store_true", help="discard OUTPUT_DIR/checkpoint-* instead of resuming")
+    for f in fields(TrainConfig):
+        flag, extra = f"--{f.name.replace('_', '-')}", {k: v for k, v in f.metadata.items() if k != "help"}
+        if f.default is MISSING:
+            parser.add_argument(flag, required=True, help=f.metadata["help"])
+        elif isinstance(f.default, bool):
+            name = flag if not f.default else f"--no-{f.name.replace('_', '-')}"
+            parser.add_argument(
+                name, dest=f.name, action="store_false" if f.default else "store_true", help=f.metadata["help"]
+            )
+        else:
+            extra.setdefault("type", type(f.default))
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            parser.add_argument(flag, default=default, help=f"{f.metadata['help']} (default: {f.default})", **extra)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["progress"] = not args.no_progress
-    return TrainConfig(**values)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.restart:
-        for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
-            shutil.rmtree(Path(config.output_dir) / name, ignore_errors=True)
+        for path in Path(config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
     result = train(config)
     last_eval = result.eval_losses[-1][1] if result.eval_losses else None
     summary = {

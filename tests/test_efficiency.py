@@ -53,3 +53,22 @@ def test_efficiency_rows_against_baseline():
     assert free.latency_overhead == pytest.approx(free.mean_wall_time_s / van.mean_wall_time_s - 1)
     assert free.kv_change == pytest.approx(free.kv_gb_per_sample / van.kv_gb_per_sample - 1)
     assert free.kv_change < 0 < free.latency_overhead
+
+
+def test_wall_time_is_the_records_own_not_reasoning_plus_cleaning():
+    """Wall time includes what neither reasoning nor cleaning latency counts (re-prefill, queueing):
+    the row's mean and the overhead come from ``wall_time_s`` itself."""
+    from dataclasses import replace
+
+    runs, _ = load_runs([str(FIXTURES / "vanilla.jsonl"), str(FIXTURES / "freelm.jsonl")], "vanilla")
+    van, free = runs[0].records, runs[1].records
+    free = [replace(r, wall_time_s=r.reasoning_time_s + r.cleaning_time_s + 10.0 * (i + 1)) for i, r in enumerate(free)]
+    van = [replace(r, wall_time_s=r.reasoning_time_s + 2.0) for r in van]
+    rows = {r.name: r for r in efficiency_rows({"vanilla": van, "freelm": free}, PRESETS["qwen3-8b"], "vanilla")}
+    mean_free = sum(r.wall_time_s for r in free) / len(free)
+    mean_van = sum(r.wall_time_s for r in van) / len(van)
+    assert rows["freelm"].mean_wall_time_s == pytest.approx(mean_free)
+    assert rows["vanilla"].mean_wall_time_s == pytest.approx(mean_van) == pytest.approx(103.5)
+    assert rows["freelm"].mean_reasoning_time_s == pytest.approx(121.5)
+    assert rows["freelm"].mean_cleaning_time_s == pytest.approx(30.0)
+    assert rows["freelm"].latency_overhead == pytest.approx(mean_free / mean_van - 1)

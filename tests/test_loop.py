@@ -239,3 +239,44 @@ def test_requests_stay_inside_the_served_window(mode):
     else:  # 95 tokens, cleaned to ~10, then cleaned again each time the window cuts a chunk short
         assert result.finish_reason == "length" and result.generated_tokens == 400
         assert result.cleaning_rounds >= 4
+    assert result.error is None and result.finish_reason == "context_overflow"
+    assert result.peak_context_tokens == limit - 1
+    assert result.cleaning_rounds == (1 if mode == "headtail" else 0)
+
+
+def test_no_cleaning_once_the_thinking_is_closed(tokenizer):
+    """A chunk that ends by length after ``</think>`` is answer text: it is not cleaned, and the
+    rest of the answer comes in one call (chunking only serves cleaning)."""
+    thinking = "".join(f"step {n}\n" for n in range(1, 6))
+    answer = counting_answer(5).replace("The count is done.", "The count is done. " + "step 9\n" * 30)
+    text = thinking + answer
+    backend = _ByteStream(tokenizer, text)
+    closed_at = len(tokenizer.encode(thinking + THINK_CLOSE))
+    clean_every = closed_at + 3  # the first chunk ends by length three tokens after </think>
+    assert len(backend.ids) > 3 * clean_every
+    calls = []
+
+    class DeleteEverything:
+        name = "delete-everything"
+
+        async def clean(self, problem, thinking):
+            from freelm.cleaners.base import CleanOutcome
+            from freelm.free import remove_spans
+
+            calls.append(thinking)
+            return CleanOutcome(edit=remove_spans(thinking, [(0, len(thinking))]))
+
+    backend_generate = backend.generate
+    requests = []
+
+    async def recording_generate(request):
+        requests.append(request)
+        return await backend_generate(request)
+
+    backend.generate = recording_generate
+    result = rollout(
+        tokenizer, backend, DeleteEverything(), context_limit=4000, max_tokens=4000, clean_every=clean_every
+    )
+    assert result.finish_reason == "stop" and result.response == text
+    assert calls == [] and result.cleaning_rounds == 0
+    assert [r.max_new_tokens for r in requests][0] == clean_every and len(requests) == 2

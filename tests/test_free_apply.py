@@ -88,21 +88,26 @@ def test_output_is_input_minus_reported_disjoint_spans(text, pairs):
     assert len(text) - len(edit.text) == edit.chars_deleted
 
 
-@given(st.text(max_size=300), st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=8))
-def test_never_raises_on_arbitrary_commands(text, pairs):
-    apply_deletions(text, [Deletion(p, s) for p, s in pairs])
+@given(st.text(max_size=300), st.data())
+def test_arbitrary_commands_give_an_accounted_edit(text, data):
+    """Any text and anchors (random ones and pieces of the text): no exception, every command applied or
+    skipped with a known reason, and each applied one's span runs from its unique prefix to the end of a
+    suffix after it."""
+    from freelm.free import SKIP_REASONS
 
-
-@given(
-    st.text(alphabet="ab\n ", max_size=100),
-    st.text(alphabet="ab\n ", max_size=100),
-    st.lists(st.tuples(anchors, anchors), max_size=5),
-)
-def test_protected_region_is_untouched(problem, thinking, pairs):
-    """The loop passes only the thinking: the problem text around it can never change."""
-    edit = apply_deletions(thinking, [Deletion(p, s) for p, s in pairs])
-    context = "<|im_start|>user\n" + problem + "<|im_end|>\n<think>\n" + edit.text
-    assert context.startswith("<|im_start|>user\n" + problem + "<|im_end|>\n<think>\n")
+    piece = st.integers(0, len(text)).flatmap(lambda i: st.integers(i, min(len(text), i + 8)).map(lambda j: text[i:j]))
+    anchor = st.one_of(st.text(max_size=8), piece)
+    pairs = data.draw(st.lists(st.tuples(anchor, anchor), max_size=8))
+    cmds = [Deletion(p, s) for p, s in pairs]
+    edit = apply_deletions(text, cmds)
+    assert len(edit.applied) + len(edit.skipped) == len(cmds)
+    assert all(reason in SKIP_REASONS for _, reason in edit.skipped)
+    for d in edit.applied:
+        start = text.index(d.prefix)
+        assert text.find(d.prefix, start + 1) < 0  # unique, overlapping occurrences included
+        end = text.index(d.suffix, start + len(d.prefix)) + len(d.suffix)
+        assert any(s <= start and end <= e for s, e in edit.spans)  # inside one (merged) span
+    assert len(edit.text) == len(text) - edit.chars_deleted
 
 
 @given(st.lists(st.text(alphabet="abc", min_size=3, max_size=6), min_size=2, max_size=10, unique=True))

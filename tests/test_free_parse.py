@@ -69,8 +69,15 @@ def test_never_raises_on_arbitrary_text(raw):
     assert all(isinstance(d, Deletion) for d in parsed)
 
 
-@given(st.lists(st.tuples(st.text(min_size=1), st.text(min_size=1)), max_size=5), st.text(), st.text())
+# prose a cleaner may write around its answer: no bracket, brace or fence that could open another JSON value,
+# no "<" that could spell a "</think>" (text before the last one is ignored)
+noise = st.text(alphabet=st.characters(blacklist_characters="[]{}`<", blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(st.lists(st.tuples(st.text(min_size=1), st.text(min_size=1)), max_size=5), noise, noise)
 def test_format_then_parse_is_identity_inside_noise(pairs, before, after):
     cmds = [Deletion(p, s) for p, s in pairs]
-    raw = f"```json\n{format_commands(cmds)}\n```"
-    assert parse_commands(raw) == cmds
+    body = format_commands(cmds)
+    for raw in (f"{before}```json\n{body}\n```{after}", f"{before}\n{body}\n{after}"):  # fenced, bare
+        parsed = parse_commands(raw)
+        assert parsed == cmds and parsed.error is None and parsed.dropped == [], raw

@@ -1,11 +1,21 @@
 """Runner throughput against a model-free SGLang-protocol endpoint that answers every request after a fixed delay.
 
 What it measures: the client side of ``freelm run`` (asyncio loop, EndpointPool,
-the SGLang httpx client, the reasoning/cleaning loop, JSONL writes). The server
-(``freelm.testing.sglang_server`` with a ``ScriptedEngine``: sleep, then answer)
-runs in its own process so the two do not share a GIL. Every rollout runs in
-Free()LM mode: ``--max-tokens / --clean-every`` reasoning chunks, each followed
-by a cleaning call, so one rollout is ``2 * rounds`` requests.
+the SGLang httpx client, the reasoning/cleaning loop with its deletions and
+re-tokenization, JSONL writes). The server (``freelm.testing.sglang_server``
+with a ``ScriptedEngine``: sleep, then answer) runs in its own process so the
+two do not share a GIL. Every rollout runs in Free()LM mode: ``--max-tokens /
+--clean-every`` reasoning chunks, each followed by a cleaning call, so one
+rollout is ``2 * rounds`` requests.
+
+The reasoner writes numbered sentences ("Case 7 is checked. "), continuing from
+the last number in its context, and the cleaner deletes every complete sentence
+but the last one, as the oracle of a real task would: each cleaning round
+really deletes spans, so the loop's edit, the kept-prefix search and the
+re-tokenization of the remainder all run. The same workload with a cleaner that
+always answers ``[]`` (nothing deleted, nothing re-tokenized) is measured in the
+same invocation as the reference, so the cost of the deletion path shows as
+the difference in client CPU per request.
 
 With every request taking ``delay`` seconds and ``concurrency`` rollouts in
 flight, the ideal rate is ``concurrency / delay`` requests/s; the ratio
@@ -13,12 +23,12 @@ achieved/ideal is the fraction of time the client keeps every slot busy.
 
 Default delay 2 s: 256 / 2 = 128 requests/s ideal. Why not 50 ms (5120/s): on
 this shared 2-core machine one request costs the client ~1.5-2 ms of CPU, almost
-all inside httpx/httpcore/anyio (the runner's own code is under 2 % of the
-profile), and the test server ~1 ms; 128/s keeps client + server well under one
-core even when other jobs take the rest. A real SGLang call (thousands of
-tokens) takes seconds to minutes, so real ideal rates are far lower still.
+all inside httpx/httpcore/anyio, and the test server ~1 ms; 128/s keeps client +
+server well under one core even when other jobs take the rest. A real SGLang
+call (thousands of tokens) takes seconds to minutes, so real ideal rates are far
+lower still.
 
-    .venv/bin/python bench/runner_bench.py                 # 256 rollouts in flight, 512 in total
+    .venv/bin/python bench/runner_bench.py                 # 256 rollouts in flight, 512 in total, both cleaners
     .venv/bin/python bench/runner_bench.py --delay 0.5    # harder: 512 requests/s ideal
 """
 
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,18 +45,35 @@ import time
 from pathlib import Path
 
 from freelm.data import Problem
+from freelm.records import read_rollouts
 from freelm.runner import build_components, run_batch
 from freelm.runner_config import add_arguments, loop_config, run_settings
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
-REASONING_TEXT = "Let us try the next case and check it carefully. " * 8
-CLEANING_TEXT = "[]"
+_CASE = re.compile(r"Case (\d+) is checked\. ")
+_DECODE = ScriptedEngine()
 
 
-def serve(delay: float) -> None:
+def reasoning(request) -> str:
+    """The next numbered sentences after the last complete one in the context (more than any chunk takes)."""
+    numbers = [int(n) for n in _CASE.findall(_DECODE.decode(request.input_ids))]
+    last = numbers[-1] if numbers else 0
+    return "".join(f"Case {n} is checked. " for n in range(last + 1, last + 40))
+
+
+def cleaning(request) -> str:
+    """Delete every complete sentence of the thinking but the last (the one the reasoner continues from)."""
+    thinking = request.text.rsplit("## Reasoning so far\n", 1)[-1]
+    numbers = _CASE.findall(thinking)
+    if len(numbers) < 2:
+        return "[]"
+    return json.dumps([{"prefix": f"Case {numbers[0]} is", "suffix": f"Case {numbers[-2]} is checked. "}])
+
+
+def serve(delay: float, deleting: bool) -> None:
     """Child process: the scripted endpoint; prints its URL, serves until killed."""
-    engine = ScriptedEngine({None: REASONING_TEXT, "free": CLEANING_TEXT}, delay=delay)
+    engine = ScriptedEngine({None: reasoning, "free": cleaning if deleting else "[]"}, delay=delay)
     with SGLangTestServer(engine) as server:
         print(server.url, flush=True)
         while True:
@@ -81,7 +109,11 @@ async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
     requests = sum(e.requests for pool in components.pools for e in pool.endpoints)
     achieved = requests / wall
     ideal = args.concurrency / args.delay
+    cleans = [r.clean for rec in read_rollouts(out) for r in rec.rounds if r.clean is not None]
     return {
+        "cleaning_rounds": len(cleans),
+        "rounds_with_deletions": sum(bool(c.deleted_spans) for c in cleans),
+        "tokens_deleted": sum(c.tokens_deleted for c in cleans),
         "rollouts": summary.done,
         "failed": summary.failed,
         "requests": requests,
@@ -104,28 +136,41 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=4, help="reasoning chunks per rollout (each followed by a cleaning call)"
     )
-    parser.add_argument("--clean-every", type=int, default=16, help="tokens per reasoning chunk")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--clean-every", type=int, default=64, help="tokens (bytes) per reasoning chunk")
+    parser.add_argument("--serve", choices=("delete", "keep"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.delay)
+        serve(args.delay, deleting=args.serve == "delete")
         return 0
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--delay", str(args.delay)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        url = server.stdout.readline().strip()
-        with tempfile.TemporaryDirectory() as tmp:
-            result = asyncio.run(bench(url, args, Path(tmp) / "out.jsonl"))
-    finally:
-        server.kill()
-        server.wait()
-    print(json.dumps(result, indent=2))
+    results = {}
+    for cleaner in ("delete", "keep"):  # the deleting cleaner, then the [] reference
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", cleaner, "--delay", str(args.delay)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = server.stdout.readline().strip()
+            with tempfile.TemporaryDirectory() as tmp:
+                results[cleaner] = asyncio.run(bench(url, args, Path(tmp) / "out.jsonl"))
+        finally:
+            server.kill()
+            server.wait()
+    print(json.dumps(results, indent=2))
+    for cleaner, label in (("delete", "deleting cleaner"), ("keep", "reference, cleaner answers []")):
+        r = results[cleaner]
+        print(
+            f"{label}: achieved {r['achieved_rps']} requests/s, ideal {r['ideal_rps']} "
+            f"({args.concurrency} in flight / {args.delay}s), ratio {r['ratio']:.3f}; "
+            f"client CPU {r['client_cpu_ms_per_request']} ms/request; "
+            f"{r['rounds_with_deletions']}/{r['cleaning_rounds']} rounds deleted {r['tokens_deleted']} tokens"
+        )
+    d, k = results["delete"], results["keep"]
     print(
-        f"achieved {result['achieved_rps']} requests/s, ideal {result['ideal_rps']} "
-        f"({args.concurrency} in flight / {args.delay}s), ratio {result['ratio']:.3f}"
+        f"deleting / reference: throughput {d['achieved_rps'] / k['achieved_rps']:.3f}x, "
+        f"client CPU per request {d['client_cpu_ms_per_request'] / k['client_cpu_ms_per_request']:.3f}x"
     )
-    return 0 if result["failed"] == 0 else 1
+    return 0 if d["failed"] == k["failed"] == 0 and d["rounds_with_deletions"] > 0 else 1
 
 
 if __name__ == "__main__":

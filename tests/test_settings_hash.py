@@ -147,3 +147,24 @@ def test_the_cleaning_template_is_hashed_by_content_not_by_path(tmp_path):
     copy = tmp_path / "same.txt"
     copy.write_text(DEFAULT_CLEAN_TEMPLATE.read_text())
     assert settings_hash("--clean-template", str(copy)) == settings_hash()
+
+
+def test_the_hash_is_of_the_content_not_the_key_order():
+    from freelm.runner_config import settings_hash as raw_hash
+
+    one, two = {"a": 1, "b": {"x": 1, "y": 2}}, {"b": {"y": 2, "x": 1}, "a": 1}
+    assert raw_hash(one) == raw_hash(two) and len(raw_hash(one)) == 16
+    assert raw_hash(one) != raw_hash({**one, "a": 2})
+
+
+def test_settings_record_the_mode_label_and_only_what_the_mode_uses(tmp_path):
+    def settings(*flags: str):
+        return run_settings(parser().parse_args(["--data", "d", "--output", "o", *flags]))
+
+    vanilla, free, headtail = settings("--mode", "vanilla"), settings(), settings("--cleaner", "headtail")
+    assert (vanilla.mode, free.mode, headtail.mode) == ("vanilla", "freelm", "headtail")
+    assert vanilla.cleaner is None and free.cleaner["name"] == "free" and headtail.cleaner["name"] == "headtail"
+    assert free.model is None  # a remote server's weights are not the client's to hash
+    model = tmp_path / "m"
+    local = settings("--mode", "vanilla", "--backend", "local", "--model", str(model))
+    assert local.model == {"model": str(model.resolve()), "adapter": None}

@@ -1,4 +1,4 @@
-"""The reward filter's comparison is paired: pruned and unpruned continuations of a cut share their seeds.
+"""The reward filter: pruned and unpruned continuations of a cut share their seeds, and how one cut is decided.
 
 The counting model ignores seeds, so pairing was never tested. Here the
 reasoner answers right or wrong by a coin drawn from the request's seed alone
@@ -14,13 +14,15 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import pytest
+
 from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.data import Problem
 from freelm.evaluation.extract import extract_answer
 from freelm.loop import LoopConfig
 from freelm.prompts import THINK_CLOSE
 from freelm.testing.counting import counting_tokenizer
-from freelm.training.synth import Cut, FunctionTeacher, RewardFilter, Synthesizer
+from freelm.training.synth import Cut, FunctionTeacher, RewardFilter, Synthesizer, TeacherReply, keeps_empty
 
 TOKENIZER = counting_tokenizer(30)
 THINKING = "".join(f"step {n}\n" for n in range(1, 7))
@@ -35,8 +37,9 @@ class CoinBackend:
     name: str = "coin"
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        assert request.seed is not None, "the reward filter must seed every continuation"
-        context = TOKENIZER.decode(request.input_ids).rsplit("<think>\n", 1)[-1]
+        assert isinstance(request.seed, int), f"every continuation needs an integer seed, got {request.seed!r}"
+        prompt, context = TOKENIZER.decode(request.input_ids).rsplit("<think>\n", 1)
+        assert "Count to 30." in prompt, "the continuation must be of the cut's own problem"
         self.seeds_by_context[context].append(request.seed)
         answer = "30" if random.Random(request.seed).random() < 0.5 else "29"
         ids = TOKENIZER.encode(f"{THINK_CLOSE}\n\\boxed{{{answer}}}")
@@ -64,7 +67,7 @@ def reward(backend: CoinBackend, seed: int = 0) -> RewardFilter:
 def test_pruned_and_unpruned_continuations_share_k_distinct_seeds():
     backend = CoinBackend()
     pruned = THINKING.replace("step 2\n", "")
-    scores = []
+    scores, all_seeds = [], []
     for cut in cuts(12):
         backend.seeds_by_context.clear()
         a = asyncio.run(reward(backend).accuracy(cut, pruned))
@@ -73,7 +76,9 @@ def test_pruned_and_unpruned_continuations_share_k_distinct_seeds():
         assert sorted(seeds[pruned]) == sorted(seeds[THINKING]) and len(set(seeds[THINKING])) == K
         assert a == b
         scores.append(a)
+        all_seeds += seeds[THINKING]
     assert len(set(scores)) > 1, "the coin backend must make accuracy depend on the seeds"
+    assert len(set(all_seeds)) == len(all_seeds)  # no two cuts draw the same continuations
 
 
 def test_seeds_differ_between_cuts_and_with_the_filter_seed():
@@ -94,3 +99,50 @@ def test_a_harmless_deletion_is_never_rejected_by_sampling_noise(tmp_path):
     synth = Synthesizer(teacher, reward(CoinBackend()), tmp_path / "sft.jsonl", tmp_path / "log.jsonl")
     summary = asyncio.run(synth.run(cuts(16), progress=False))
     assert summary.statuses == {"accepted": 16}
+
+
+# --------------------------------------------------------------------------- deciding one cut
+
+
+@dataclass
+class ScriptedTeacher:
+    text: str
+    name: str = "scripted"
+
+    async def suggest(self, problem: Problem, thinking: str) -> TeacherReply:
+        return TeacherReply(self.text, prompt_tokens=11, completion_tokens=7)
+
+
+def decide(text: str, tmp_path, keep_empty: float = 0.1, cut: Cut | None = None):
+    synth = Synthesizer(
+        ScriptedTeacher(text), reward(CoinBackend()), tmp_path / "sft.jsonl", tmp_path / "log.jsonl",
+        keep_empty=keep_empty,
+    )  # fmt: skip
+    return asyncio.run(synth.decide(cut or cuts(1)[0]))
+
+
+def test_decision_records_the_teachers_cost_and_the_savings(tmp_path):
+    outcome = decide('[{"prefix": "step 2\\n", "suffix": "step 4\\n"}]', tmp_path)
+    assert outcome.status == "accepted"
+    assert (outcome.teacher_prompt_tokens, outcome.teacher_completion_tokens) == (11, 7)
+    pruned = THINKING.replace("step 2\nstep 3\nstep 4\n", "")
+    assert outcome.tokens_before == len(TOKENIZER.encode(THINKING))
+    assert outcome.tokens_saved == outcome.tokens_before - len(TOKENIZER.encode(pruned)) > 0
+    assert outcome.chars_saved == len(THINKING) - len(pruned)
+
+
+def test_malformed_items_alone_are_a_parse_error_beside_a_valid_one_they_are_dropped(tmp_path):
+    assert decide('[{"prefix": "step 2\\n"}]', tmp_path).status == "teacher_parse_error"
+    outcome = decide('[{"prefix": "step 2\\n", "suffix": "step 3\\n"}, 5]', tmp_path)
+    assert outcome.status == "accepted" and outcome.commands == 1
+
+
+def test_empty_answers_are_kept_or_dropped_per_cut(tmp_path):
+    statuses = {cut.problem.id: decide("[]", tmp_path, keep_empty=0.5, cut=cut).status for cut in cuts(16)}
+    expected = {c.problem.id: "empty_kept" if keeps_empty(c.key, 0.5) else "empty_dropped" for c in cuts(16)}
+    assert statuses == expected and set(statuses.values()) == {"empty_kept", "empty_dropped"}
+
+
+def test_bad_filter_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="comparison must be 'ge' or 'gt'"):
+        RewardFilter(CoinBackend(), TOKENIZER, ExactGrader(), comparison="eq")  # type: ignore[arg-type]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Mutation testing of the core rules with mutmut (slow: not in CI). docs/testing.md has the last score.
+#
+#   bash scripts/mutation.sh [GROUP ...]      groups: free loop hash reward (default: all four)
+#
+# Each group mutates one set of functions and runs only the fast tests that guard them; mutmut then
+# runs, per mutant, just the tests that call the mutated function. Work happens in a copy of the
+# working tree (MUTATION_DIR, default a new temp dir) so the worktree gets no mutants/ directory.
+# Environment: MUTATION_MINUTES caps each group's run (default 15), MUTATION_CHILDREN the workers (2).
+# The trainer is left out while it is being rewritten; its accumulation rule has its own behaviour
+# test (tests/test_grad_accumulation.py).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+MUTMUT_VERSION=3.8.1
+MINUTES="${MUTATION_MINUTES:-15}"
+CHILDREN="${MUTATION_CHILDREN:-2}"
+WORK="${MUTATION_DIR:-$(mktemp -d /tmp/freelm-mutation.XXXXXX)}"
+
+[ -x "$PY" ] || { echo "no $PY: run bash scripts/setup.sh first" >&2; exit 2; }
+if [ "$("$PY" -c 'import importlib.metadata as m; print(m.version("mutmut"))' 2>/dev/null)" != "$MUTMUT_VERSION" ]; then
+    "$PY" -m pip install -q "mutmut==$MUTMUT_VERSION"
+fi
+export OMP_NUM_THREADS=1
+
+# group -> "files to mutate|mutant-name globs (functions in scope)|test files"
+declare -A GROUPS_SPEC=(
+    [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
+    [loop]="freelm/loop.py|freelm.loop.*|tests/test_loop.py tests/test_loop_cleaning.py"
+    [hash]="freelm/runner_config.py|freelm.runner_config.x_run_settings__mutmut_* freelm.runner_config.x_settings_hash__mutmut_* freelm.runner_config.x_loop_config__mutmut_* freelm.runner_config.xǁRunSettingsǁ*|tests/test_settings_hash.py tests/test_runner.py::test_execution_settings_do_not_change_the_hash_results_settings_do"
+    [reward]="freelm/training/synth.py|freelm.training.synth.xǁRewardFilterǁ* freelm.training.synth.xǁSynthesizerǁdecide__mutmut_*|tests/test_reward_pairing.py tests/test_synth.py"
+)
+SELECTED=("$@")
+[ ${#SELECTED[@]} -gt 0 ] || SELECTED=(free loop hash reward)
+
+list() { printf '%s\n' "$@" | sed 's/^/    /'; }
+
+for group in "${SELECTED[@]}"; do
+    spec="${GROUPS_SPEC[$group]:-}"
+    [ -n "$spec" ] || { echo "unknown group $group (free loop hash reward)" >&2; exit 2; }
+    IFS='|' read -r files names tests <<<"$spec"
+    dir="$WORK/$group"
+    mkdir -p "$dir"
+    # the working tree as it is (tracked and new files), without ignored ones
+    (cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$dir"
+    # shellcheck disable=SC2086
+    {
+        echo "[mutmut]"
+        echo "source_paths = freelm"
+        echo "only_mutate ="; list $files
+        echo "pytest_add_cli_args_test_selection ="; list $tests
+        echo "pytest_add_cli_args ="; list -p no:cacheprovider --hypothesis-seed=0
+    } >"$dir/setup.cfg"
+    sed -i '/^\[tool.mutmut\]/,$d' "$dir/pyproject.toml"  # setup.cfg is read only without a [tool.mutmut]
+    echo "== $group: $files (log: $dir/run.log)"
+    started=$SECONDS
+    # shellcheck disable=SC2086
+    (cd "$dir" && timeout --foreground "${MINUTES}m" "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" $names \
+        >run.log 2>&1) || echo "   mutmut ended with status $? (124 = the ${MINUTES} min budget ran out)"
+    (cd "$dir" && "$ROOT/.venv/bin/mutmut" results --all true >results.txt 2>/dev/null) || true
+    "$PY" - "$dir/results.txt" "$group" "$((SECONDS - started))" <<'EOF'
+import collections, sys
+path, group, seconds = sys.argv[1:]
+status = dict(line.strip().rsplit(": ", 1) for line in open(path) if ": " in line)
+counts = collections.Counter(status.values())
+tried = sum(n for s, n in counts.items() if s != "not checked")
+killed = counts["killed"] + counts["timeout"] + counts["segfault"]
+score = f"{100 * killed / tried:.1f}%" if tried else "n/a"
+print(f"   {group}: score {score} ({killed} killed of {tried} tried) in {seconds} s; {dict(counts)}")
+for name, s in sorted(status.items()):
+    if s not in ("killed", "timeout", "segfault", "not checked"):
+        print(f"   {s}: {name}")
+EOF
+done
+echo "work dir: $WORK (inspect a survivor: cd $WORK/GROUP && $ROOT/.venv/bin/mutmut show NAME)"

@@ -1,0 +1,145 @@
+"""What a rollout records and sends, field by field: seeds, budgets, per-round telemetry, odd server answers.
+
+The efficiency report and resumable reproducibility read these fields, so each
+is checked against what the reasoner actually received and answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from freelm.backends.base import GenerateRequest, GenerateResult, TransientBackendError
+from freelm.cleaners import LoRACleaner
+from freelm.loop import LoopConfig, run_rollout
+from freelm.testing.counting import CountingBackend, counting_tokenizer
+
+TOKENIZER = counting_tokenizer(30)
+
+
+@dataclass
+class Recording:
+    """The counting model, recording reasoning requests; ``tweak`` may rewrite its answers."""
+
+    inner: CountingBackend = field(default_factory=lambda: CountingBackend(TOKENIZER, target=30))
+    tweak: object = None
+    requests: list[GenerateRequest] = field(default_factory=list)
+    results: list[GenerateResult] = field(default_factory=list)
+    name: str = "recording"
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        result = await self.inner.generate(request)
+        if request.adapter is None:
+            await asyncio.sleep(0.01)  # the latency reported below, really spent
+            result = replace(result, cached_tokens=7, latency_s=0.01)
+            result = self.tweak(result) if self.tweak else result
+            self.requests.append(request)
+            self.results.append(result)
+        return result
+
+    async def aclose(self) -> None:
+        return None
+
+
+def rollout(backend, cleaner=None, seed=None, initial="", **config):
+    config = LoopConfig(**{"clean_every": 40, "max_tokens": 2000, "context_limit": 2000, **config})
+    return asyncio.run(
+        run_rollout("Count to 30.", reasoner=backend, tokenizer=TOKENIZER, cleaner=cleaner, config=config,
+                    seed=seed, initial_response=initial)
+    )  # fmt: skip
+
+
+def test_each_call_gets_its_own_reproducible_integer_seed():
+    def seeds(seed):
+        backend = Recording()
+        rollout(backend, LoRACleaner(backend.inner), seed=seed)
+        return [r.seed for r in backend.requests]
+
+    five = seeds(5)
+    assert len(five) >= 3 and len(set(five)) == len(five)
+    assert all(isinstance(s, int) and 0 <= s < 2**31 - 1 for s in five)
+    assert seeds(5) == five and seeds(6) != five
+    assert set(seeds(None)) == {None}
+
+
+def test_round_records_match_the_requests_and_answers():
+    backend = Recording()
+    result = rollout(backend, LoRACleaner(backend.inner))
+    assert len(result.rounds) == len(backend.requests) >= 3
+    for i, (rnd, req, res) in enumerate(zip(result.rounds, backend.requests, backend.results, strict=True)):
+        assert rnd.index == i and rnd.prompt_tokens == len(req.input_ids)
+        assert rnd.generated_tokens == len(res.output_ids) and rnd.context_tokens == len(req.input_ids) + len(
+            res.output_ids
+        )
+        assert (rnd.cached_tokens, rnd.finish_reason, rnd.latency_s) == (7, res.finish_reason, 0.01)
+        assert req.max_new_tokens == 40 or res.finish_reason == "stop"  # full chunks after every cleaning
+    assert result.rounds[0].reused_tokens == 0
+    assert result.wall_time_s >= result.reasoning_time_s == pytest.approx(0.01 * len(result.rounds))
+    for rnd in result.rounds:
+        if rnd.clean is not None:
+            c = rnd.clean
+            assert c.cleaner == "free" and c.chars_deleted == sum(e - s for s, e in c.deleted_spans) > 0
+            assert c.prompt_tokens > 0 and c.completion_tokens > 0 and c.dropped == [] and 0 <= c.latency_s
+            assert c.latency_s <= result.wall_time_s
+
+
+def test_a_cleaning_round_that_deletes_nothing_keeps_the_whole_context_reusable():
+    backend = Recording()
+    backend.inner.clean_responses.extend(["[]", "[]"])
+    result = rollout(backend, LoRACleaner(backend.inner), max_clean_rounds=2)
+    assert [r.reused_tokens for r in result.rounds[1:3]] == [r.context_tokens for r in result.rounds[:2]]
+
+
+def test_a_dead_cleaner_round_is_recorded_with_the_context_unchanged():
+    backend, dead = Recording(), CountingBackend(TOKENIZER)
+    dead.fail_next.append(TransientBackendError("down"))
+    result = rollout(backend, LoRACleaner(dead), max_clean_rounds=1)
+    clean = result.rounds[0].clean
+    assert clean.error == "down" and clean.cleaner == "free"
+    assert clean.context_tokens_before == clean.context_tokens_after == result.rounds[0].context_tokens
+    assert 0 <= clean.latency_s <= result.wall_time_s and result.finish_reason == "stop"
+
+
+def test_budgets_are_used_to_the_last_token():
+    backend = Recording()
+    assert rollout(backend, LoRACleaner(backend.inner), max_tokens=41, max_clean_rounds=0).generated_tokens == 41
+    result = rollout(Recording(), None)
+    limit = result.prompt_tokens + 42
+    result = rollout(Recording(), LoRACleaner(CountingBackend(TOKENIZER)), context_limit=limit, clean_every=40,
+                     max_clean_rounds=0)  # fmt: skip
+    assert result.finish_reason == "context_overflow" and result.final_context_tokens == limit - 1
+
+
+def test_continuing_from_a_given_thinking():
+    backend = Recording()
+    initial = "step 1\nstep 2\n"
+    result = rollout(backend, None, initial=initial)
+    first = backend.requests[0].input_ids
+    assert first[-len(TOKENIZER.encode(initial)) :] == TOKENIZER.encode(initial)
+    assert result.response.startswith(initial) and not result.rounds[0].generated_text.startswith("step 1\n")
+    assert result.rounds[0].generated_text.startswith("step 3\n")
+
+
+def test_the_configured_problem_suffix_is_in_the_prompt():
+    backend = Recording()
+    rollout(backend, None, problem_suffix="Answer in Roman numerals.")
+    assert "Answer in Roman numerals." in TOKENIZER.decode(backend.requests[0].input_ids)
+
+
+def test_text_only_answers_are_tokenized_and_odd_finishes_end_as_errors():
+    backend = Recording(tweak=lambda r: replace(r, output_ids=[]))
+    result = rollout(backend, None)
+    assert result.finish_reason == "stop" and result.generated_tokens > 0
+    aborted = rollout(Recording(tweak=lambda r: replace(r, finish_reason="abort")), None)
+    assert (aborted.finish_reason, aborted.error) == ("error", "reasoner aborted the request")
+    empty = rollout(Recording(tweak=lambda r: replace(r, text="", output_ids=[], finish_reason="length")), None)
+    assert (empty.finish_reason, empty.error) == ("error", "reasoner returned no tokens without stopping")
+
+
+def test_loop_config_bounds():
+    LoopConfig(clean_every=1, max_tokens=1, context_limit=1, max_clean_rounds=0)
+    with pytest.raises(ValueError, match="max_clean_rounds must be >= 0"):
+        LoopConfig(max_clean_rounds=-1)
+    assert LoopConfig(clean_every=7).to_dict()["clean_every"] == 7

@@ -10,6 +10,10 @@
 # The trainer is left out while it is being rewritten; its accumulation rule has its own behaviour
 # test (tests/test_grad_accumulation.py).
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 MUTMUT_VERSION=3.8.1

@@ -239,9 +239,6 @@ def test_requests_stay_inside_the_served_window(mode):
     else:  # 95 tokens, cleaned to ~10, then cleaned again each time the window cuts a chunk short
         assert result.finish_reason == "length" and result.generated_tokens == 400
         assert result.cleaning_rounds >= 4
-    assert result.error is None and result.finish_reason == "context_overflow"
-    assert result.peak_context_tokens == limit - 1
-    assert result.cleaning_rounds == (1 if mode == "headtail" else 0)
 
 
 def test_no_cleaning_once_the_thinking_is_closed(tokenizer):

@@ -26,6 +26,8 @@ NOT_RESULTS = {
     "data": "resume keys are (source, id, rollout): a different file only adds or skips problems",
     "split": "as --data",
     "limit": "as --data",
+    "num_shards": "which share of the problems this process runs (each rollout keeps its own seed)",
+    "shard_index": "as --num-shards",
     "output": "where the records go",
     "n_rollouts": "more rollouts of the same experiment (each keeps its own seed)",
     "force": "what to do on a mismatch",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -96,6 +97,121 @@ _THINK_CLOSE = "</think>"
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _DECODER = json.JSONDecoder()
 
+#: Deepest bracket nesting decoded (commands need 2). Deeper regions are skipped as ``nesting_too_deep``:
+#: they are degenerate output, and Python's JSON decoder recurses once per level.
+MAX_DEPTH = 32
+#: Commands kept per round; each one scans the thinking, so the executor's cost is bounded by
+#: ``MAX_COMMANDS x len(thinking)`` whatever the cleaner writes. The rest are dropped with a note.
+MAX_COMMANDS = 256
+
+_CLOSER = {"[": "]", "{": "}"}
+_OUTSIDE = re.compile(r"[\[{]")  # prose: only an opener matters
+_IN_VALUE = re.compile(r'["\[\]{}]')
+_IN_STRING = re.compile(r'["\\\x00-\x1f]')  # JSON strings end at '"'; a raw control character ends the value
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """A balanced ``[...]`` or ``{...}`` (JSON strings respected), at most :data:`MAX_DEPTH` levels tall."""
+
+    start: int
+    end: int
+    opener: str
+    parent: int | None  # start of the enclosing open bracket, None at top level
+
+
+@dataclass
+class _Scan:
+    """One left-to-right pass over a candidate text: everything the decoding steps need."""
+
+    regions: list[_Region]  # sorted by start
+    open_list: int | None  # start of the outermost bracket still open at the end when it is a "["
+    too_deep: bool
+
+
+def _scan(text: str) -> _Scan:
+    """Find every balanced bracket region in ONE pass (linear time, memory bounded by MAX_DEPTH).
+
+    Brackets inside JSON strings do not count; a mismatched closer or a raw
+    control character inside a string discards the open brackets (no JSON value
+    spans it). Only the innermost MAX_DEPTH open brackets are kept, so a list
+    after a run of unclosed ``[`` is still found; a region taller than that is
+    skipped. The decoder later runs only on these regions, which is what keeps
+    parsing linear: retrying it at every ``[`` was quadratic.
+    """
+    regions: list[_Region] = []
+    stack: deque[tuple[int, str]] = deque()  # (start, opener) of the open brackets, innermost last
+    lost = 0  # outer open brackets dropped to keep the stack at MAX_DEPTH: their regions are too deep
+    too_deep = in_string = False
+    pos = 0
+    while True:
+        pattern = _IN_STRING if in_string else (_IN_VALUE if stack or lost else _OUTSIDE)
+        match = pattern.search(text, pos)
+        if match is None:
+            break
+        ch, at, pos = match.group(), match.start(), match.end()
+        if in_string:
+            if ch == "\\":
+                pos += 1
+            else:
+                in_string = False
+                if ch != '"':
+                    stack.clear()
+                    lost = 0
+        elif ch == '"':
+            in_string = True
+        elif ch in _CLOSER:
+            if len(stack) == MAX_DEPTH:
+                stack.popleft()
+                lost += 1
+            stack.append((at, ch))
+        elif not stack:  # closes a dropped bracket
+            lost -= 1
+            too_deep = True
+        else:
+            start, opener = stack.pop()
+            if _CLOSER[opener] == ch:
+                regions.append(_Region(start, pos, opener, stack[-1][0] if stack else None))
+            else:
+                stack.clear()
+                lost = 0
+    regions.sort(key=lambda r: r.start)
+    open_list = stack[0][0] if stack and not lost and stack[0][1] == "[" else None
+    return _Scan(regions, open_list, too_deep)
+
+
+def _first_value(text: str, scan: _Scan, opener: str) -> list | dict | None:
+    """The first region (by start) of kind ``opener`` that decodes; linear in ``len(text)``.
+
+    A region that fails to decode at position ``q`` makes every region
+    containing ``q`` fail the same way (JSON's grammar is the same at every
+    level), so those are skipped; each decoder call then scans text no earlier
+    call scanned.
+    """
+    failed_at = -1
+    for region in scan.regions:
+        if region.opener != opener or region.start <= failed_at < region.end:
+            continue
+        try:  # a slice, not raw_decode(text, start): JSONDecodeError counts the lines before its position
+            return _DECODER.decode(text[region.start : region.end])
+        except json.JSONDecodeError as exc:
+            failed_at = region.start + exc.pos
+        except (ValueError, RecursionError):  # e.g. an integer beyond Python's digit limit
+            failed_at = region.end - 1
+    return None
+
+
+def _recovered_objects(text: str, scan: _Scan) -> list:
+    """Complete ``{...}`` items of a list whose closing bracket never came (the cleaner hit its limit)."""
+    found = []
+    for region in scan.regions:
+        if region.parent == scan.open_list and region.opener == "{":
+            try:
+                found.append(_DECODER.decode(text[region.start : region.end]))
+            except (ValueError, RecursionError):
+                break
+    return found
+
 
 def parse_commands(raw: str) -> ParsedCommands:
     """Extract deletion commands from a cleaner's raw output.
@@ -105,7 +221,10 @@ def parse_commands(raw: str) -> ParsedCommands:
     last ``</think>`` is read), a single ``{"prefix", "suffix"}`` object, and a
     list cut off mid-way (the complete objects before the cut are recovered, as
     happens when the cleaner hits its token limit). ``[]`` is a valid "delete
-    nothing". Never raises.
+    nothing". Never raises, and runs in time linear in ``len(raw)`` whatever it
+    holds: brackets nested beyond :data:`MAX_DEPTH` are skipped, noted as
+    ``nesting_too_deep`` in ``dropped`` (or as the ``error`` when nothing else
+    decodes), and commands beyond :data:`MAX_COMMANDS` are dropped with a note.
     """
     if not isinstance(raw, str):
         return ParsedCommands(error=f"not_text: {type(raw).__name__}")
@@ -115,56 +234,21 @@ def parse_commands(raw: str) -> ParsedCommands:
         return ParsedCommands(error="empty_output")
 
     candidates = [m.group(1).strip() for m in _FENCE.finditer(text)] + [text]
-    for candidate in candidates:
-        value = _first_json_value(candidate, "[")
+    scans = [(candidate, _scan(candidate)) for candidate in candidates]
+    for candidate, scan in scans:
+        value = _first_value(candidate, scan, "[")
         if value is not None:
-            return _commands_from_value(value)
-    recovered = _recover_objects(text)
-    if recovered:
-        return _commands_from_value(recovered, note="truncated_list_recovered")
-    for candidate in candidates:
-        value = _first_json_value(candidate, "{")
+            return _commands_from_value(value, note="nesting_too_deep" if scan.too_deep else None)
+    if scans[-1][1].open_list is not None:
+        recovered = _recovered_objects(text, scans[-1][1])
+        if recovered:
+            return _commands_from_value(recovered, note="truncated_list_recovered")
+    for candidate, scan in scans:
+        value = _first_value(candidate, scan, "{")
         if value is not None:
-            return _commands_from_value(value)
-    return ParsedCommands(error="no_json_list")
-
-
-def _first_json_value(text: str, opener: str) -> list | dict | None:
-    """The first JSON list (``opener="["``) or object (``"{"``) that decodes completely."""
-    kind = list if opener == "[" else dict
-    try:
-        value = json.loads(text)
-        if isinstance(value, kind):
-            return value
-    except ValueError:
-        pass
-    pos = text.find(opener)
-    while pos >= 0:
-        try:
-            value, _ = _DECODER.raw_decode(text, pos)
-            if isinstance(value, kind):
-                return value
-        except ValueError:
-            pass
-        pos = text.find(opener, pos + 1)
-    return None
-
-
-def _recover_objects(text: str) -> list:
-    """Complete ``{...}`` objects of a list whose closing bracket never came."""
-    start = text.find("[")
-    if start < 0:
-        return []
-    found, pos = [], start + 1
-    while True:
-        brace = text.find("{", pos)
-        if brace < 0:
-            return found
-        try:
-            value, pos = _DECODER.raw_decode(text, brace)
-        except ValueError:
-            return found
-        found.append(value)
+            return _commands_from_value(value, note="nesting_too_deep" if scan.too_deep else None)
+    too_deep = any(scan.too_deep for _, scan in scans)
+    return ParsedCommands(error="nesting_too_deep" if too_deep else "no_json_list")
 
 
 def _commands_from_value(value, note: str | None = None) -> ParsedCommands:
@@ -178,6 +262,9 @@ def _commands_from_value(value, note: str | None = None) -> ParsedCommands:
             dropped.append(f"item {i}: needs string 'prefix' and 'suffix'")
         else:
             commands.append(Deletion(item["prefix"], item["suffix"]))
+    if len(commands) > MAX_COMMANDS:
+        dropped.append(f"too_many_commands: kept the first {MAX_COMMANDS} of {len(commands)}")
+        commands = commands[:MAX_COMMANDS]
     if note:
         dropped.insert(0, note)
     return ParsedCommands(commands, dropped=dropped)

@@ -228,10 +228,11 @@ async def _clean(
     started = time.perf_counter()
     try:
         outcome = await cleaner.clean(problem, text)
-    except BackendError as exc:  # a dead cleaner costs this round, never the rollout
+    except Exception as exc:  # a dead or broken cleaner costs this round, never the rollout
+        error = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
         record = CleanRecord(
             cleaner=cleaner.name, context_tokens_before=before, context_tokens_after=before,
-            latency_s=time.perf_counter() - started, error=str(exc),
+            latency_s=time.perf_counter() - started, error=error,
         )  # fmt: skip
         return record, ids, text, before
     edit = outcome.edit

@@ -31,7 +31,11 @@ class CleanOutcome:
 
 @runtime_checkable
 class Cleaner(Protocol):
-    """``clean`` must not raise on bad model output; backend failures may raise ``BackendError``."""
+    """``clean`` must not raise on bad model output; backend failures may raise ``BackendError``.
+
+    The loop still treats ANY exception from ``clean`` as a failed round (recorded in
+    ``CleanRecord.error``), so a cleaner bug costs one round, never the rollout.
+    """
 
     name: str
 

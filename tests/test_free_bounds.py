@@ -1,0 +1,173 @@
+"""The executor on hostile cleaner output: never raises, time linear in the input, bounds that skip with a reason.
+
+The time bound is deliberately loose (a fixed allowance plus a per-character
+budget far above the measured ~3 us/char), so only a super-linear regression
+(the old decoder retried at every ``[``: 4.7 s for one 37 KB answer) fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from freelm.backends.base import GenerateRequest, GenerateResult
+from freelm.backends.pool import EndpointPool
+from freelm.cleaners import LoRACleaner
+from freelm.data import Problem
+from freelm.free import MAX_COMMANDS, MAX_DEPTH, Deletion, apply_deletions, format_commands, parse_commands
+from freelm.records import read_rollouts
+from freelm.runner import run_batch
+from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.testing.counting import CountingBackend, counting_tokenizer
+
+GOOD = [Deletion("Let me try", "dead end.")]
+BODY = format_commands(GOOD)
+THINKING = "Plan.\nLet me try x = 3: a dead end.\nSo x = 4.\n"
+
+
+def budget_s(raw: str) -> float:
+    return 1.0 + 20e-6 * len(raw)
+
+
+def timed_parse(raw: str):
+    started = time.perf_counter()
+    parsed = parse_commands(raw)
+    edit = apply_deletions(THINKING, parsed)
+    elapsed = time.perf_counter() - started
+    assert elapsed < budget_s(raw), f"{elapsed:.2f}s for {len(raw)} chars"
+    assert all(isinstance(d, Deletion) for d in parsed)
+    assert len(edit.text) <= len(THINKING)
+    return parsed
+
+
+JSONISH = st.sampled_from(["[", "]", "{", "}", '"', "\\", ",", ":", " ", "\n", "1", "e9", "x", '"prefix"', '"suffix"'])
+SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SLOW
+@given(st.text(max_size=2000))
+def test_arbitrary_text(raw):
+    timed_parse(raw)
+
+
+@SLOW
+@given(st.lists(JSONISH, max_size=400), st.integers(1, 200))
+def test_adversarial_json_tokens_repeated(tokens, repeat):
+    timed_parse("".join(tokens) * repeat)
+
+
+@SLOW
+@given(
+    st.sampled_from(["[", "{", '{"a":', "[{", '["', "[1,", '{"prefix":']),
+    st.integers(1, 20_000),
+    st.sampled_from(["", "]", "}", "]}", BODY, "```json\n" + BODY + "\n```"]),
+    st.integers(0, 20_000),
+)
+def test_deep_nesting_and_long_repeats(opener, depth, tail, closers):
+    timed_parse(opener * depth + tail + "]" * closers)
+
+
+def test_a_thousand_brackets_do_not_raise():
+    for raw in ["[" * 1000, "{" * 1000, "[" * 3000 + "]" * 3000, '{"a":' * 5000, "[{" * 4000]:
+        parsed = timed_parse(raw)
+        assert parsed == []
+
+
+def test_nesting_beyond_the_bound_is_skipped_with_a_reason():
+    # the innermost MAX_DEPTH levels still decode (their items, not objects, are dropped)
+    parsed = parse_commands("[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5))
+    assert parsed == [] and parsed.dropped == ["nesting_too_deep", "item 0: not an object"]
+    parsed = parse_commands("[" * MAX_DEPTH + "]" * MAX_DEPTH)
+    assert parsed.error is None and parsed.dropped == ["item 0: not an object"]
+    assert parse_commands("[" * (MAX_DEPTH + 5) + "1 x" + "]" * (MAX_DEPTH + 5)).error == "nesting_too_deep"
+
+
+def test_a_list_after_unclosed_junk_is_still_found():
+    assert parse_commands("[" * 50_000 + BODY) == GOOD
+    assert parse_commands("[1, 2, oops " + BODY) == GOOD
+    assert parse_commands("[see " + BODY + " above]") == GOOD  # a valid list nested in a broken one
+
+
+def test_brackets_inside_strings_do_not_count():
+    cmds = [Deletion("f(x) = [", "} done"), Deletion('say "[{', ']"')]
+    assert parse_commands("noise [ " + format_commands(cmds)) == cmds
+
+
+def test_a_huge_integer_is_a_dropped_value_not_a_crash():
+    assert parse_commands("[" + "9" * 5000 + "] " + BODY) == GOOD
+
+
+def test_commands_beyond_the_cap_are_dropped_with_a_note():
+    raw = format_commands([Deletion(f"p{i}", "s") for i in range(MAX_COMMANDS + 10)])
+    parsed = timed_parse(raw)
+    assert len(parsed) == MAX_COMMANDS
+    assert parsed.dropped == [f"too_many_commands: kept the first {MAX_COMMANDS} of {MAX_COMMANDS + 10}"]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+class BracketCleanerBackend(CountingBackend):
+    """The counting model whose Free-Module degenerates into 3,000 brackets on every call (greedy: every re-run)."""
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if request.adapter is None:
+            return await super().generate(request)
+        self.clean_calls += 1
+        return GenerateResult(text="[" * 3000, output_ids=[], finish_reason="length", prompt_tokens=1,
+                              completion_tokens=3000)  # fmt: skip
+
+
+class ExplodingCleaner:
+    """A cleaner with a bug: any exception must cost the round, never the rollout."""
+
+    name = "exploding"
+
+    async def clean(self, problem: str, thinking: str):
+        raise ZeroDivisionError("cleaner bug")
+
+
+def _run(tmp_path, backend, cleaner_for):
+    tokenizer = backend.tokenizer
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--data", "x.jsonl", "--output", "x.jsonl", "--clean-every", "20", "--context-limit", "400",
+         "--max-tokens", "600"]
+    )  # fmt: skip
+    pool = EndpointPool([backend], probe_interval=0.01)
+    problems = [Problem(id=str(i), source="count", prompt=f"Count to 30, puzzle {i}.", answer="30") for i in range(3)]
+
+    async def go():
+        try:
+            return await run_batch(
+                problems, output=tmp_path / "out.jsonl", settings=run_settings(args), config=loop_config(args),
+                reasoner=pool, tokenizer=tokenizer, cleaner=cleaner_for(pool), n_rollouts=2, concurrency=4,
+                pools=(pool,), progress=False,
+            )  # fmt: skip
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go()), read_rollouts(tmp_path / "out.jsonl")
+
+
+def test_a_cleaner_answering_3000_brackets_keeps_every_rollout(tmp_path):
+    backend = BracketCleanerBackend(counting_tokenizer(30), target=30)
+    summary, records = _run(tmp_path, backend, LoRACleaner)
+    assert summary.done == 6 and summary.failed == 0 and len(records) == 6
+    assert all(r.finish_reason == "stop" for r in records)
+    cleans = [rnd.clean for r in records for rnd in r.rounds if rnd.clean is not None]
+    assert cleans and backend.clean_calls == len(cleans)
+    assert all(c.error is None and c.applied == 0 and c.parse_error == "no_json_list" for c in cleans)
+
+
+def test_any_exception_from_a_cleaner_is_a_failed_round_with_its_error(tmp_path):
+    backend = CountingBackend(counting_tokenizer(30), target=30)
+    summary, records = _run(tmp_path, backend, lambda pool: ExplodingCleaner())
+    assert summary.done == 6 and summary.failed == 0
+    cleans = [rnd.clean for r in records for rnd in r.rounds if rnd.clean is not None]
+    assert cleans and all(c.error == "ZeroDivisionError: cleaner bug" for c in cleans)

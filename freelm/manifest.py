@@ -3,9 +3,10 @@
 The manifest answers "what produced this file?" long after the run: the full
 config, the results-deciding settings and their hash, package versions, start
 and end times, counts and the end summary. A resumed run keeps the earlier
-invocations under ``previous_runs``. It is rewritten atomically (temp file +
-rename), so a kill at any moment leaves either the old or the new manifest,
-never half of one.
+invocations under ``previous_runs``. It is rewritten atomically (a temp file
+unique to the writer + rename), so a kill at any moment leaves either the old
+or the new manifest, never half of one, and every string in it is redacted
+(:mod:`freelm.redact`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from freelm.records import unique_temp
+from freelm.redact import redact_obj
 
 MANIFEST_VERSION = 1
 
@@ -58,12 +62,11 @@ def read_manifest(output: str | Path) -> dict[str, Any] | None:
 
 
 def write_manifest(output: str | Path, manifest: dict[str, Any]) -> Path:
+    """Atomic rewrite with every string redacted (a command line or an endpoint's last error may hold a key)."""
     path = manifest_path(output)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump({"manifest_version": MANIFEST_VERSION, **manifest}, f, indent=2, ensure_ascii=False, default=str)
+    with unique_temp(path) as (f, tmp):
+        payload = redact_obj({"manifest_version": MANIFEST_VERSION, **manifest})
+        json.dump(payload, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path

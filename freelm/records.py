@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 SCHEMA_VERSION = 1
 
@@ -208,11 +210,29 @@ def append_jsonl(handle, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
+@contextmanager
+def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
+    """A temp file beside ``path`` that no other writer shares (random + pid suffix), fsynced when the block ends.
+
+    Two writers of one file must never rename each other's half-written temp
+    file. On error the temp file is removed and the error re-raised.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=f".{os.getpid()}.tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f, tmp
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write a whole file through a temp file and a rename: a reader sees the old file or the new one, never half."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with unique_temp(path) as (f, tmp):
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

@@ -14,7 +14,8 @@ leaves them out for a server that rejects unknown fields (its own top-k/min-p
 then apply), and ``extra_body`` adds server-specific fields.
 
 The API key is read from the environment variable named by ``api_key_env`` and
-is scrubbed from every error message; exceptions are raised ``from None`` so the
+is scrubbed from every error message (with any Authorization/Bearer material,
+:mod:`freelm.redact`); exceptions are raised ``from None`` so the
 openai exception (whose request carries the Authorization header) is not chained.
 """
 
@@ -35,6 +36,7 @@ from freelm.backends.base import (
     TransientBackendError,
     refused,
 )
+from freelm.redact import redact
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
 
@@ -125,7 +127,7 @@ class OpenAIBackend:
         return refused(message, server_message, status)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        return redact(text, [self._secret])
 
     async def server_limits(self) -> ServerLimits:
         """What the server reports: SGLang's ``/server_info`` at the origin, else ``max_model_len`` in ``/v1/models``.

@@ -7,7 +7,8 @@ connection errors are retried with backoff by the ``openai`` client itself;
 an unparseable verdict is asked again, then recorded as ``unparseable``
 (counted as incorrect). Requests that still fail are recorded as ``error`` and
 retried on the next run. The API key is read by the caller from the
-environment and never stored.
+environment and never stored: error texts and stored replies go through
+:func:`freelm.redact.redact` (a proxy may echo the Authorization header).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal
 from freelm.evaluation.extract import last_boxed
 from freelm.evaluation.metrics import JudgeKey
 from freelm.records import append_jsonl, iter_jsonl, repair_torn_tail
+from freelm.redact import redact
 
 Verdict = Literal["correct", "incorrect", "unparseable", "error"]
 FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
@@ -126,6 +128,7 @@ class JudgeSettings:
 
 async def _judge_one(client, item: JudgeItem, settings: JudgeSettings) -> Judgment:
     prompt = render_judge_prompt(settings.template, item.problem, item.ground_truth, item.answer)
+    secrets = [getattr(client, "api_key", None)]  # a proxy may echo the Authorization header back
     raw = None
     for attempt in range(1, settings.parse_retries + 2):
         try:
@@ -136,8 +139,10 @@ async def _judge_one(client, item: JudgeItem, settings: JudgeSettings) -> Judgme
                 max_tokens=settings.max_tokens,
             )
         except Exception as exc:  # the client already retried transient errors with backoff
-            return Judgment(*item.key, "error", settings.model, attempt, raw, f"{type(exc).__name__}: {exc}"[:500])
+            error = redact(f"{type(exc).__name__}: {exc}", secrets)[:500]
+            return Judgment(*item.key, "error", settings.model, attempt, raw, error)
         raw = response.choices[0].message.content if response.choices else None
+        raw = redact(raw, secrets) if isinstance(raw, str) else None
         verdict = parse_verdict(raw)
         if verdict is not None:
             return Judgment(*item.key, "correct" if verdict else "incorrect", settings.model, attempt, raw)

@@ -39,6 +39,7 @@ from freelm.free import apply_deletions, parse_commands
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import THINK_CLOSE
 from freelm.records import RolloutRecord, append_jsonl, iter_jsonl, repair_torn_tail
+from freelm.redact import redact
 from freelm.tokenizer import Tokenizer
 from freelm.training.sft_data import END_OF_TURN, MARKS, PROBLEM_MARK, build_row, template_skeleton
 
@@ -195,6 +196,7 @@ class OpenAITeacher:
         from openai import AsyncOpenAI
 
         self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._secret = api_key
         self.model = model
         self.template = template
         self.max_tokens = max_tokens
@@ -212,7 +214,7 @@ class OpenAITeacher:
                 temperature=self.temperature,
             )
         except openai.OpenAIError as exc:
-            raise TeacherError(f"{type(exc).__name__}: {exc}"[:500]) from exc
+            raise TeacherError(redact(f"{type(exc).__name__}: {exc}", [self._secret])[:500]) from None
         choices = getattr(response, "choices", None)
         if not choices:
             raise TeacherError(f"response without choices: {str(response)[:200]}")

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         o = m.overall
         print(
             f"{m.name}: {o.problems} problems x n={o.n_min}..{o.n_max}; unanswered {o.unanswered}/{o.rollouts}; "
-            f"rule undecided {o.rule_undecided}; finish {o.finish_reasons}",
+            f"rule undecided {o.rule_undecided}; over grading bounds {o.over_bounds}; finish {o.finish_reasons}",
             file=sys.stderr,
         )
     return 0

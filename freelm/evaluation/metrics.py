@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from freelm.evaluation.extract import extract_answer
-from freelm.evaluation.grade import Grade, GraderPool, grade_pairs, normalize_answer
+from freelm.evaluation.grade import BOUNDED_METHODS, Grade, GraderPool, grade_pairs, normalize_answer
 from freelm.evaluation.passk import k_values, maj_at_k, mean_and_se, pass_at_k
 from freelm.records import RolloutRecord
 
@@ -57,6 +57,7 @@ class BenchmarkMetrics:
     finish_reasons: dict[str, int]
     grade_methods: dict[str, int]
     rule_undecided: int
+    over_bounds: int  # answers a grading bound stopped (too long, past the deadline): graded incorrect
     judge_overrides: int  # rollouts whose final grade differs from the rule grade
 
 
@@ -204,6 +205,7 @@ def summarize(graded: list[GradedRollout]) -> BenchmarkMetrics:
         finish_reasons=dict(Counter(r.finish_reason for r in recs)),
         grade_methods=dict(Counter(g.rule.method for g in graded)),
         rule_undecided=sum(not g.rule.decided for g in graded),
+        over_bounds=sum(g.rule.method in BOUNDED_METHODS for g in graded),
         judge_overrides=sum(g.correct != g.rule.correct for g in graded),
     )
 

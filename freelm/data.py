@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from freelm.records import iter_jsonl
+from freelm.validation import FieldError, expect
 
 REQUIRED_FIELDS = ("id", "prompt")
 
@@ -37,12 +38,19 @@ class Problem:
         return (self.source, self.id)
 
 
+#: Types of the fields the loader reads (JSON numbers are fine as ids and answers; every other field is kept as is).
+ROW_TYPES: dict[str, Any] = {"id": str | int, "prompt": str, "answer": str | int | float | None, "source": str | None}
+
+
 def _problem_from_row(row: dict[str, Any], where: str, default_source: str) -> Problem:
     missing = [name for name in REQUIRED_FIELDS if row.get(name) in (None, "")]
     if missing:
         raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-    if not isinstance(row["prompt"], str):
-        raise ValueError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    try:
+        for name, annotation in ROW_TYPES.items():
+            expect(row.get(name), annotation, name)
+    except FieldError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     answer = row.get("answer")
     extra = {k: v for k, v in row.items() if k not in ("id", "source", "prompt", "answer")}
     return Problem(

@@ -18,9 +18,11 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
+
+from freelm.validation import build
 
 SCHEMA_VERSION = 1
 
@@ -69,11 +71,8 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
-        d = dict(d)
-        clean = d.pop("clean", None)
-        if clean is not None:
-            clean = CleanRecord(**{**clean, "deleted_spans": [tuple(s) for s in clean.get("deleted_spans", [])]})
-        return cls(**d, clean=clean)
+        """Every field type-checked (:func:`freelm.validation.build`); raises ``FieldError`` naming the field."""
+        return build(cls, d)
 
 
 @dataclass
@@ -176,14 +175,8 @@ class RolloutRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolloutRecord:
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise ValueError(f"not a rollout record: missing field(s) {', '.join(missing)}")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        kwargs["rounds"] = [RoundRecord.from_dict(r) for r in d.get("rounds", [])]
-        return cls(**kwargs)
+        """Every field (rounds and their cleaning included) type-checked; raises ``FieldError`` naming the field."""
+        return build(cls, d)
 
     def replay(self) -> Iterator[tuple[RoundRecord, str]]:
         """Yield ``(round, thinking_before_cleaning)`` for every round, in order."""
@@ -287,7 +280,7 @@ def repair_torn_tail(path: str | Path) -> int:
 
 
 def read_rollouts(path: str | Path) -> list[RolloutRecord]:
-    """Read a runner output file, naming the file and line of any bad record."""
+    """Read a runner output file; a bad record is ``file:line: field: expected X, got Y``."""
     records = []
     for number, obj in iter_jsonl(path):
         try:

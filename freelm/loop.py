@@ -29,6 +29,8 @@ the server refuses. Running out of room ends the rollout as
 server's "context exceeded" 400 on a reasoning call: the text is kept and
 graded), running out of ``max_tokens`` as ``length``. With no cleaner
 (vanilla) the whole budget is one call.
+A prompt that cannot fit ends as ``context_overflow`` at once, after tokenizing
+only a prefix that already fills the window (``prompt_tokens`` then counts it).
 
 The cleaning call obeys its server's window too: its prompt is the thinking
 plus the template. A cleaner that knows its window (``LoRACleaner.headroom``)
@@ -84,6 +86,30 @@ class LoopConfig:
         return asdict(self)
 
 
+#: A prompt longer than this many characters per window token is first tokenized by a prefix (see _encode_prompt).
+_PROBE_CHARS_PER_TOKEN = 8
+#: Tokens a cut prefix may gain over the whole text at the cut (a split word): never decide overflow within this.
+_PROBE_MARGIN = 64
+
+
+def _encode_prompt(tokenizer: Tokenizer, prompt: str, context_limit: int) -> list[int]:
+    """The prompt's ids, or for a prompt that cannot fit the window, the ids of a prefix that already fills it.
+
+    A huge problem statement (a pasted file, a broken data row) would otherwise
+    be tokenized whole (minutes for 50 MB) only to end as ``context_overflow``.
+    Prefixes grow 4x per try, so a long prompt that does fit costs at most about
+    a third more than one full tokenization, and one that does not fit costs
+    one tokenization of a prefix a few times the window.
+    """
+    size = context_limit * _PROBE_CHARS_PER_TOKEN
+    while size < len(prompt):
+        ids = tokenizer.encode(prompt[:size])
+        if len(ids) >= context_limit + _PROBE_MARGIN:
+            return ids
+        size *= 4
+    return tokenizer.encode(prompt)
+
+
 def _call_seed(seed: int | None, index: int) -> int | None:
     """A distinct, reproducible seed per reasoning call of a rollout."""
     return None if seed is None else (seed * 1_000_003 + index) % (2**31 - 1)
@@ -108,7 +134,8 @@ async def run_rollout(
     """
     started = time.perf_counter()
     window = ContextWindow.budget(config.context_limit).narrow(window)
-    prompt_ids = tokenizer.encode(render_reasoning_prompt(problem, tokenizer, config.problem_suffix))
+    prompt = render_reasoning_prompt(problem, tokenizer, config.problem_suffix)
+    prompt_ids = _encode_prompt(tokenizer, prompt, config.context_limit)
     ids = tokenizer.encode(initial_response)
     text = tokenizer.decode(ids)
     rounds: list[RoundRecord] = []

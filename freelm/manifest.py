@@ -37,6 +37,11 @@ def errors_path(output: str | Path) -> Path:
     return Path(f"{output}.errors.jsonl")
 
 
+def lock_path(output: str | Path) -> Path:
+    """Held (``fcntl.flock``) by the one runner writing ``output``: see :mod:`freelm.output_guard`."""
+    return Path(f"{output}.lock")
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from freelm.cleaners.base import Cleaner
 from freelm.data import Problem, load_problem_sources
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path, now_iso, package_versions, read_manifest, write_manifest
+from freelm.output_guard import OutputLock, OutputWriteError, check_output_writable
 from freelm.records import RolloutRecord, RolloutResult, append_jsonl, read_rollouts, repair_torn_tail
 from freelm.runner_config import (
     RunSettings,
@@ -209,12 +211,14 @@ async def run_batch(
     window: ContextWindow | None = None,
     served: dict[str, Any] | None = None,
     shard: Shard = Shard(),
+    run_id: str | None = None,
 ) -> RunSummary:
     """Resume-aware batch: skip what ``output`` holds, run the rest of ``shard``'s jobs, keep the manifest current.
 
     ``progress=None`` shows the bar only on a terminal. ``window`` is the
     reasoner servers' window (see :func:`served_limits`); ``served`` what the
     servers said about themselves, recorded in the manifest. ``output`` is the shard's own file.
+    ``run_id`` names this invocation when :func:`record_start` already wrote its start to the manifest.
     """
     output = Path(output)
     if existing is None:
@@ -224,9 +228,7 @@ async def run_batch(
         print(f"--force: moved the old output aside to {_move_aside(output)}", file=sys.stderr)
     else:
         repair_torn_tail(output)
-        old = read_manifest(output)
-        if old and old.get("config_hash") == settings.config_hash:
-            history = [*old.get("previous_runs", []), _run_entry(old)]
+        history = _history(output, settings, run_id)
 
     jobs, owned = plan_jobs(problems, n_rollouts, settings.seed, existing.keys, shard)
     summary = RunSummary(total=owned, present_at_start=owned - len(jobs))
@@ -244,6 +246,7 @@ async def run_batch(
         "started_at": now_iso(),
         "ended_at": None,
         "status": "running",
+        "run_id": run_id or uuid.uuid4().hex,
         "previous_runs": history,
         "served": served or {},
         "seeds_honoured": (served or {}).get("seeds_honoured"),
@@ -265,7 +268,10 @@ async def run_batch(
         )  # fmt: skip
     except BaseException:
         summary.wall_time_s = time.perf_counter() - started
-        save("interrupted")
+        try:
+            save("interrupted")
+        except OSError:  # the disk that refused the output may refuse the manifest too: the output is what counts
+            pass
         raise
     summary.wall_time_s = time.perf_counter() - started
     save("complete" if summary.failed == 0 else "incomplete")
@@ -274,6 +280,31 @@ async def run_batch(
 
 def _run_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     return {key: manifest.get(key) for key in ("started_at", "ended_at", "status", "summary", "command")}
+
+
+def _history(output: Path, settings: RunSettings, run_id: str | None) -> list[dict[str, Any]]:
+    """Earlier invocations on ``output``: the old manifest's, plus the old manifest itself unless it is this run's start."""
+    old = read_manifest(output)
+    if not old or old.get("config_hash") != settings.config_hash:
+        return []
+    earlier = list(old.get("previous_runs", []))
+    return earlier if run_id is not None and old.get("run_id") == run_id else [*earlier, _run_entry(old)]
+
+
+def record_start(output: Path, settings: RunSettings, run_id: str) -> None:
+    """Write the manifest with status ``starting`` before anything slow (loading a model, health checks).
+
+    A run killed before its first full manifest then still appears under
+    ``previous_runs`` of the next one, so ``previous_runs`` counts every start.
+    """
+    write_manifest(
+        output,
+        {
+            "output": str(output), "command": sys.argv, "settings": settings.to_dict(),
+            "config_hash": settings.config_hash, "mode": settings.mode, "started_at": now_iso(), "ended_at": None,
+            "status": "starting", "run_id": run_id, "previous_runs": _history(output, settings, None),
+        },
+    )  # fmt: skip
 
 
 @dataclass
@@ -332,9 +363,16 @@ async def _execute(
                 result, error = None, f"{type(exc).__name__}: {exc}"
             queue.put_nowait(_Finished(job, result, error))
 
+    workers = asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
     try:
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
+        # the writer ends before the workers only when it failed: stop the rollouts in flight, they cannot be saved
+        await asyncio.wait({workers, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if writer.done() and not workers.done():
+            workers.cancel()
+        await workers
     finally:
+        if not workers.done():
+            workers.cancel()
         queue.put_nowait(None)
         try:
             await writer
@@ -358,7 +396,10 @@ async def _write_finished(
             while not queue.empty():
                 batch.append(queue.get_nowait())
             finished = [item for item in batch if item is not None]
-            await asyncio.to_thread(_append_finished, out, output, finished, settings)
+            try:
+                await asyncio.to_thread(_append_finished, out, output, finished, settings)
+            except OSError as exc:
+                raise OutputWriteError(output, exc) from exc
             for item in finished:
                 if item.error is None:
                     summary.done += 1
@@ -600,7 +641,12 @@ def _manifest_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run_async(
-    args: argparse.Namespace, components: Components, problems: list[Problem], settings: RunSettings, existing
+    args: argparse.Namespace,
+    components: Components,
+    problems: list[Problem],
+    settings: RunSettings,
+    existing: ExistingOutput,
+    run_id: str,
 ) -> int:
     try:
         for pool in components.pools:
@@ -620,6 +666,7 @@ async def _run_async(
             pools=components.pools, manifest_config=_manifest_config(args),
             progress=False if args.no_progress else None, window=window, served=served,
             shard=Shard(args.shard_index, args.num_shards),
+            run_id=run_id,
         )  # fmt: skip
     finally:
         await components.aclose()
@@ -633,7 +680,8 @@ async def _run_async(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 all rollouts present, 1 some failed (re-run retries them), 2 bad input or config, 130 interrupted."""
+    """Exit codes: 0 all rollouts present, 1 some failed or a write failed (re-run resumes), 2 bad input or config
+    (including another runner on the same output), 130 interrupted."""
     try:
         validate_args(args)
         args.output = Shard(args.shard_index, args.num_shards).output(args.output)  # each shard its own files
@@ -641,16 +689,36 @@ def run(args: argparse.Namespace) -> int:
         if args.backend != "local":
             _endpoints(args)
         problems = load_problem_sources(args.data, split=args.split, limit=args.limit)
-        existing = inspect_output(args.output, settings, force=args.force)
-        components = build_components(args)
-    except ValueError as exc:  # includes ConfigMismatch: nothing was sent or written
+        check_output_writable(args.output)
+        lock = OutputLock(args.output).acquire()
+    except ValueError as exc:  # includes OutputLocked / OutputUnwritable: nothing was sent or written
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run_async(args, components, problems, settings, existing))
+        return _run_locked(args, settings, problems)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, settings: RunSettings, problems: list[Problem]) -> int:
+    """Everything after the output lock: read what the output holds only now, so no other runner can change it."""
+    run_id = uuid.uuid4().hex
+    try:
+        existing = inspect_output(args.output, settings, force=args.force)
+        if not existing.mismatch:
+            record_start(args.output, settings, run_id)  # counted in previous_runs even if killed while loading
+        components = build_components(args)
+    except ValueError as exc:  # includes ConfigMismatch: nothing was sent
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run_async(args, components, problems, settings, existing, run_id))
     except KeyboardInterrupt:
         print("interrupted: finished rollouts are saved; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OutputWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,8 @@ def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(c
     assert all(o["finish_reason"] == "stop" and o["response"].endswith(counting_answer(TARGET)) for o in parsed)
     manifest = json.loads(manifest_path(out).read_text())
     assert manifest["status"] == "complete" and len(manifest["previous_runs"]) == 3
-    assert all(run["status"] == "running" for run in manifest["previous_runs"])  # killed: never got to finish
+    # killed: never got to finish (a kill while starting leaves "starting": every start is counted)
+    assert all(run["status"] in ("starting", "running") for run in manifest["previous_runs"])
 
 
 def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):
@@ -115,3 +116,24 @@ def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(cou
     assert sum(r.cleaning_rounds for r in records) == cleaner_server.adapter_requests["free"]
     manifest = json.loads(manifest_path(out).read_text())
     assert [e["name"] for pool in manifest["endpoints"] for e in pool["endpoints"]] == [f"sglang@{u}" for u in urls]
+
+
+def test_two_runners_on_one_output_one_exits_2_naming_the_other_and_every_rollout_is_written_once(
+    counting_setup, tmp_path
+):
+    _, tokenizer_dir, data = counting_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out.jsonl"
+    slow = CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), delay=0.25)  # the first runner is still busy
+    with SGLangTestServer(slow) as server:
+        command = runner_command(server, tokenizer_dir, data, out)
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        results = {proc.pid: (proc.wait(timeout=300), *proc.communicate()) for proc in (first, second)}
+    codes = sorted(code for code, _, _ in results.values())
+    assert codes == [0, 2], results
+    winner = next(pid for pid, (code, _, _) in results.items() if code == 0)
+    loser_err = next(err for code, _, err in results.values() if code == 2)
+    assert f"is being written by another runner (pid {winner} on " in loser_err
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))

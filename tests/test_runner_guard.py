@@ -1,0 +1,189 @@
+"""Careless use of the runner: a locked output, an unwritable or full disk, a write failing mid-run, runs killed
+while starting, a prompt larger than the window. (Two runner processes on one output: test_runner_resume.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from freelm import output_guard, runner
+from freelm.backends.pool import EndpointPool
+from freelm.cleaners import LoRACleaner
+from freelm.data import Problem
+from freelm.loop import LoopConfig, run_rollout
+from freelm.manifest import lock_path, manifest_path
+from freelm.output_guard import OutputLock, OutputWriteError
+from freelm.records import iter_jsonl, read_rollouts
+from freelm.runner import record_start, run, run_batch
+from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.testing.counting import CountingBackend, counting_tokenizer
+
+TARGET = 30
+FLAGS = ["--clean-every", "20", "--context-limit", "400", "--max-tokens", "600"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return counting_tokenizer(TARGET)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"Count to {TARGET} ({i}).", "answer": "30"}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    return path
+
+
+def cli_args(data: Path, output: Path, tokenizer_dir: Path) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(
+        ["--data", str(data), "--output", str(output), "--endpoint", "127.0.0.1:9", "--tokenizer", str(tokenizer_dir),
+         "--no-progress", *FLAGS]
+    )  # fmt: skip
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path, tokenizer) -> Path:
+    tokenizer.hf.save_pretrained(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+def batch(output: Path, tokenizer, *, run_id: str | None = None) -> runner.RunSummary:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", "x", "--output", str(output), *FLAGS])
+    pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], probe_interval=0.01)
+    problems = [Problem(str(i), "count", f"Count to {TARGET} ({i}).", "30") for i in range(3)]
+
+    async def go():
+        try:
+            return await run_batch(
+                problems, output=output, settings=run_settings(args), config=loop_config(args), reasoner=pool,
+                tokenizer=tokenizer, cleaner=LoRACleaner(pool), n_rollouts=2, concurrency=2, pools=(pool,),
+                progress=False, run_id=run_id,
+            )  # fmt: skip
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go())
+
+
+def test_a_locked_output_exits_2_naming_the_holder(tmp_path, data, tokenizer_dir, capsys):
+    out = tmp_path / "out.jsonl"
+    with OutputLock(out):
+        assert run(cli_args(data, out, tokenizer_dir)) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is being written by another runner (pid {os.getpid()} on " in err
+    assert not out.exists() and not manifest_path(out).exists()
+    # released: the lock file stays, empty of meaning, and can be taken again
+    assert lock_path(out).exists()
+    with OutputLock(out):
+        pass
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        (lambda tmp: tmp / "missing-dir" / "out.jsonl", "does not exist"),
+        (lambda tmp: tmp / "problems.jsonl" / "out.jsonl", "does not exist"),  # parent is a file
+        (lambda tmp: Path("/proc/freelm-test-out.jsonl"), "cannot create"),  # read-only even for root
+        (lambda tmp: tmp, "is not a writable file"),  # the output is a directory
+    ],
+    ids=["missing-dir", "parent-is-a-file", "read-only-fs", "output-is-a-dir"],
+)
+def test_unwritable_output_exits_2_before_any_request(
+    tmp_path, data, tokenizer_dir, capsys, monkeypatch, where, message
+):
+    monkeypatch.setattr(output_guard, "MIN_FREE_BYTES", 0)  # /proc reports no free space: test the write itself
+    assert run(cli_args(data, where(tmp_path), tokenizer_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output ") and message in err and "Traceback" not in err
+
+
+def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, monkeypatch):
+    monkeypatch.setattr(output_guard, "MIN_FREE_BYTES", 2**62)
+    assert run(cli_args(data, tmp_path / "out.jsonl", tokenizer_dir)) == 2
+    assert "MiB free" in capsys.readouterr().err and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, tokenizer, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    real_append, calls = runner.append_jsonl, []
+
+    def disk_fills_after_two(handle, obj):
+        calls.append(obj)
+        if len(calls) > 2:
+            handle.write('{"half": ')  # what a full disk leaves: part of a line
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(handle, obj)
+
+    monkeypatch.setattr(runner, "append_jsonl", disk_fills_after_two)
+    with pytest.raises(OutputWriteError) as caught:
+        batch(out, tokenizer)
+    message = str(caught.value)
+    assert "the disk is full" in message and "re-run the same command" in message and "intact" in message
+    assert len(read_rollouts(out)) == 2  # the torn third line is dropped by readers
+    assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
+
+    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    summary = batch(out, tokenizer)
+    assert summary.done == 4 and summary.present_at_start == 2
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == [(str(i), r) for i in range(3) for r in range(2)]
+
+
+def test_previous_runs_counts_runs_killed_while_starting(tmp_path, tokenizer):
+    out = tmp_path / "out.jsonl"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = run_settings(parser.parse_args(["--data", "x", "--output", str(out), *FLAGS]))
+    record_start(out, settings, "killed-while-loading")  # then SIGKILL: no other manifest write
+    record_start(out, settings, "second")
+    batch(out, tokenizer, run_id="second")
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["run_id"] == "second" and manifest["status"] == "complete"
+    assert [r["status"] for r in manifest["previous_runs"]] == ["starting"]
+    batch(out, tokenizer)  # a library caller without record_start
+    assert [r["status"] for r in json.loads(manifest_path(out).read_text())["previous_runs"]] == [
+        "starting",
+        "complete",
+    ]
+
+
+def test_a_prompt_far_beyond_the_window_ends_after_tokenizing_only_a_prefix(tokenizer):
+    encoded: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, text):
+            encoded.append(len(text))
+            return tokenizer.encode(text)
+
+    backend = CountingBackend(tokenizer, target=TARGET)
+    problem = "step 1\n" * 700_000  # ~5 MB
+    result = asyncio.run(
+        run_rollout(problem, reasoner=backend, tokenizer=Counting(), cleaner=None, config=LoopConfig(context_limit=400))
+    )
+    assert result.finish_reason == "context_overflow" and backend.calls == 0
+    assert result.prompt_tokens >= 400 and result.generated_tokens == 0
+    assert sum(encoded) < 10 * 400 * 8  # a prefix of the 5 MB prompt, never the whole of it
+
+
+def test_a_long_prompt_that_fits_is_tokenized_exactly(tokenizer):
+    from freelm.loop import _encode_prompt
+
+    prompt = "step 1\n" * 1000  # 7,000 chars: tokenized whole for a 5,000-token window
+    whole = tokenizer.encode(prompt)
+    assert _encode_prompt(tokenizer, prompt, 5000) == whole
+    prefix = _encode_prompt(tokenizer, prompt, 100)  # cannot fit a 100-token window: a prefix that fills it
+    assert 100 + 64 <= len(prefix) < len(whole) and whole[: len(prefix) - 1] == prefix[:-1]

@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-retries",
         metavar="N",
         type=int,
-        default=3,
+        default=8,
         help="failed attempts of one request (each on another healthy endpoint) before its rollout fails",
     )
     g.add_argument(

@@ -198,3 +198,105 @@ def test_check_health_takes_out_unhealthy_endpoints():
 def test_empty_pool_is_an_error():
     with pytest.raises(ValueError, match="at least one backend"):
         EndpointPool([])
+
+
+# --------------------------------------------------------------------------- circuit breaker and hangs
+
+
+def test_a_single_5xx_keeps_the_endpoint_in_rotation_consecutive_ones_open_the_breaker():
+    a = FakeEndpoint("a")
+    a.fail.append(TransientBackendError("HTTP 503"))
+    pool = EndpointPool([a], probe_interval=10)
+
+    async def go():
+        first = await pool.generate(request(1))  # failed once, retried on the same endpoint: still up
+        assert pool.endpoints[0].up and pool.endpoints[0].consecutive_failures == 0
+        a.fail.extend(TransientBackendError(f"HTTP 503 #{i}") for i in range(3))
+        with pytest.raises(TransientBackendError, match="no healthy endpoint"):
+            pool.down_wait = 0.05
+            await pool.generate(request(2))
+        await pool.aclose()
+        return first
+
+    assert asyncio.run(go()).text == "a"
+    assert not pool.endpoints[0].up and a.calls == 5 and pool.endpoints[0].failures == 4
+
+
+def test_half_open_admits_one_trial_a_failed_trial_reopens_with_a_longer_cooldown():
+    flaky, steady = FakeEndpoint("flaky", delay=0.02), FakeEndpoint("steady", delay=0.02)
+    pool = EndpointPool([flaky, steady], probe_interval=0.3, failure_threshold=1)
+
+    async def go():
+        flaky.fail.append(TransientBackendError("HTTP 500"))
+        while flaky.fail:  # until a request lands on flaky: one failure opens it here (threshold 1)
+            await pool.generate(request())
+        state = pool.endpoints[0]
+        assert not state.up
+        for _ in range(100):  # the probe re-admits it half-open
+            if state.up:
+                break
+            await asyncio.sleep(0.01)
+        assert state.half_open
+        flaky.fail.append(TransientBackendError("HTTP 500 again"))
+        await asyncio.gather(*(pool.generate(request(i)) for i in range(6)))
+        assert flaky.max_in_flight == 1  # one trial at a time while "steady" serves
+        assert not state.up and state.cooldown == pytest.approx(0.6)  # the trial failed: open, cooldown doubled
+        for _ in range(200):
+            if state.up:
+                break
+            await asyncio.sleep(0.01)
+        while state.half_open:  # drive a success through the trial
+            await asyncio.gather(*(pool.generate(request(i)) for i in range(2)))
+        await pool.aclose()
+
+    asyncio.run(go())
+    assert pool.endpoints[0].up and not pool.endpoints[0].half_open and pool.endpoints[0].cooldown == 0.3
+
+
+@dataclass
+class HangingEndpoint(FakeEndpoint):
+    """Never answers the requests whose payload is in ``hang_on`` (a server that accepted and went silent)."""
+
+    hang_on: set = field(default_factory=set)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if request.input_ids[0] in self.hang_on:
+            self.hang_on.discard(request.input_ids[0])
+            self.calls += 1
+            await asyncio.sleep(3600)
+        return await super().generate(request)
+
+
+def test_a_hung_request_is_abandoned_after_hang_factor_times_the_slowest_recent_and_retried():
+    hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
+    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2)
+
+    async def go():
+        for i in range(4):
+            await pool.generate(request(i))  # history: four answers of ~0.01 s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await pool.generate(request(99))
+        elapsed = loop.time() - started
+        await pool.aclose()
+        return result, elapsed
+
+    result, elapsed = asyncio.run(go())
+    assert result.output_ids == [99] and pool.hangs == 1 and pool.retries == 1
+    assert 0.2 <= elapsed < 5  # abandoned at the 0.2 s floor, not after the client's timeout
+    assert "presumed hung" in pool.endpoints[0].last_error and pool.endpoints[0].up  # one failure: still in rotation
+
+
+def test_no_hang_deadline_without_history_or_for_in_process_engines():
+    pool = EndpointPool([FakeEndpoint("remote")], hang_samples=2)
+    state = pool.endpoints[0]
+    assert pool._hang_deadline(state, request(), 0) is None
+    pool._recent.extend([(4, 1.0), (4, 3.0), (1, 50.0)])  # only budgets >= half of 4 count
+    assert pool._hang_deadline(state, request(), 0) == 12.0 and pool._hang_deadline(state, request(), 2) == 48.0
+
+    class Local:
+        name = "local"
+
+    local = EndpointPool([Local()], hang_samples=2)
+    local._recent.extend([(4, 1.0), (4, 3.0)])
+    assert local._hang_deadline(local.endpoints[0], request(), 0) is None

@@ -292,7 +292,7 @@ def test_no_hang_deadline_without_history_or_for_in_process_engines():
     state = pool.endpoints[0]
     assert pool._hang_deadline(state, request(), 0) is None
     pool._recent.extend([(4, 1.0), (4, 3.0), (1, 50.0)])  # only budgets >= half of 4 count
-    assert pool._hang_deadline(state, request(), 0) == 12.0 and pool._hang_deadline(state, request(), 2) == 48.0
+    assert pool._hang_deadline(state, request(), 0) == 9.0 and pool._hang_deadline(state, request(), 2) == 36.0
 
     class Local:
         name = "local"
@@ -300,3 +300,17 @@ def test_no_hang_deadline_without_history_or_for_in_process_engines():
     local = EndpointPool([Local()], hang_samples=2)
     local._recent.extend([(4, 1.0), (4, 3.0)])
     assert local._hang_deadline(local.endpoints[0], request(), 0) is None
+
+
+def test_a_request_hung_before_any_history_is_caught_once_history_exists():
+    hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
+    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2)
+
+    async def go():
+        first_wave = asyncio.gather(pool.generate(request(99)), *(pool.generate(request(i)) for i in range(4)))
+        results = await asyncio.wait_for(first_wave, 10)
+        await pool.aclose()
+        return results
+
+    results = asyncio.run(go())
+    assert [r.output_ids for r in results] == [[99], [0], [1], [2], [3]] and pool.hangs == 1

@@ -11,9 +11,11 @@ flight (ties rotate, so equal servers share the load from the first request).
 Failover: a :class:`TransientBackendError` (connection error, timeout, 5xx)
 is retried at once on the least-loaded healthy endpoint (possibly the same
 one). Each endpoint has a circuit breaker: only ``failure_threshold``
-CONSECUTIVE failures open it (out of rotation), because a single 5xx from a
-busy but working server is noise, and taking it out for a second each time made
-a run at a 20% error rate 10x slower. An open endpoint is re-probed in the
+CONSECUTIVE failures, plus one per request still in flight on it (errors come
+back at once while answers take seconds, so a busy server's errors arrive in
+bursts), open it (out of rotation), because a single 5xx from a busy but
+working server is noise, and taking it out for a second each time made a run
+at a 20% error rate 10x slower. An open endpoint is re-probed in the
 background (its ``health()`` when it has one, else simply after the cool-down)
 with exponential backoff and jitter; when it answers it is HALF-OPEN: back in
 rotation with at most one request in flight while a closed endpoint exists, a
@@ -25,7 +27,7 @@ would fail the same way everywhere, so it is raised at once.
 Hangs: a server that accepts a request and never answers would hold a rollout
 for the client's whole timeout (600 s by default). Once ``hang_samples``
 requests of a similar budget (at least half this one's ``max_new_tokens``)
-have succeeded, a request running ``hang_factor`` times longer than the
+have succeeded, a request running ``hang_factor`` (3) times longer than the
 slowest of the recent ones (and at least ``min_hang_s``) is abandoned as a
 transient failure and retried; each retry of the same request doubles that
 deadline, so a server that merely became slower is soon waited for.
@@ -89,7 +91,7 @@ class EndpointPool:
         probe_interval: float = 1.0,
         max_probe_interval: float = 30.0,
         down_wait: float = 600.0,
-        hang_factor: float = 4.0,
+        hang_factor: float = 3.0,
         hang_samples: int = 8,
         min_hang_s: float = 2.0,
         name: str | None = None,
@@ -149,18 +151,13 @@ class EndpointPool:
             endpoint = await self._acquire()
             endpoint.in_flight += 1
             endpoint.requests += 1
-            deadline = self._hang_deadline(endpoint, request, hangs)
             started = loop.time()
             try:
-                result = await asyncio.wait_for(endpoint.backend.generate(request), deadline)
-            except (TransientBackendError, asyncio.TimeoutError) as exc:
-                if isinstance(exc, asyncio.TimeoutError):  # not the builtin before Python 3.11
+                result = await self._call(endpoint, request, hangs)
+            except TransientBackendError as exc:
+                if isinstance(exc, _Hung):
                     hangs += 1
                     self.hangs += 1
-                    exc = TransientBackendError(
-                        f"{endpoint.backend.name}: no answer within {deadline:.1f}s "
-                        f"({self.hang_factor:g}x the slowest recent request of this size): presumed hung"
-                    )
                 self._record_failure(endpoint, str(exc))
                 failures += 1
                 if failures > self.max_retries:
@@ -175,6 +172,31 @@ class EndpointPool:
             if result.endpoint is None:
                 result.endpoint = endpoint.backend.name
             return result
+
+    async def _call(self, endpoint: EndpointState, request: GenerateRequest, hangs: int) -> GenerateResult:
+        """One attempt, abandoned (:class:`_Hung`) once it outlives its hang deadline.
+
+        The deadline is re-read while the attempt runs: requests sent before any
+        history existed (a run's first wave) are still caught once it exists.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = asyncio.ensure_future(endpoint.backend.generate(request))
+        try:
+            while True:
+                deadline = self._hang_deadline(endpoint, request, hangs)
+                wait = self.min_hang_s if deadline is None else deadline - (loop.time() - started)
+                if wait <= 0:
+                    raise _Hung(
+                        f"{endpoint.backend.name}: no answer within {deadline:.1f}s "
+                        f"({self.hang_factor:g}x the slowest recent request of this size): presumed hung"
+                    )
+                done, _ = await asyncio.wait({attempt}, timeout=wait)
+                if done:
+                    return attempt.result()
+        finally:
+            if not attempt.done():
+                attempt.cancel()
 
     def _hang_deadline(self, endpoint: EndpointState, request: GenerateRequest, hangs: int) -> float | None:
         """Seconds after which this attempt is presumed hung, or None: not enough history, or an in-process
@@ -201,7 +223,9 @@ class EndpointPool:
             endpoint.half_open = False
             endpoint.cooldown = min(self.max_probe_interval, endpoint.cooldown * 2)
             self._mark_down(endpoint, error)
-        elif endpoint.consecutive_failures >= self.failure_threshold:
+        elif endpoint.consecutive_failures >= self.failure_threshold + endpoint.in_flight - 1:  # - the failed one
+            # requests still running there may yet succeed: a fast burst of errors (they come back at once,
+            # answers take seconds) from a busy server is not yet evidence that it is down
             self._mark_down(endpoint, error)
 
     async def _acquire(self) -> EndpointState:
@@ -257,6 +281,10 @@ class EndpointPool:
             if id(endpoint.backend) not in closed:
                 closed.add(id(endpoint.backend))
                 await endpoint.backend.aclose()
+
+
+class _Hung(TransientBackendError):
+    """An attempt abandoned at its hang deadline (retried like any transient failure)."""
 
 
 async def _healthy(backend: Backend) -> bool:

@@ -146,9 +146,10 @@ class EndpointPool:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         failures = hangs = 0
-        loop = asyncio.get_running_loop()
+        failed_on: set[int] = set()  # a retry prefers endpoints this request has not failed on (a dead one stays
+        loop = asyncio.get_running_loop()  # in rotation until its breaker opens, with the fewest requests in flight)
         while True:
-            endpoint = await self._acquire()
+            endpoint = await self._acquire(failed_on)
             endpoint.in_flight += 1
             endpoint.requests += 1
             started = loop.time()
@@ -159,6 +160,7 @@ class EndpointPool:
                     hangs += 1
                     self.hangs += 1
                 self._record_failure(endpoint, str(exc))
+                failed_on.add(id(endpoint))
                 failures += 1
                 if failures > self.max_retries:
                     raise TransientBackendError(
@@ -228,7 +230,7 @@ class EndpointPool:
             # answers take seconds) from a busy server is not yet evidence that it is down
             self._mark_down(endpoint, error)
 
-    async def _acquire(self) -> EndpointState:
+    async def _acquire(self, avoid: set[int] = frozenset()) -> EndpointState:
         """The least-loaded healthy endpoint, waiting up to ``down_wait`` seconds for one to come back."""
         event = self._event()
         deadline = asyncio.get_running_loop().time() + self.down_wait
@@ -243,6 +245,7 @@ class EndpointPool:
                 ) from None
         up = [e for e in self.endpoints if e.up]
         up = [e for e in up if not (e.half_open and e.in_flight)] or up  # one trial at a time while others serve
+        up = [e for e in up if id(e) not in avoid] or up
         self._turn += 1
         n = len(up)
         return min((up[(self._turn + i) % n] for i in range(n)), key=lambda e: e.in_flight)

@@ -32,8 +32,8 @@ from typing import Any
 
 from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits
 from freelm.backends.pool import EndpointPool
-from freelm.cleaners import HeadTailCleaner, LoRACleaner
 from freelm.cleaners.base import Cleaner
+from freelm.cleaners.registry import get_cleaner
 from freelm.data import Problem, load_problem_sources
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path, now_iso, package_versions, read_manifest, write_manifest
@@ -534,19 +534,17 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
         tokenizer = tokenizer or _load_tokenizer(args.tokenizer or args.model)
     pools = [reasoner]
     cleaner: Cleaner | None = None
-    if args.mode == "freelm" and args.cleaner == "headtail":
-        cleaner = HeadTailCleaner(tokenizer, head_tokens=args.head_tokens, tail_tokens=args.tail_tokens)
-    elif args.mode == "freelm":
-        cleaner_pool = reasoner
-        if args.cleaner_endpoint:
-            urls = list(dict.fromkeys(normalize_endpoint(e, "--cleaner-endpoint") for e in args.cleaner_endpoint))
-            kind = args.cleaner_backend or ("sglang" if args.backend == "local" else args.backend)
-            cleaner_pool = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
-            pools.append(cleaner_pool)
-        cleaner = LoRACleaner(
-            cleaner_pool, adapter=args.adapter_name, template=args.clean_template, max_new_tokens=args.clean_max_tokens,
-            tokenizer=tokenizer, reserve=args.clean_reserve,
-        )  # fmt: skip
+    if args.mode == "freelm":
+        entry = get_cleaner(args.cleaner)
+        components: dict[str, Any] = {"tokenizer": tokenizer}
+        if "backend" in entry.components:  # only a cleaner that calls a model gets (or needs) an endpoint pool
+            components["backend"] = reasoner
+            if args.cleaner_endpoint:
+                urls = list(dict.fromkeys(normalize_endpoint(e, "--cleaner-endpoint") for e in args.cleaner_endpoint))
+                kind = args.cleaner_backend or ("sglang" if args.backend == "local" else args.backend)
+                components["backend"] = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
+                pools.append(components["backend"])
+        cleaner = entry.build(args, **components)
     return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
 
 
@@ -599,7 +597,7 @@ async def _learn_limits(
     reasoner = await served_limits(components.reasoner, args.context_limit)
     served: dict[str, Any] = {"reasoner": reasoner.to_dict(), "seeds_honoured": reasoner.seeds_honoured}
     cleaner = components.cleaner
-    if isinstance(cleaner, LoRACleaner):
+    if hasattr(cleaner, "window") and hasattr(cleaner, "backend"):  # a model-calling cleaner sized to its window
         cleaning = reasoner if cleaner.backend is components.reasoner else None
         if cleaning is None and isinstance(cleaner.backend, EndpointPool):
             cleaning = await served_limits(cleaner.backend, args.context_limit)

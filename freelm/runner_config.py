@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 
 from freelm.backends import BACKEND_KINDS
 from freelm.backends.base import SamplingParams
+from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
-from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, PROBLEM_SUFFIX, load_clean_template
+from freelm.prompts import PROBLEM_SUFFIX
 from freelm.shards import Shard
 
-MODES = ("freelm", "vanilla")
-RUNNER_CLEANERS = ("free", "headtail")  # "none" is --mode vanilla
+MODES = ("freelm", "vanilla")  # no cleaner is --mode vanilla, not a cleaner
 
 _LOOP = LoopConfig()
 _SAMPLING = SamplingParams()
@@ -161,38 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="freelm", help="freelm: reason + clean; vanilla: reason only")
     g.add_argument(
         "--cleaner",
-        choices=RUNNER_CLEANERS,
+        choices=cleaners.cleaner_names(),
         default="free",
-        help="with --mode freelm: free = the LoRA Free-Module, headtail = truncation baseline",
+        help="with --mode freelm: one of freelm/cleaners/ (free = the LoRA Free-Module; docs/runner.md lists them all)",
     )
-    g.add_argument(
-        "--adapter-name",
-        metavar="NAME",
-        default="free",
-        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH)",
-    )
-    g.add_argument(
-        "--clean-template",
-        metavar="FILE",
-        type=Path,
-        default=None,
-        help=f"cleaning prompt template (default: {DEFAULT_CLEAN_TEMPLATE.name})",
-    )
-    g.add_argument("--clean-max-tokens", metavar="N", type=int, default=1024, help="max tokens of one cleaner answer")
-    g.add_argument(
-        "--clean-reserve",
-        metavar="N",
-        type=int,
-        default=256,
-        help="near the cleaner's window, clean early while a cleaning call still has this many tokens "
-        "(at most --clean-max-tokens) to answer in",
-    )
-    g.add_argument(
-        "--head-tokens", metavar="N", type=int, default=256, help="--cleaner headtail: tokens kept at the start"
-    )
-    g.add_argument(
-        "--tail-tokens", metavar="N", type=int, default=1024, help="--cleaner headtail: tokens kept at the end"
-    )
+    cleaners.add_cleaner_arguments(g)
     g.add_argument(
         "--clean-every", metavar="N", type=int, default=_LOOP.clean_every, help="clean after every N generated tokens"
     )
@@ -305,20 +278,10 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
             loop["clean_every"],
             loop["max_clean_rounds"],
         )  # unused without a cleaner: changing them is no new experiment
-    elif args.cleaner == "free":
-        mode = "freelm"
-        template = load_clean_template(args.clean_template)  # validates the file before any request
-        cleaner = {
-            "name": "free",
-            "adapter": args.adapter_name,
-            "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-            "max_new_tokens": args.clean_max_tokens,
-            "reserve": min(args.clean_reserve, args.clean_max_tokens),
-            "sampling": SamplingParams.greedy().to_dict(),
-        }
     else:
-        mode = args.cleaner
-        cleaner = {"name": args.cleaner, "head_tokens": args.head_tokens, "tail_tokens": args.tail_tokens}
+        entry = cleaners.get_cleaner(args.cleaner)
+        mode = entry.label
+        cleaner = entry.config(args)  # validates files (a template) before any request
     model = None
     if args.backend == "local":
         model = {
@@ -378,10 +341,11 @@ def read_endpoints_file(path: Path) -> list[str]:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot check; raises ValueError naming the flag."""
-    for flag in ("n_rollouts", "concurrency", "clean_max_tokens", "clean_reserve", "head_tokens", "tail_tokens"):
+    for flag in ("n_rollouts", "concurrency"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     Shard(args.shard_index, args.num_shards)  # raises naming --shard-index and --num-shards
+    cleaners.validate(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_retries < 0:
@@ -393,8 +357,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError("--backend local needs --model DIR")
         if args.endpoint or args.endpoints_file:
             raise ValueError("--backend local runs in-process: drop --endpoint/--endpoints-file")
-        if args.mode == "freelm" and args.cleaner == "free" and args.adapter is None and not args.cleaner_endpoint:
-            raise ValueError("--backend local with --cleaner free needs --adapter DIR (or --cleaner-endpoint)")
+        needs_adapter = args.mode == "freelm" and cleaners.get_cleaner(args.cleaner).uses_adapter
+        if needs_adapter and args.adapter is None and not args.cleaner_endpoint:
+            raise ValueError(
+                f"--backend local with --cleaner {args.cleaner} needs --adapter DIR (or --cleaner-endpoint)"
+            )
     else:
         if not (args.endpoint or args.endpoints_file):
             raise ValueError(f"--backend {args.backend} needs --endpoint HOST:PORT or --endpoints-file")

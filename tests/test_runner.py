@@ -15,7 +15,7 @@ import pytest
 
 from freelm.backends.base import BackendError, TransientBackendError
 from freelm.backends.pool import EndpointPool
-from freelm.cleaners import HeadTailCleaner, LoRACleaner
+from freelm.cleaners import get_cleaner
 from freelm.data import Problem
 from freelm.manifest import errors_path, manifest_path
 from freelm.records import iter_jsonl, read_rollouts
@@ -63,10 +63,8 @@ def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None, *
     backend = backend or CountingBackend(tokenizer, target=TARGET)
     pool = EndpointPool([backend], probe_interval=0.01)
     cleaner = None
-    if settings.mode == "freelm":
-        cleaner = LoRACleaner(pool)
-    elif settings.mode == "headtail":
-        cleaner = HeadTailCleaner(tokenizer, head_tokens=args.head_tokens, tail_tokens=args.tail_tokens)
+    if args.mode == "freelm":
+        cleaner = get_cleaner(args.cleaner).build(args, backend=pool, tokenizer=tokenizer)
 
     async def go():
         try:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,44 @@ def test_two_runners_on_one_output_one_exits_2_naming_the_other_and_every_rollou
     assert f"is being written by another runner (pid {winner} on " in loser_err
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
     assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+
+
+def test_a_registered_cleaner_runs_through_runner_py_with_its_settings_in_the_config_hash(
+    counting_setup, tmp_path, monkeypatch
+):
+    """A new cleaner is one class: ``--cleaner`` offers it, its field is a flag, hashed, and reaches the instance."""
+    from freelm.cleaners import registry
+    from freelm.cleaners.base import CleanOutcome
+    from freelm.free import remove_spans
+    from freelm.runner import main
+
+    @dataclass
+    class Throwaway:
+        tokenizer: Tokenizer
+        keep_lines: int = registry.setting(2, flag="--throwaway-keep-lines", minimum=0, help="lines kept")
+        name: str = "throwaway"
+
+        async def clean(self, problem: str, thinking: str) -> CleanOutcome:
+            n_tokens = len(self.tokenizer.encode(thinking))
+            return CleanOutcome(edit=remove_spans(thinking, []), raw_output=f"keep {self.keep_lines} of {n_tokens}")
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(Throwaway)
+    server, tokenizer_dir, data = counting_setup
+    hashes = {}
+    for keep in ("2", "5"):
+        out = tmp_path / f"out{keep}.jsonl"
+        command = runner_command(server, tokenizer_dir, data, out)[2:]
+        assert main([*command, "--n-rollouts", "1", "--cleaner", "throwaway", "--throwaway-keep-lines", keep]) == 0
+        manifest = json.loads(manifest_path(out).read_text())
+        assert manifest["settings"]["cleaner"] == {"name": "throwaway", "keep_lines": int(keep)}
+        assert manifest["mode"] == "throwaway"
+        records = read_rollouts(out)
+        assert {r.config_hash for r in records} == {manifest["config_hash"]} and {r.mode for r in records} == {
+            "throwaway"
+        }
+        cleanings = [rnd.clean for r in records for rnd in r.rounds if rnd.clean is not None]
+        assert cleanings and all(c.cleaner == "throwaway" for c in cleanings)
+        assert all(c.raw_output.startswith(f"keep {keep} of ") for c in cleanings)  # the flag built the instance
+        hashes[keep] = manifest["config_hash"]
+    assert hashes["2"] != hashes["5"]

@@ -11,17 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freelm.cleaners.base import CleanOutcome
+from freelm.cleaners.registry import register, setting
 from freelm.free import remove_spans
 from freelm.tokenizer import Tokenizer
 
 
+@register
 @dataclass
 class HeadTailCleaner:
     """Delete everything between the first ``head_tokens`` and the last ``tail_tokens`` tokens."""
 
     tokenizer: Tokenizer
-    head_tokens: int = 256
-    tail_tokens: int = 1024
+    head_tokens: int = setting(256, flag="--head-tokens", minimum=1, help="tokens kept at the start")
+    tail_tokens: int = setting(1024, flag="--tail-tokens", minimum=1, help="tokens kept at the end")
     name: str = "headtail"
 
     async def clean(self, problem: str, thinking: str) -> CleanOutcome:

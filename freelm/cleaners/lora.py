@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from freelm.backends.base import Backend, ContextWindow, GenerateRequest, SamplingParams
 from freelm.cleaners.base import CleanOutcome
+from freelm.cleaners.registry import register, setting
 from freelm.free import apply_deletions, parse_commands, remove_spans
-from freelm.prompts import render_cleaning_prompt
+from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, load_clean_template, render_cleaning_prompt
 from freelm.tokenizer import Tokenizer
 
 
+def template_digest(template: str | Path | None, settings: dict[str, Any]) -> str:
+    """What the config hash stores of a template: its text's digest (loading it also checks the file)."""
+    return hashlib.sha256(load_clean_template(template).encode()).hexdigest()
+
+
+def effective_reserve(reserve: int, settings: dict[str, Any]) -> int:
+    """The reserve actually kept (:meth:`LoRACleaner.headroom`): never more than an answer's budget."""
+    return min(reserve, settings["max_new_tokens"])
+
+
+@register(label="freelm")
 @dataclass
 class LoRACleaner:
     """Calls ``backend`` with ``adapter`` on the cleaning prompt and executes the JSON it writes.
@@ -32,22 +45,32 @@ class LoRACleaner:
     """
 
     backend: Backend
-    adapter: str | None = "free"
-    template: str | Path | None = None
-    max_new_tokens: int = 1024
-    sampling: SamplingParams = field(default_factory=SamplingParams.greedy)
+    adapter: str | None = setting(
+        "free", flag="--adapter-name", metavar="NAME",
+        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH)",
+    )  # fmt: skip
+    template: str | Path | None = setting(
+        None, flag="--clean-template", type=Path, metavar="FILE", hash_key="template_sha256",
+        hash_value=template_digest, help=f"cleaning prompt template (default: {DEFAULT_CLEAN_TEMPLATE.name})",
+    )  # fmt: skip
+    max_new_tokens: int = setting(1024, flag="--clean-max-tokens", minimum=1, help="max tokens of one cleaner answer")
+    sampling: SamplingParams = setting(default_factory=SamplingParams.greedy, help="fixed: greedy")
     overlap: Literal["merge", "skip"] = "merge"
     name: str = "free"
     window: ContextWindow | None = None
     tokenizer: Tokenizer | None = None
-    reserve: int = 256
+    reserve: int = setting(
+        256, flag="--clean-reserve", minimum=1, hash_value=effective_reserve,
+        help="near the cleaner's window, clean early while a cleaning call still has this many tokens "
+        "(at most --clean-max-tokens) to answer in",
+    )  # fmt: skip
 
     def headroom(self, problem: str, thinking_tokens: int) -> int | None:
         """Tokens the thinking may still grow by before a cleaning call would have < ``reserve`` room; None: unbounded."""
         if self.window is None or self.tokenizer is None:
             return None
         prompt = len(self.tokenizer.encode(render_cleaning_prompt(problem, "", self.template))) + thinking_tokens
-        reserve = min(self.reserve, self.max_new_tokens)
+        reserve = effective_reserve(self.reserve, {"max_new_tokens": self.max_new_tokens})
         return min(self.window.max_input - prompt, self.window.max_total - reserve - prompt)
 
     async def clean(self, problem: str, thinking: str) -> CleanOutcome:

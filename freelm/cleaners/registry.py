@@ -1,0 +1,204 @@
+"""The cleaner registry: a cleaner is one module of this package, registered under its ``name``.
+
+A registered cleaner is a dataclass whose fields say everything the runner needs:
+
+* **settings**, declared with :func:`setting`: each one is at once a runner flag
+  (or, without a flag, a fixed value), a key of the cleaner's part of the config
+  hash and a constructor argument. All three come from the one field, so what
+  is run, what is hashed and what the flag offers cannot disagree;
+* **components** (:data:`COMPONENTS`): live objects the runner hands over by
+  field name, e.g. ``backend`` (the cleaner's endpoint pool) or ``tokenizer``;
+* anything else keeps its default under the runner (``name``, ...).
+
+The package's modules are imported on first use (:func:`cleaner_names`,
+:func:`get_cleaner`, :func:`add_cleaner_arguments`), so adding a cleaner is
+adding one file with a ``@register`` class: the ``--cleaner`` choices, its
+flags and its hash follow. The shape is kvpress' (one press per file, a
+dataclass whose fields are its settings, a name -> press registry) and
+NeMo-Skills' (a model class picked by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass
+from typing import Any
+
+from freelm.cleaners.base import Cleaner
+
+#: Live objects a cleaner may ask for by field name; the runner builds only those asked for.
+COMPONENTS = ("backend", "tokenizer")
+
+_NOT_CLEANERS = {"base", "registry"}  # modules of this package that define no cleaner
+_SETTING = "freelm.setting"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one field appears on the command line and in the config hash (``field.metadata``)."""
+
+    help: str
+    flag: str | None = None  # None: not settable from the runner, hashed at its default
+    type: Callable[[str], Any] | None = None  # default: the type of the default value
+    metavar: str | None = None
+    minimum: int | None = None  # checked before anything runs (``validate``)
+    hash_key: str | None = None  # default: the field's name
+    #: ``(value, every setting's value by field name) -> hashed value``, e.g. a file's digest instead of its path
+    hash_value: Callable[[Any, dict[str, Any]], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        assert self.flag is not None
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **spec: Any) -> Any:
+    """A dataclass field that is a result-deciding setting (see :class:`Setting` for ``spec``)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_SETTING: Setting(**spec)})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _hashable(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+@dataclass(frozen=True)
+class CleanerEntry:
+    """One registered cleaner: its class, and the record label of its runs (``RolloutRecord.mode``)."""
+
+    name: str
+    cls: type
+    label: str
+
+    @property
+    def settings(self) -> list[tuple[dataclasses.Field, Setting]]:
+        return [(f, f.metadata[_SETTING]) for f in dataclasses.fields(self.cls) if _SETTING in f.metadata]
+
+    @property
+    def flags(self) -> list[tuple[dataclasses.Field, Setting]]:
+        return [(f, s) for f, s in self.settings if s.flag is not None]
+
+    @property
+    def components(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.cls) if f.name in COMPONENTS]
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether it calls a LoRA adapter by name (an in-process backend must then load one)."""
+        return any(f.name == "adapter" for f, _ in self.settings)
+
+    def values(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Constructor arguments from parsed flags; fixed settings keep their defaults."""
+        return {f.name: getattr(args, s.dest) for f, s in self.flags}
+
+    def config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """This cleaner's part of the config hash: its name and every setting (may raise ValueError)."""
+        given = self.values(args)
+        values = {f.name: given[f.name] if f.name in given else _default(f) for f, _ in self.settings}
+        config: dict[str, Any] = {"name": self.name}
+        for f, s in self.settings:
+            value = values[f.name]
+            config[s.hash_key or f.name] = s.hash_value(value, values) if s.hash_value else _hashable(value)
+        return config
+
+    def build(self, args: argparse.Namespace, **components: Any) -> Cleaner:
+        missing = sorted(set(self.components) - set(components))
+        if missing:
+            raise ValueError(f"cleaner {self.name!r} needs {', '.join(missing)}")
+        return self.cls(**{name: components[name] for name in self.components}, **self.values(args))
+
+
+_REGISTRY: dict[str, CleanerEntry] = {}
+_discovered = False
+
+
+def register(cls: type | None = None, *, label: str | None = None) -> Any:
+    """Class decorator: register a cleaner dataclass under the default of its ``name`` field.
+
+    ``label`` is what its records are called (default: the name); the Free-Module's is ``freelm``.
+    """
+
+    def add(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls) or not callable(getattr(cls, "clean", None)):
+            raise TypeError(f"{cls.__qualname__}: a cleaner is a dataclass with an async clean() method")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if "name" not in names or not isinstance(names["name"].default, str):
+            raise TypeError(f"{cls.__qualname__}: a cleaner needs a `name: str = ...` field (its registry name)")
+        name = names["name"].default
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"cleaner name {name!r} is taken by {_REGISTRY[name].cls.__qualname__}")
+        for f in names.values():
+            if f.name not in COMPONENTS and _SETTING not in f.metadata and _default(f) is MISSING:
+                raise TypeError(f"{cls.__qualname__}.{f.name}: neither a setting, a component nor defaulted")
+        _REGISTRY[name] = CleanerEntry(name=name, cls=cls, label=label or name)
+        return cls
+
+    return add(cls) if cls is not None else add
+
+
+def unregister(name: str) -> None:
+    """Remove a cleaner (tests that register throwaway ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in _NOT_CLEANERS:
+            importlib.import_module(f"{__package__}.{module.name}")
+
+
+def cleaner_names() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_cleaner(name: str) -> CleanerEntry:
+    _discover()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown cleaner {name!r}; expected one of {', '.join(cleaner_names())}")
+    return _REGISTRY[name]
+
+
+def add_cleaner_arguments(group: Any) -> None:
+    """Every registered cleaner's flags; a flag shared by cleaners (inherited fields) is added once.
+
+    Two cleaners declaring one flag differently is an error here, not a silent override.
+    """
+    seen: dict[str, tuple[dataclasses.Field, Setting, list[str]]] = {}
+    for name in cleaner_names():
+        for f, s in get_cleaner(name).flags:
+            if s.flag in seen:
+                other, spec, users = seen[s.flag]
+                if (spec, _default(other)) != (s, _default(f)):
+                    raise ValueError(f"cleaners {users[0]!r} and {name!r} declare {s.flag} differently")
+                users.append(name)
+            else:
+                seen[s.flag] = (f, s, [name])
+    for flag, (f, s, users) in seen.items():
+        default = _default(f)
+        kind = s.type or (type(default) if default is not None else str)
+        group.add_argument(
+            flag, dest=s.dest, type=kind, default=default, metavar=s.metavar or ("N" if kind is int else "VALUE"),
+            help=f"--cleaner {'/'.join(users)}: {s.help}",
+        )  # fmt: skip
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every cleaner flag's lower bound; raises ValueError naming the flag."""
+    for name in cleaner_names():
+        for _, s in get_cleaner(name).flags:
+            value = getattr(args, s.dest)
+            if s.minimum is not None and value is not None and value < s.minimum:
+                raise ValueError(f"{s.flag} must be >= {s.minimum}, got {value}")

@@ -1,0 +1,104 @@
+"""The cleaner registry: names, flags, hash parts and construction all come from one dataclass per cleaner."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from freelm.cleaners import registry
+from freelm.cleaners.base import CleanOutcome
+from freelm.free import remove_spans
+from freelm.runner_config import add_arguments, run_settings, validate_args
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--data", "d.jsonl", "--output", "o.jsonl", *flags])
+
+
+def test_every_cleaner_file_is_registered_under_its_name():
+    assert registry.cleaner_names() == ["free", "headtail"]
+    assert [registry.get_cleaner(n).label for n in ("free", "headtail")] == ["freelm", "headtail"]
+    with pytest.raises(ValueError, match="unknown cleaner 'nope'; expected one of free, headtail"):
+        registry.get_cleaner("nope")
+
+
+def test_hashes_of_the_existing_cleaners_are_those_of_earlier_runs():
+    """Outputs written before the registry must still resume: their config hashes are pinned here."""
+    assert run_settings(parse()).config_hash == "3094face88ebfc25"
+    assert run_settings(parse("--cleaner", "headtail")).config_hash == "ddd4beb233423f29"
+    assert run_settings(parse("--cleaner", "headtail", "--head-tokens", "4")).config_hash == "203c05735529e64b"
+    assert run_settings(parse("--adapter-name", "x", "--clean-max-tokens", "7")).config_hash == "15628d2cf3c093aa"
+
+
+def test_local_backend_needs_an_adapter_only_for_cleaners_that_use_one():
+    local = ("--backend", "local", "--model", "m")
+    with pytest.raises(ValueError, match="--cleaner free needs --adapter DIR"):
+        validate_args(parse(*local))
+    validate_args(parse(*local, "--cleaner", "headtail"))
+
+
+def test_cleaner_flag_bounds_come_from_the_settings():
+    for flag in ("--clean-max-tokens", "--head-tokens", "--tail-tokens"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+            validate_args(parse("--endpoint", "h:1", "--tokenizer", "t", flag, "0"))
+
+
+def test_a_bad_template_fails_when_hashing_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="missing.txt"):
+        run_settings(parse("--clean-template", str(tmp_path / "missing.txt")))
+
+
+@dataclass
+class _Keep:
+    budget: int = registry.setting(3, flag="--keep-budget", help="x")
+    name: str = "keep_a"
+
+    async def clean(self, problem: str, thinking: str) -> CleanOutcome:
+        return CleanOutcome(edit=remove_spans(thinking, []))
+
+
+@dataclass
+class _KeepOther(_Keep):
+    budget: int = registry.setting(4, flag="--keep-budget", help="x")
+    name: str = "keep_b"
+
+
+def test_two_cleaners_declaring_one_flag_differently_is_an_error(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(_Keep)
+    parse("--cleaner", "keep_a", "--keep-budget", "5")  # one declaration: fine
+    registry.register(_KeepOther)
+    with pytest.raises(ValueError, match="cleaners 'keep_a' and 'keep_b' declare --keep-budget differently"):
+        parse()
+
+
+def test_register_refuses_what_the_runner_could_not_build(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @dataclass
+    class NoName:
+        async def clean(self, problem, thinking): ...
+
+    @dataclass
+    class Undefaulted:
+        size: int
+        name: str = "undefaulted"
+
+        async def clean(self, problem, thinking): ...
+
+    @dataclass
+    class TakenName(_Keep):
+        name: str = "free"
+
+    with pytest.raises(TypeError, match="needs a `name: str = ...` field"):
+        registry.register(NoName)
+    with pytest.raises(TypeError, match="Undefaulted.size: neither a setting, a component nor defaulted"):
+        registry.register(Undefaulted)
+    with pytest.raises(ValueError, match="cleaner name 'free' is taken by LoRACleaner"):
+        registry.register(TakenName)
+    with pytest.raises(TypeError, match="a cleaner is a dataclass"):
+        registry.register(type("NotADataclass", (), {"name": "x"}))

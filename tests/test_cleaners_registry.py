@@ -9,6 +9,8 @@ import pytest
 
 from freelm.cleaners import registry
 from freelm.cleaners.base import CleanOutcome
+from freelm.cleaners.icl import ICLCleaner
+from freelm.cleaners.lora import LoRACleaner
 from freelm.free import remove_spans
 from freelm.runner_config import add_arguments, run_settings, validate_args
 
@@ -20,9 +22,10 @@ def parse(*flags: str) -> argparse.Namespace:
 
 
 def test_every_cleaner_file_is_registered_under_its_name():
-    assert registry.cleaner_names() == ["free", "headtail"]
-    assert [registry.get_cleaner(n).label for n in ("free", "headtail")] == ["freelm", "headtail"]
-    with pytest.raises(ValueError, match="unknown cleaner 'nope'; expected one of free, headtail"):
+    assert registry.cleaner_names() == ["free", "headtail", "icl"]
+    assert registry.get_cleaner("icl").cls is ICLCleaner
+    assert [registry.get_cleaner(n).label for n in ("free", "headtail", "icl")] == ["freelm", "headtail", "icl"]
+    with pytest.raises(ValueError, match="unknown cleaner 'nope'; expected one of free, headtail, icl"):
         registry.get_cleaner("nope")
 
 
@@ -34,11 +37,25 @@ def test_hashes_of_the_existing_cleaners_are_those_of_earlier_runs():
     assert run_settings(parse("--adapter-name", "x", "--clean-max-tokens", "7")).config_hash == "15628d2cf3c093aa"
 
 
+def test_icl_is_the_free_module_prompt_without_an_adapter():
+    free, icl = run_settings(parse()), run_settings(parse("--cleaner", "icl"))
+    assert icl.mode == "icl" and icl.cleaner["name"] == "icl" and "adapter" not in icl.cleaner
+    assert {k: v for k, v in free.cleaner.items() if k not in ("name", "adapter")} == {
+        k: v for k, v in icl.cleaner.items() if k != "name"
+    }
+    assert run_settings(parse("--cleaner", "icl", "--clean-max-tokens", "9")).cleaner["max_new_tokens"] == 9
+    # the adapter name is not an ICL setting: changing it is no new ICL experiment
+    assert run_settings(parse("--cleaner", "icl", "--adapter-name", "x")).config_hash == icl.config_hash
+    cleaner = registry.get_cleaner("icl").build(parse("--cleaner", "icl"), backend="B", tokenizer="T")
+    assert isinstance(cleaner, LoRACleaner) and cleaner.adapter is None and cleaner.backend == "B"
+
+
 def test_local_backend_needs_an_adapter_only_for_cleaners_that_use_one():
     local = ("--backend", "local", "--model", "m")
     with pytest.raises(ValueError, match="--cleaner free needs --adapter DIR"):
         validate_args(parse(*local))
-    validate_args(parse(*local, "--cleaner", "headtail"))
+    for name in ("icl", "headtail"):
+        validate_args(parse(*local, "--cleaner", name))
 
 
 def test_cleaner_flag_bounds_come_from_the_settings():
@@ -49,7 +66,7 @@ def test_cleaner_flag_bounds_come_from_the_settings():
 
 def test_a_bad_template_fails_when_hashing_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="missing.txt"):
-        run_settings(parse("--clean-template", str(tmp_path / "missing.txt")))
+        run_settings(parse("--cleaner", "icl", "--clean-template", str(tmp_path / "missing.txt")))
 
 
 @dataclass
@@ -102,3 +119,31 @@ def test_register_refuses_what_the_runner_could_not_build(monkeypatch):
         registry.register(TakenName)
     with pytest.raises(TypeError, match="a cleaner is a dataclass"):
         registry.register(type("NotADataclass", (), {"name": "x"}))
+
+
+def test_icl_in_the_loop_asks_the_base_model_with_the_cleaning_prompt():
+    """On the counting model the base model answers a cleaning prompt by counting on: no JSON, nothing deleted."""
+    import asyncio
+
+    from freelm.backends.base import GenerateRequest
+    from freelm.loop import LoopConfig, run_rollout
+    from freelm.testing.counting import CountingBackend, counting_tokenizer
+
+    tokenizer = counting_tokenizer(30)
+    requests: list[GenerateRequest] = []
+
+    class Recording(CountingBackend):
+        async def generate(self, request):
+            requests.append(request)
+            return await super().generate(request)
+
+    backend = Recording(tokenizer, target=30)
+    cleaner = registry.get_cleaner("icl").build(parse("--cleaner", "icl"), backend=backend, tokenizer=tokenizer)
+    config = LoopConfig(clean_every=20, context_limit=4000, max_tokens=600)
+    result = asyncio.run(
+        run_rollout("Count to 30.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config)
+    )
+    cleanings = [r.clean for r in result.rounds if r.clean is not None]
+    assert cleanings and all(c.cleaner == "icl" and c.parse_error and c.chars_deleted == 0 for c in cleanings)
+    prompts = [r for r in requests if r.text is not None]
+    assert prompts and all(r.adapter is None for r in requests) and all("Count to 30." in r.text for r in prompts)

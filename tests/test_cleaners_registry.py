@@ -11,6 +11,7 @@ from freelm.cleaners import registry
 from freelm.cleaners.base import CleanOutcome
 from freelm.cleaners.icl import ICLCleaner
 from freelm.cleaners.lora import LoRACleaner
+from freelm.cleaners.oracle import OracleCleaner
 from freelm.free import remove_spans
 from freelm.runner_config import add_arguments, run_settings, validate_args
 
@@ -22,10 +23,10 @@ def parse(*flags: str) -> argparse.Namespace:
 
 
 def test_every_cleaner_file_is_registered_under_its_name():
-    assert registry.cleaner_names() == ["free", "headtail", "icl"]
-    assert registry.get_cleaner("icl").cls is ICLCleaner
+    assert registry.cleaner_names() == ["free", "headtail", "icl", "oracle"]
+    assert registry.get_cleaner("icl").cls is ICLCleaner and registry.get_cleaner("oracle").cls is OracleCleaner
     assert [registry.get_cleaner(n).label for n in ("free", "headtail", "icl")] == ["freelm", "headtail", "icl"]
-    with pytest.raises(ValueError, match="unknown cleaner 'nope'; expected one of free, headtail, icl"):
+    with pytest.raises(ValueError, match="unknown cleaner 'nope'; expected one of free, headtail, icl, oracle"):
         registry.get_cleaner("nope")
 
 
@@ -54,8 +55,15 @@ def test_local_backend_needs_an_adapter_only_for_cleaners_that_use_one():
     local = ("--backend", "local", "--model", "m")
     with pytest.raises(ValueError, match="--cleaner free needs --adapter DIR"):
         validate_args(parse(*local))
-    for name in ("icl", "headtail"):
+    for name in ("icl", "oracle", "headtail"):
         validate_args(parse(*local, "--cleaner", name))
+
+
+def test_oracle_has_no_settings_and_needs_no_component():
+    entry = registry.get_cleaner("oracle")
+    assert entry.components == [] and entry.settings == []
+    assert run_settings(parse("--cleaner", "oracle")).cleaner == {"name": "oracle"}
+    assert isinstance(entry.build(parse("--cleaner", "oracle")), OracleCleaner)
 
 
 def test_cleaner_flag_bounds_come_from_the_settings():

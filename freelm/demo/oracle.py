@@ -6,14 +6,12 @@ deletes every complete line before it in ONE span: ``prefix`` is the label of
 the first line (``"#17 "``, unique because labels are), ``suffix`` is the whole
 line before the last complete one including its newline (the first match after
 the prefix is that line itself, since the label makes it unique). A partial line
-after the last complete one is kept: generation resumes inside it.
+after the last complete one is kept: generation resumes inside it. In the loop
+it is ``--cleaner oracle`` (:mod:`freelm.cleaners.oracle`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from freelm.cleaners.base import CleanOutcome
 from freelm.demo.task import LINE_RE
 from freelm.free import Deletion, apply_deletions, format_commands
 
@@ -60,19 +58,3 @@ def oracle_deletions(thinking: str) -> list[Deletion]:
 def oracle_output(thinking: str) -> str:
     """The text the Free-Module is trained to write for this thinking (canonical JSON)."""
     return format_commands(oracle_deletions(thinking))
-
-
-@dataclass
-class OracleCleaner:
-    """The oracle as a :class:`freelm.cleaners.base.Cleaner`: the exact upper bound for a learned Free-Module.
-
-    Plugged into ``run_rollout`` in place of a ``LoRACleaner`` it separates the
-    base model's errors (resuming after a deletion) from the Free-Module's
-    (docs/embedded.md, the "oracle" rows).
-    """
-
-    name: str = "oracle"
-
-    async def clean(self, problem: str, thinking: str) -> CleanOutcome:
-        commands = oracle_deletions(thinking)
-        return CleanOutcome(edit=apply_deletions(thinking, commands), raw_output=format_commands(commands))

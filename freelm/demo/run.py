@@ -1,9 +1,11 @@
 """``freelm demo``: the embedded default end to end, vanilla vs Free()LM, on this machine's CPU.
 
 It runs the same tools a paper-scale run uses, with the in-process backend:
-``runner.py`` four times (vanilla and Free()LM, at a context limit too small for
-vanilla and at one large enough for it), ``eval_passk.py`` on each pair, and
-``freelm view`` on one rollout. The model and its Free-Module come from
+``runner.py`` for vanilla and Free()LM at a context limit too small for vanilla
+and at one large enough for it, plus the paper's ICL baseline (the base model
+prompted to clean) and the exact oracle (the upper bound of a Free-Module here)
+at the small limit; ``eval_passk.py`` on each limit's runs, and ``freelm view``
+on one rollout. The model and its Free-Module come from
 ``freelm/assets/embedded`` (built by ``python -m freelm.demo.build``).
 
 Outputs are resumable runner files, so re-running the command only prints the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from freelm.cli import main as freelm_main
@@ -29,11 +32,32 @@ CLEAN_MAX_TOKENS = 48
 CONCURRENCY = 16
 
 
-def runner_args(assets: Path, data: Path, output: Path, mode: str, context_limit: int, limit: int) -> list[str]:
+@dataclass(frozen=True)
+class DemoRun:
+    """One runner invocation per context limit: its table label, output file stem and cleaner (None: vanilla)."""
+
+    label: str
+    stem: str
+    cleaner: str | None
+    small_limit_only: bool = False
+
+
+RUNS = (
+    DemoRun("vanilla", "vanilla", None),
+    DemoRun("Free()LM", "freelm", "free"),
+    DemoRun("ICL", "icl", "icl", small_limit_only=True),
+    DemoRun("oracle", "oracle", "oracle", small_limit_only=True),
+)
+
+
+def runner_args(
+    assets: Path, data: Path, output: Path, cleaner: str | None, context_limit: int, limit: int
+) -> list[str]:
+    method = ["--mode", "vanilla"] if cleaner is None else ["--mode", "freelm", "--cleaner", cleaner]
     return [
         "run", "--data", str(data), "--limit", str(limit), "--output", str(output), "--n-rollouts", "1",
         "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
-        "--mode", mode, "--clean-template", str(TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
+        *method, "--clean-template", str(TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
         "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
         "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", str(CONCURRENCY),
     ]  # fmt: skip
@@ -67,16 +91,19 @@ def run(args: argparse.Namespace) -> int:
     )
     tables = []
     for limit, count in settings:
-        paths = {}
-        for mode in ("vanilla", "freelm"):
-            paths[mode] = out / f"{mode}_ctx{limit}.jsonl"
-            print(f"\n== {mode}, context limit {limit}, {count} problems", flush=True)
-            code = freelm_main(runner_args(assets, data, paths[mode], mode, limit, count))
+        inputs = []
+        for run in RUNS:
+            if run.small_limit_only and limit != args.small_limit:
+                continue
+            path = out / f"{run.stem}_ctx{limit}.jsonl"
+            print(f"\n== {run.stem}, context limit {limit}, {count} problems", flush=True)
+            code = freelm_main(runner_args(assets, data, path, run.cleaner, limit, count))
             if code not in (0, 1):
                 return code
+            inputs.append(f"{run.label}={path}")
         table = out / f"table_ctx{limit}.md"
         code = freelm_main([
-            "eval", "--input", f"vanilla={paths['vanilla']}", f"Free()LM={paths['freelm']}", "--baseline", "vanilla",
+            "eval", "--input", *inputs, "--baseline", "vanilla",
             "--output", str(out / f"metrics_ctx{limit}.json"), "--markdown", str(table),
             "--plots-dir", str(out / f"plots_ctx{limit}"), "--no-progress",
         ])  # fmt: skip

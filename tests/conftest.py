@@ -13,17 +13,143 @@ Reusable names:
   (target JSON + ``<|im_end|>``); with the adapter off the output differs.
 * ``local_backend``: ``LocalBackend`` with the adapter loaded as "free" (session-wide; tests flush its cache).
 * ``local_sglang_server``: an ``SGLangTestServer`` over ``local_backend``, counters/faults reset per test.
+
+Test tiers: every test is marked ``torch`` and/or ``server`` (a subprocess or an
+HTTP server) from what it uses, read off its source, the sources of its
+fixtures and of the test-file helpers they call (``classify``); the rest is
+marked ``fast``. ``pytest --fast`` (``bash scripts/test.sh --fast``) runs only
+those, and fails a test the classifier got wrong (it started a process, bound
+a socket or imported torch), so a new test is classified without anyone
+remembering to mark it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import platform
+import re
+import socketserver
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# What puts a test in a tier (names a test, its fixtures or its helpers use).
+NEEDS_TORCH = re.compile(
+    r"\b(torch|tinymodel|build_tiny_model|LocalBackend|transformers|peft|safetensors|trainer|"
+    r"tiny_model_dir|tiny_tokenizer|free_adapter_dir|local_backend)\b"
+)
+NEEDS_SERVER = re.compile(
+    r"\b(subprocess|Popen|multiprocessing|ProcessPool\w*|GraderPool|AnswerGrader|\w*TestServer|\w*HTTPServer|"
+    r"http_server|local_sglang_server|start_server\w*)\b"
+)
+#: What a fast test must not do at run time: start a process (``sys.addaudithook`` events) or a server.
+SLOW_EVENTS = ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec")
+
+
+def _sources(obj: object, seen: set[int], depth: int = 0) -> list[str]:
+    """The source of ``obj`` and of the same-file functions and classes it names, a few levels deep."""
+    if id(obj) in seen or depth > 4:
+        return []
+    seen.add(id(obj))
+    try:
+        out = [inspect.getsource(obj)]
+    except (OSError, TypeError):
+        return []
+    module = sys.modules.get(getattr(obj, "__module__", ""), None)
+    names: set[str] = set()
+    codes = [getattr(obj, "__code__", None)]
+    if isinstance(obj, type):
+        codes += [getattr(member, "__code__", None) for member in vars(obj).values()]
+    while codes:
+        code = codes.pop()
+        if isinstance(code, types.CodeType):
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for name in sorted(names):
+        ref = getattr(module, name, None)
+        if (inspect.isfunction(ref) or inspect.isclass(ref)) and ref.__module__ == obj.__module__:
+            out += _sources(ref, seen, depth + 1)
+    return out
+
+
+def classify(item: pytest.Item) -> set[str]:
+    """``{"torch", "server"}``, a subset, or ``{"fast"}``: what this test needs, from the code it runs."""
+    seen: set[int] = set()
+    texts = [" ".join(item.fixturenames), *_sources(getattr(item, "function", None), seen)]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for fixturedef in defs:
+            texts += _sources(fixturedef.func, seen)
+    text = "\n".join(texts)
+    tiers = {tier for tier, needs in (("torch", NEEDS_TORCH), ("server", NEEDS_SERVER)) if needs.search(text)}
+    return tiers or {"fast"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true", help="only tests that need neither torch nor a subprocess/HTTP server"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in (("fast", "needs neither torch nor a server"), ("torch", "needs torch"),
+                       ("server", "starts a subprocess or an HTTP server")):  # fmt: skip
+        config.addinivalue_line("markers", f"{tier}: {what} (set by tests/conftest.py, never by hand)")
+    if config.getoption("--fast"):
+        platform.processor()  # runs `uname -p` once and caches it: not the test's subprocess (manifests ask)
+        sys.addaudithook(lambda event, args: _record(event) if event in SLOW_EVENTS else None)
+        activate = socketserver.TCPServer.server_activate  # every http.server server listens through it
+
+        def server_activate(self) -> None:
+            _record("an HTTP server")
+            activate(self)
+
+        socketserver.TCPServer.server_activate = server_activate
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        tiers = classify(item)
+        for tier in tiers:
+            item.add_marker(tier)
+        (keep if "fast" in tiers else drop).append(item)
+    if config.getoption("--fast") and drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+_events: list[str] | None = None  # recording while a --fast test runs
+
+
+def _record(what: str) -> None:
+    if _events is not None:
+        _events.append(what)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    global _events
+    if not item.config.getoption("--fast"):
+        return (yield)
+    had_torch, _events = "torch" in sys.modules, []
+    try:
+        result = yield
+    finally:
+        used, _events = sorted(set(_events)), None
+    if not had_torch and "torch" in sys.modules:
+        used.append("import torch")
+    if used:
+        pytest.fail(
+            f"classified fast by tests/conftest.py but it used {', '.join(used)}: extend NEEDS_TORCH/NEEDS_SERVER"
+        )
+    return result
+
 
 FREE_PROBLEM = "What is 12 + 30?"
 FREE_THINKING = "First, compute the sum: 12 + 30 = 42. Wait, check again. 12 + 30 = 42. So the answer is 42."

@@ -13,8 +13,9 @@ After each full chunk, while the response is still inside ``<think>`` (no
 that text is editable: the problem and template are out of reach). The edit is
 applied to the text; the token ids before the first deleted character are kept
 verbatim and only the remainder is re-tokenized, so the server's prefix (radix)
-cache still covers the unchanged prefix (SGLang reuses only the longest common
-token prefix, apis.md §1.6). Reasoning then resumes on the pruned context.
+cache still covers the unchanged prefix (SGLang's radix cache reuses only the
+longest common token prefix, ``srt/mem_cache/radix_cache.py``: every token after
+the first deleted one is prefilled again). Reasoning then resumes on the pruned context.
 
 Budgets and the window
 ----------------------
@@ -66,7 +67,7 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Settings of one rollout. The paper leaves most of them unknown (paper.md §19)."""
+    """Settings of one rollout. The paper does not report most of these values, so each one is configurable."""
 
     clean_every: int = 4096
     max_tokens: int = 32768

@@ -243,7 +243,7 @@ def free_adapter_dir(tmp_path_factory, tiny_model_dir, free_example, torch_one_t
     with model.disable_adapter():
         assert not argmax_matches(), "the base model already emits the target: adapter on/off would be untestable"
     out = tmp_path_factory.mktemp("adapter") / "free"
-    model.save_pretrained(out)  # adapter_name "default": files at the top of ``out`` (apis.md §4)
+    model.save_pretrained(out)  # PEFT writes adapter "default" at the top of ``out`` (others in a subfolder)
     return out
 
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freelm.backends import get_backend_kind
 from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners.base import Cleaner
@@ -490,29 +491,9 @@ def _endpoints(args: argparse.Namespace) -> list[str]:
 
 def _remote_backends(kind: str, endpoints: list[str], args: argparse.Namespace) -> list[Backend]:
     """One fail-fast client per endpoint: the pool retries elsewhere (see freelm.backends.pool)."""
-    from freelm.backends import make_backend
+    from freelm.backends import get_backend_kind
 
-    if kind == "sglang":
-        connections = max(512, args.concurrency)
-        return [
-            make_backend("sglang", base_url=url, timeout=args.timeout, max_retries=0, max_connections=connections)
-            for url in endpoints
-        ]
-    return [
-        make_backend(
-            "openai",
-            base_url=url if _has_path(url) else f"{url}/v1",
-            model=args.served_model,
-            api_key_env=args.api_key_env,
-            timeout=args.timeout,
-            max_retries=0,
-        )  # fmt: skip
-        for url in endpoints
-    ]
-
-
-def _has_path(url: str) -> bool:
-    return bool(url.split("://", 1)[1].partition("/")[2])
+    return [get_backend_kind(kind).from_flags(args, url) for url in endpoints]
 
 
 def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> Components:
@@ -521,13 +502,9 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
     ``tokenizer`` overrides ``--tokenizer`` for remote backends (benchmarks with a model-free server).
     """
     pool_options = {"max_retries": args.max_retries, "down_wait": args.down_wait}
-    if args.backend == "local":
-        from freelm.backends import make_backend
-
-        adapters = {args.adapter_name: args.adapter} if args.adapter else None
-        # concurrent rollouts' requests are decoded together, like a server's scheduler would
-        local = make_backend("local", model_dir=args.model, adapters=adapters, max_batch=args.concurrency)
-        reasoner = EndpointPool([local], name="local", **pool_options)
+    if not get_backend_kind(args.backend).remote:
+        local = get_backend_kind(args.backend).from_flags(args)
+        reasoner = EndpointPool([local], name=args.backend, **pool_options)
         tokenizer = local.tokenizer
     else:
         reasoner = EndpointPool(_remote_backends(args.backend, _endpoints(args), args), name="reasoner", **pool_options)
@@ -541,7 +518,7 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
             components["backend"] = reasoner
             if args.cleaner_endpoint:
                 urls = list(dict.fromkeys(normalize_endpoint(e, "--cleaner-endpoint") for e in args.cleaner_endpoint))
-                kind = args.cleaner_backend or ("sglang" if args.backend == "local" else args.backend)
+                kind = args.cleaner_backend or (args.backend if get_backend_kind(args.backend).remote else "sglang")
                 components["backend"] = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
                 pools.append(components["backend"])
         cleaner = entry.build(args, **components)
@@ -684,7 +661,7 @@ def run(args: argparse.Namespace) -> int:
         validate_args(args)
         args.output = Shard(args.shard_index, args.num_shards).output(args.output)  # each shard its own files
         settings = run_settings(args)
-        if args.backend != "local":
+        if get_backend_kind(args.backend).remote:
             _endpoints(args)
         problems = load_problem_sources(args.data, split=args.split, limit=args.limit)
         check_output_writable(args.output)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from freelm.backends import BACKEND_KINDS
+from freelm.backends import BACKENDS
 from freelm.backends.base import SamplingParams
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
@@ -110,7 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     g = parser.add_argument_group("backends (endpoints are never built in: pass them)")
-    g.add_argument("--backend", choices=BACKEND_KINDS, default="sglang", help="reasoner backend")
+    g.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="sglang",
+        help="reasoner backend: " + "; ".join(f"{k.name} = {k.help}" for k in BACKENDS.values()),
+    )
     g.add_argument(
         "--endpoint",
         action="append",
@@ -132,7 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cleaner endpoint(s) serving the adapter (repeatable; default: the reasoner endpoints)",
     )
     g.add_argument(
-        "--cleaner-backend", choices=("sglang", "openai"), default=None, help="cleaner backend (default: --backend)"
+        "--cleaner-backend",
+        choices=[name for name, kind in BACKENDS.items() if kind.remote],
+        default=None,
+        help="backend of the --cleaner-endpoint servers (default: --backend, or sglang when that runs in-process)",
     )
     g.add_argument("--model", metavar="DIR", type=Path, help="--backend local: Hugging Face checkpoint directory")
     g.add_argument(
@@ -283,7 +291,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         mode = entry.label
         cleaner = entry.config(args)  # validates files (a template) before any request
     model = None
-    if args.backend == "local":
+    if not BACKENDS[args.backend].remote:
         model = {
             "model": str(args.model.resolve()) if args.model else None,
             "adapter": str(args.adapter.resolve()) if args.adapter else None,
@@ -352,20 +360,22 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.timeout <= 0 or args.down_wait <= 0:
         raise ValueError("--timeout and --down-wait must be > 0")
-    if args.backend == "local":
+    if not BACKENDS[args.backend].remote:
         if args.model is None:
-            raise ValueError("--backend local needs --model DIR")
+            raise ValueError(f"--backend {args.backend} needs --model DIR")
         if args.endpoint or args.endpoints_file:
-            raise ValueError("--backend local runs in-process: drop --endpoint/--endpoints-file")
+            raise ValueError(f"--backend {args.backend} runs in-process: drop --endpoint/--endpoints-file")
         needs_adapter = args.mode == "freelm" and cleaners.get_cleaner(args.cleaner).uses_adapter
         if needs_adapter and args.adapter is None and not args.cleaner_endpoint:
             raise ValueError(
-                f"--backend local with --cleaner {args.cleaner} needs --adapter DIR (or --cleaner-endpoint)"
+                f"--backend {args.backend} with --cleaner {args.cleaner} needs --adapter DIR (or --cleaner-endpoint)"
             )
     else:
         if not (args.endpoint or args.endpoints_file):
             raise ValueError(f"--backend {args.backend} needs --endpoint HOST:PORT or --endpoints-file")
         if args.tokenizer is None and args.model is None:
             raise ValueError(f"--backend {args.backend} needs --tokenizer DIR (the loop sends token ids)")
-    if "openai" in (args.backend, args.cleaner_backend) and not args.served_model:
-        raise ValueError("--backend/--cleaner-backend openai needs --served-model NAME")
+    for kind in dict.fromkeys(k for k in (args.backend, args.cleaner_backend) if k):
+        for flag in BACKENDS[kind].needs:
+            if not getattr(args, flag.lstrip("-").replace("-", "_")):
+                raise ValueError(f"--backend/--cleaner-backend {kind} needs {flag}")

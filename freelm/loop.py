@@ -63,6 +63,7 @@ from freelm.records import CleanRecord, RolloutResult, RoundRecord
 from freelm.tokenizer import Tokenizer
 
 _REPLACEMENT_CHAR = "\ufffd"
+_MAX_CHAR_TOKENS = 4  # a UTF-8 character is at most 4 bytes: a byte-level tokenizer completes it within 4 tokens
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ async def run_rollout(
     since_clean = 0
     reused = 0  # prompt tokens shared with what the server saw last (its prefix cache)
     finish, error = None, None
+    split_char = False  # a text-only backend's last chunk ended inside a character (dropped, to be regenerated)
 
     while finish is None:
         context = len(prompt_ids) + len(ids)
@@ -162,7 +164,7 @@ async def run_rollout(
             )
         )
         # past the chunk size only while a split multi-byte character completes
-        chunk_left = max(1, config.clean_every - since_clean)
+        chunk_left = max(_MAX_CHAR_TOKENS if split_char else 1, config.clean_every - since_clean)
         budget = min(room, left, chunk_left) if cleaning_on else min(room, left)
         headroom = _clean_headroom(cleaner, problem, len(ids), config) if cleaning_on else None
         if headroom is not None:
@@ -179,20 +181,27 @@ async def run_rollout(
             finish, error = "context_overflow", f"reasoner: {exc}"
             break
         except BackendError as exc:
-            finish, error = "error", f"reasoner: {exc}"
+            message = str(exc)  # a pool's message already starts with its name ("reasoner: gave up ...")
+            finish, error = "error", message if message.startswith("reasoner") else f"reasoner: {message}"
             break
-        new_ids = result.output_ids or tokenizer.encode(result.text)
+        if result.output_ids:
+            new_ids, counted = result.output_ids, len(result.output_ids)
+        else:  # text only: never re-encode a split character's U+FFFD; count what the server did (eos included)
+            whole = result.text.rstrip(_REPLACEMENT_CHAR) if result.finish_reason == "length" else result.text
+            split_char = len(whole) < len(result.text)
+            new_ids = tokenizer.encode(whole)
+            counted = max(len(new_ids), result.completion_tokens)
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
         kept = len(os.path.commonprefix([text, new_text]))  # < len(text) only if a split character completed
-        generated += len(new_ids)
+        generated += counted
         since_clean += len(new_ids)
         context = len(prompt_ids) + len(ids)
         peak = max(peak, context)
         record = RoundRecord(
             index=len(rounds),
             generated_text=new_text[kept:],
-            generated_tokens=len(new_ids),
+            generated_tokens=counted,
             prompt_tokens=len(request.input_ids),
             context_tokens=context,
             reused_tokens=reused,
@@ -209,7 +218,7 @@ async def run_rollout(
             finish = "stop"
         elif result.finish_reason == "abort":
             finish, error = "error", "reasoner aborted the request"
-        elif not new_ids:
+        elif not new_ids and not (split_char and counted):
             finish, error = "error", "reasoner returned no tokens without stopping"
         elif cleaning_on and THINK_CLOSE not in text and _clean_due(since_clean, len(new_ids), room, headroom, config):
             if text.endswith(_REPLACEMENT_CHAR):

@@ -34,6 +34,7 @@ from freelm.backends import get_backend_kind
 from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners.base import Cleaner
+from freelm.cleaners.lora import LoRACleaner
 from freelm.cleaners.registry import get_cleaner
 from freelm.data import Problem, load_problem_sources
 from freelm.loop import LoopConfig, run_rollout
@@ -489,11 +490,11 @@ def _endpoints(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(endpoints))
 
 
-def _remote_backends(kind: str, endpoints: list[str], args: argparse.Namespace) -> list[Backend]:
+def _remote_backends(kind: str, endpoints: list[str], args: argparse.Namespace, tokenizer: Tokenizer) -> list[Backend]:
     """One fail-fast client per endpoint: the pool retries elsewhere (see freelm.backends.pool)."""
     from freelm.backends import get_backend_kind
 
-    return [get_backend_kind(kind).from_flags(args, url) for url in endpoints]
+    return [get_backend_kind(kind).from_flags(args, url, tokenizer) for url in endpoints]
 
 
 def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> Components:
@@ -507,8 +508,9 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
         reasoner = EndpointPool([local], name=args.backend, **pool_options)
         tokenizer = local.tokenizer
     else:
-        reasoner = EndpointPool(_remote_backends(args.backend, _endpoints(args), args), name="reasoner", **pool_options)
         tokenizer = tokenizer or _load_tokenizer(args.tokenizer or args.model)
+        backends = _remote_backends(args.backend, _endpoints(args), args, tokenizer)
+        reasoner = EndpointPool(backends, name="reasoner", **pool_options)
     pools = [reasoner]
     cleaner: Cleaner | None = None
     if args.mode == "freelm":
@@ -519,7 +521,9 @@ def build_components(args: argparse.Namespace, tokenizer: Tokenizer | None = Non
             if args.cleaner_endpoint:
                 urls = list(dict.fromkeys(normalize_endpoint(e, "--cleaner-endpoint") for e in args.cleaner_endpoint))
                 kind = args.cleaner_backend or (args.backend if get_backend_kind(args.backend).remote else "sglang")
-                components["backend"] = EndpointPool(_remote_backends(kind, urls, args), name="cleaner", **pool_options)
+                components["backend"] = EndpointPool(
+                    _remote_backends(kind, urls, args, tokenizer), name="cleaner", **pool_options
+                )
                 pools.append(components["backend"])
         cleaner = entry.build(args, **components)
     return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
@@ -626,10 +630,13 @@ async def _run_async(
     try:
         for pool in components.pools:
             if await pool.check_health() == 0:
-                names = ", ".join(e.backend.name for e in pool.endpoints)
-                print(f"error: no healthy endpoint in {pool.name}: {names}", file=sys.stderr)
-                return 2
+                reasons = "; ".join(f"{e.backend.name}: {e.last_error}" for e in pool.endpoints)
+                print(f"waiting up to {pool.down_wait:g}s for {pool.name} ({reasons})", file=sys.stderr)
+                if not await pool.wait_until_up():
+                    print(f"error: no healthy endpoint in {pool.name} after {pool.down_wait:g}s", file=sys.stderr)
+                    return 2
         try:
+            endpoints = await _startup_checks(components)
             window, served = await _learn_limits(args, components)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -639,7 +646,7 @@ async def _run_async(
             reasoner=components.reasoner, tokenizer=components.tokenizer, cleaner=components.cleaner,
             n_rollouts=args.n_rollouts, concurrency=args.concurrency, existing=existing,
             pools=components.pools, manifest_config=_manifest_config(args),
-            progress=False if args.no_progress else None, window=window, served=served,
+            progress=False if args.no_progress else None, window=window, served={**served, "endpoints": endpoints},
             shard=Shard(args.shard_index, args.num_shards),
             run_id=run_id,
         )  # fmt: skip
@@ -652,6 +659,31 @@ async def _run_async(
         )
         return 1
     return 0
+
+
+async def _startup_checks(components: Components) -> dict[str, Any]:
+    """Before the first rollout: each server serves the model names the run uses, in the prompt kind it takes.
+
+    Returns what each checked endpoint reported (served models, prompt kind, the sampling fields sent and
+    the server's own defaults) for the manifest; raises ValueError with the reason otherwise. The window
+    is :func:`served_limits`'s.
+    """
+    served: dict[str, Any] = {}
+    cleaner = components.cleaner
+    probe_ids = components.tokenizer.encode("Hello")
+    for pool in components.pools:
+        adapters: list[str | None] = [None] if pool is components.reasoner else []
+        if isinstance(cleaner, LoRACleaner) and cleaner.backend is pool:
+            adapters.append(cleaner.adapter)
+        for endpoint in pool.endpoints:
+            check = getattr(endpoint.backend, "startup_check", None)
+            if check is None or not endpoint.up:
+                continue
+            try:
+                served[endpoint.backend.name] = await check(adapters, probe_ids if None in adapters else ())
+            except BackendError as exc:
+                raise ValueError(str(exc)) from None
+    return served
 
 
 def run(args: argparse.Namespace) -> int:

@@ -159,6 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--backend openai: the served model name (adapters as NAME:ADAPTER)",
     )
     g.add_argument(
+        "--text-prompts",
+        action="store_true",
+        help="--backend openai: send prompts as text (for servers that take no token ids; detected at startup too)",
+    )
+    g.add_argument(
         "--api-key-env",
         metavar="VAR",
         default="OPENAI_API_KEY",

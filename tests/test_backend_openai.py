@@ -9,6 +9,7 @@ import pytest
 
 from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.openai_compat import OpenAIBackend
+from freelm.testing.openai_chat_server import OpenAIChatTestServer
 from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer
 
 GREEDY = SamplingParams.greedy()
@@ -59,7 +60,8 @@ def test_adapter_via_model_name_and_token_prompt(local_sglang_server, free_examp
     assert local_sglang_server.adapter_requests == {"free": 2, None: 1}
     body = local_sglang_server.bodies[0]
     assert body["model"] == "tiny:free" and body["prompt"] == free_example.prompt_ids
-    assert body["top_k"] == -1 and body["skip_special_tokens"] is False
+    assert "top_k" not in body and body["skip_special_tokens"] is False  # greedy: top_k means nothing
+    assert body["repetition_penalty"] == body["repeat_penalty"] == 1.0  # llama.cpp servers default to 1.1
 
 
 def test_explicit_adapter_model_map(scripted):
@@ -125,3 +127,62 @@ def test_standard_only_sends_no_extension_fields(scripted):
     body = scripted.bodies[-1]
     assert not {"top_k", "min_p", "skip_special_tokens"} & set(body)
     assert body["temperature"] == 0.6 and body["max_tokens"] == 8
+
+
+# ----- what real servers need (issue: llama-server / llama-cpp-python) ----------------------------------
+
+
+def test_top_k_sent_only_when_sampling(scripted):
+    run(
+        lambda b: b.generate(GenerateRequest(8, text="p", sampling=SamplingParams(top_k=-1))), scripted.url + "/v1", "m"
+    )
+    assert scripted.bodies[-1]["top_k"] == -1  # sampling with top-k off: sent, or the server's own k applies
+
+
+def test_startup_check_names_the_missing_adapter_and_endpoint(scripted):
+    with pytest.raises(BackendError, match=r"adapter 'ghost'.*not served here") as info:
+        run(lambda b: b.startup_check([None, "ghost"]), scripted.url + "/v1", "m")
+    assert scripted.url in str(info.value)
+    served = run(lambda b: b.startup_check([None]), scripted.url + "/v1", "m")
+    assert served["models"][0] == "m" and served["text_prompts"] is False
+    assert served["sent"] == {"repetition_penalty": 1.0, "repeat_penalty": 1.0}
+
+
+def test_response_from_another_model_is_refused():
+    # llama-cpp-python (and llama-server) accept any model name and answer with their own: an adapter is ignored
+    with OpenAIChatTestServer("thinking more", model="smol") as server:
+        with pytest.raises(BackendError, match=r"asked for model 'smol:free' but the response came from 'smol'"):
+            run(lambda b: b.generate(GenerateRequest(4, text="p", adapter="free")), server.base_url, "smol")
+
+
+def test_text_only_server_detected_at_startup_and_its_500_is_final_and_short():
+    decoded = []
+
+    def decode(ids):
+        decoded.append(ids)
+        return "decoded text"
+
+    with OpenAIChatTestServer("one two three", model="smol") as server:
+        with pytest.raises(BackendError) as info:  # token ids without detection: a validation 500
+            run(lambda b: b.generate(GenerateRequest(4, input_ids=[1, 2])), server.base_url, "smol")
+        assert not isinstance(info.value, TransientBackendError)  # retrying the same schema error is pointless
+        assert len(str(info.value)) < 500 and "chars)" in str(info.value)  # a 9-60 KB body, truncated
+
+        async def go(backend):
+            served = await backend.startup_check([None], probe_ids=[1, 2])
+            return served, await backend.generate(GenerateRequest(2, input_ids=[5, 6, 7]))
+
+        served, result = run(go, server.base_url, "smol", decode=decode)
+    assert served["text_prompts"] is True
+    assert server.bodies[-1]["prompt"] == "decoded text" and decoded[-1] == [5, 6, 7]
+    assert result.text == "one two" and result.finish_reason == "length"
+
+
+def test_health_keeps_the_reason():
+    async def go(backend):
+        return await backend.health(), backend.health_error
+
+    with OpenAIChatTestServer() as server:
+        url = server.base_url
+    ok, reason = run(go, url, "m", max_retries=0)  # nothing listens any more: the probe fails, and says why
+    assert not ok and "APIConnectionError" in reason

@@ -35,11 +35,12 @@ def test_choices_come_from_the_table():
 
 def test_runner_flags_become_constructor_arguments():
     args = parse("--endpoint", "h:1", "--served-model", "m", "--timeout", "7", "--concurrency", "600")
-    assert BACKENDS["openai"].options(args, "http://h:1") == {
+    assert BACKENDS["openai"].options(args, "http://h:1", None) == {
         "base_url": "http://h:1/v1", "model": "m", "api_key_env": "OPENAI_API_KEY", "timeout": 7.0, "max_retries": 0,
+        "text_prompts": False, "decode": None,
     }  # fmt: skip
-    assert BACKENDS["openai"].options(args, "https://h:1/api/v1")["base_url"] == "https://h:1/api/v1"
-    assert BACKENDS["sglang"].options(args, "http://h:1")["max_connections"] == 600
+    assert BACKENDS["openai"].options(args, "https://h:1/api/v1", None)["base_url"] == "https://h:1/api/v1"
+    assert BACKENDS["sglang"].options(args, "http://h:1", None)["max_connections"] == 600
 
 
 def test_a_new_kind_is_one_table_entry_and_runs_through_runner_py(tmp_path, monkeypatch, capsys):
@@ -49,7 +50,7 @@ def test_a_new_kind_is_one_table_entry_and_runs_through_runner_py(tmp_path, monk
     tokenizer = counting_tokenizer(TARGET)
     kind = BackendKind(
         "counting", "freelm.testing.counting:CountingBackend", remote=False, help="the counting model",
-        options=lambda args, url: {"tokenizer": tokenizer, "target": TARGET},
+        options=lambda args, url, _tokenizer: {"tokenizer": tokenizer, "target": TARGET},
     )  # fmt: skip
     monkeypatch.setitem(BACKENDS, "counting", kind)
     assert isinstance(make_backend("counting", tokenizer=tokenizer, target=TARGET), CountingBackend)

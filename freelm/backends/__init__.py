@@ -36,7 +36,7 @@ class BackendKind:
     name: str
     factory: str  # "module:attribute", e.g. a class or its from_pretrained
     remote: bool  # reached at --endpoint URLs (else in-process, from --model)
-    options: Callable[[argparse.Namespace, str | None], dict[str, Any]]
+    options: Callable[[argparse.Namespace, str | None, Any], dict[str, Any]]  # (flags, url, tokenizer)
     needs: tuple[str, ...] = ()  # runner flags it cannot run without, e.g. ("--served-model",)
     help: str = ""
 
@@ -47,8 +47,9 @@ class BackendKind:
             factory = getattr(factory, part)
         return factory(**kwargs)
 
-    def from_flags(self, args: argparse.Namespace, url: str | None = None) -> Backend:
-        return self.make(**self.options(args, url))
+    def from_flags(self, args: argparse.Namespace, url: str | None = None, tokenizer: Any = None) -> Backend:
+        """``tokenizer`` is the run's (remote kinds; a text-only server is sent decoded prompts)."""
+        return self.make(**self.options(args, url, tokenizer))
 
 
 def _openai_url(url: str) -> str:
@@ -62,7 +63,7 @@ BACKENDS: dict[str, BackendKind] = {
     for kind in (
         BackendKind(
             "sglang", "freelm.backends.sglang:SGLangBackend", remote=True, help="SGLang native /generate",
-            options=lambda args, url: {
+            options=lambda args, url, tokenizer: {
                 "base_url": url, "timeout": args.timeout, "max_retries": 0,
                 "max_connections": max(512, args.concurrency),
             },
@@ -70,16 +71,17 @@ BACKENDS: dict[str, BackendKind] = {
         BackendKind(
             "openai", "freelm.backends.openai_compat:OpenAIBackend", remote=True, needs=("--served-model",),
             help="any OpenAI-compatible /v1/completions",
-            options=lambda args, url: {
+            options=lambda args, url, tokenizer: {
                 "base_url": _openai_url(url), "model": args.served_model, "api_key_env": args.api_key_env,
-                "timeout": args.timeout, "max_retries": 0,
+                "timeout": args.timeout, "max_retries": 0, "text_prompts": args.text_prompts,
+                "decode": tokenizer.decode if tokenizer is not None else None,
             },
         ),
         BackendKind(
             "local", "freelm.backends.local:LocalBackend.from_pretrained", remote=False,
             help="in-process transformers + peft",
             # concurrent rollouts' requests are decoded together, like a server's scheduler would
-            options=lambda args, url: {
+            options=lambda args, url, tokenizer: {
                 "model_dir": args.model, "max_batch": args.concurrency,
                 "adapters": {args.adapter_name: args.adapter} if args.adapter else None,
             },

@@ -89,12 +89,14 @@ class ContextLengthError(BackendError):
 #: How servers word a window refusal: SGLang ``tokenizer_manager.py`` ("is longer than the model's
 #: context length", "exceeds the model's maximum context length"), SGLang ``managers/utils.py``
 #: ``validate_input_length`` ("exceeds the maximum allowed length"), vLLM / OpenAI ("maximum context
-#: length", ``context_length_exceeded``).
+#: length", ``context_length_exceeded``), llama-server ``tools/server/server-context.cpp`` ("exceeds the
+#: available context size").
 _CONTEXT_ERROR_MARKERS = (
     "context length",
     "maximum context length",
     "maximum allowed length",
     "context_length_exceeded",
+    "available context size",
 )
 
 
@@ -144,6 +146,17 @@ class ContextWindow:
             max_total=min(max_req_len - 1, context_length - reserved),
             source=source or f"SGLang rules on a {context_length}-token window",
         )
+
+    @classmethod
+    def llama_server(cls, n_ctx: int, source: str = "") -> ContextWindow:
+        """llama-server's window for a slot of ``n_ctx`` tokens (``tools/server/server-context.cpp``).
+
+        A prompt of ``n_ctx`` tokens or more is refused ("exceeds the available
+        context size"); generation stops once prompt + output + 1 reaches ``n_ctx``
+        (context shift off). So prompt + output stays below ``n_ctx``, with room
+        for at least one new token.
+        """
+        return cls(max_input=n_ctx - 2, max_total=n_ctx - 1, source=source or f"llama-server n_ctx {n_ctx}")
 
     @classmethod
     def budget(cls, context_limit: int) -> ContextWindow:

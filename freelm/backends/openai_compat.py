@@ -1,17 +1,34 @@
-"""Any OpenAI-compatible completions server (vLLM, SGLang's ``/v1``, hosted APIs) via the ``openai`` client.
+"""Any OpenAI-compatible completions server (vLLM, SGLang's ``/v1``, llama.cpp's ``llama-server``) via ``openai``.
 
 The Completions API (not Chat) is used so the loop controls the raw context:
-``prompt`` is the token-id list when the request has ``input_ids`` (vLLM and
-SGLang accept token arrays), else the text. The adapter is selected through the
-model name: ``"<model>:<adapter>"`` is SGLang's convention; vLLM serves a LoRA
-under its own ``--lora-modules NAME=PATH`` name, given via ``adapter_models``.
+``prompt`` is the token-id list when the request has ``input_ids`` (vLLM, SGLang
+and llama-server accept token arrays), else the text. A server whose schema takes
+text only (llama-cpp-python's server answers HTTP 500 to a token array) gets the
+decoded text instead: ``text_prompts=True``, or detected once by
+:meth:`OpenAIBackend.startup_check` (a token prompt fails where the same text
+succeeds), never per rollout. The adapter is selected through the model name:
+``"<model>:<adapter>"`` is SGLang's convention; vLLM serves a LoRA under its own
+``--lora-modules NAME=PATH`` name, given via ``adapter_models``.
+
+Servers accept any model name and silently serve the base model (llama-server
+and llama-cpp-python both do), so a Free()LM run against a server without the
+adapter would be a vanilla run: :meth:`startup_check` requires every model name
+the run will use in ``/v1/models``, and every response's ``model`` field must
+name what was asked for (llama-server answers with its own model name).
 
 Differences from the native SGLang backend, by API design: ``output_ids`` is
-``[]`` (the loop tokenizes the text itself), and the server trims a matched stop
-string / eos from ``text`` (OpenAI convention). ``top_k``, ``min_p`` and
-``skip_special_tokens=false`` go through ``extra_body``; ``standard_only=True``
-leaves them out for a server that rejects unknown fields (its own top-k/min-p
-then apply), and ``extra_body`` adds server-specific fields.
+``[]`` (the loop tokenizes the text itself, dropping a character split at the
+chunk end), ``completion_tokens`` counts a trimmed eos as the server does, and
+the server trims a matched stop string / eos from ``text`` (OpenAI convention).
+``top_k`` (only when sampling: under greedy it means nothing and some servers
+reject ``-1``), ``min_p``, ``skip_special_tokens=false`` and a repetition penalty
+of 1.0 under both its names (``repetition_penalty`` for vLLM/SGLang,
+``repeat_penalty`` for llama.cpp, whose servers default to 1.1) go through
+``extra_body``; ``standard_only=True`` leaves them out for a server that rejects
+unknown fields (its own defaults then apply; the startup check records what
+llama-server's ``/props`` says they are), and ``extra_body`` adds server-specific
+fields. :attr:`OpenAIBackend.served` holds what the startup check found, for the
+run manifest.
 
 The API key is read from the environment variable named by ``api_key_env`` and
 is scrubbed from every error message (with any Authorization/Bearer material,
@@ -23,6 +40,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -30,8 +48,10 @@ import openai
 
 from freelm.backends.base import (
     BackendError,
+    ContextWindow,
     GenerateRequest,
     GenerateResult,
+    SamplingParams,
     ServerLimits,
     TransientBackendError,
     refused,
@@ -39,6 +59,12 @@ from freelm.backends.base import (
 from freelm.redact import redact
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
+_ERROR_CHARS = 300  # a server's error body can be 60 KB (a whole validation dump): one log line stays readable
+#: A 500 whose message says the request itself is wrong fails the same way on every retry (llama-cpp-python
+#: answers schema errors with 500); everything else 5xx is the server's trouble and worth retrying.
+_VALIDATION_MARKERS = ("validation error", "input should be", "field required", "extra inputs are not permitted")
+_NEUTRAL_PENALTY = {"repetition_penalty": 1.0, "repeat_penalty": 1.0}
+_PROBE_SAMPLING = SamplingParams.greedy()
 
 
 class OpenAIBackend:
@@ -55,6 +81,8 @@ class OpenAIBackend:
         max_retries: int = 3,
         standard_only: bool = False,
         extra_body: dict[str, Any] | None = None,
+        text_prompts: bool = False,
+        decode: Callable[[list[int]], str] | None = None,
         name: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
@@ -63,6 +91,10 @@ class OpenAIBackend:
         self.name = name or f"openai@{self.base_url}"
         self.standard_only = standard_only
         self.extra_body = dict(extra_body or {})
+        self.text_prompts = text_prompts
+        self._decode = decode  # token ids -> prompt text, for a text-only server
+        self.served: dict[str, Any] = {}
+        self.health_error: str | None = None  # why the last health probe failed, for the operator
         self._secret = os.environ.get(api_key_env) or ""
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._secret or _NO_KEY, timeout=timeout, max_retries=max_retries
@@ -73,25 +105,49 @@ class OpenAIBackend:
             return self.model
         return self.adapter_models.get(adapter, f"{self.model}:{adapter}")
 
+    def _prompt(self, request: GenerateRequest) -> list[int] | str:
+        if request.input_ids is None:
+            return request.text or ""
+        if not self.text_prompts:
+            return list(request.input_ids)
+        if self._decode is None:
+            raise BackendError(f"{self.base_url}: text prompts need a tokenizer to decode the token ids")
+        return self._decode(list(request.input_ids))
+
+    def _extra(self, request: GenerateRequest) -> dict[str, Any]:
+        s = request.sampling
+        extra: dict[str, Any] = {}
+        if not self.standard_only:
+            extra = {"min_p": s.min_p, "skip_special_tokens": False, **_NEUTRAL_PENALTY}
+            if s.temperature > 0:  # greedy needs no top_k, and some servers reject -1
+                extra["top_k"] = s.top_k
+        extra.update(self.extra_body)
+        return extra
+
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         s = request.sampling
-        extra = {} if self.standard_only else {"top_k": s.top_k, "min_p": s.min_p, "skip_special_tokens": False}
-        extra.update(self.extra_body)
+        model = self.model_name(request.adapter)
         start = time.perf_counter()
         try:
             response = await self._client.completions.create(
-                model=self.model_name(request.adapter),
-                prompt=list(request.input_ids) if request.input_ids is not None else request.text,
+                model=model,
+                prompt=self._prompt(request),
                 max_tokens=request.max_new_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,
                 stop=list(request.stop) or None,
                 seed=request.seed,
-                extra_body=extra,
+                extra_body=self._extra(request),
             )
         except openai.APIError as exc:
             raise self._map_error(exc) from None
         latency = time.perf_counter() - start
+        served = getattr(response, "model", None)
+        if served and served != model:
+            raise BackendError(
+                f"{self.base_url}: asked for model {model!r} but the response came from {served!r}: "
+                "the server ignores the model name (an adapter it does not serve runs as the base model)"
+            )
         return self._parse(response, latency)
 
     def _parse(self, response: Any, latency: float) -> GenerateResult:
@@ -115,11 +171,15 @@ class OpenAIBackend:
         )
 
     def _map_error(self, exc: openai.APIError) -> BackendError:
-        """Connection errors, timeouts, 429 and 5xx are transient; other statuses are final."""
+        """Connection errors, timeouts, 429 and 5xx are transient, except a 500 that says the request is invalid."""
         status = getattr(exc, "status_code", None)
         message = self._scrub(f"{self.base_url}: {type(exc).__name__}" + (f" HTTP {status}" if status else ""))
-        message += f": {self._scrub(str(exc.message))}"
-        if isinstance(exc, openai.APIConnectionError) or (status is not None and (status == 429 or status >= 500)):
+        detail = self._scrub(str(exc.message))
+        message += f": {detail[:_ERROR_CHARS]}" + (f"... ({len(detail)} chars)" if len(detail) > _ERROR_CHARS else "")
+        invalid = any(marker in detail.lower() for marker in _VALIDATION_MARKERS)
+        if isinstance(exc, openai.APIConnectionError) or (
+            status is not None and (status == 429 or (status >= 500 and not invalid))
+        ):
             return TransientBackendError(message)
         server_message = str(exc.message) + (
             " context_length_exceeded" if getattr(exc, "code", None) == "context_length_exceeded" else ""
@@ -130,7 +190,11 @@ class OpenAIBackend:
         return redact(text, [self._secret])
 
     async def server_limits(self) -> ServerLimits:
-        """What the server reports: SGLang's ``/server_info`` at the origin, else ``max_model_len`` in ``/v1/models``.
+        """What the server reports: SGLang's ``/server_info`` at the origin, else ``/v1/models``.
+
+        In ``/v1/models``: vLLM's ``max_model_len``, or llama-server's ``meta.n_ctx``,
+        the window of one slot (``-c`` split over ``--parallel``), which is what one
+        request gets.
 
         A server that reports neither gets ``ServerLimits()`` and the runner falls
         back to ``--context-limit`` (with SGLang's margins, the strictest known).
@@ -153,17 +217,89 @@ class OpenAIBackend:
         except openai.APIError:
             return ServerLimits()
         for card in models.data:
+            if card.id != self.model:
+                continue
             length = getattr(card, "max_model_len", None)
-            if card.id == self.model and isinstance(length, int) and length > 0:
+            if isinstance(length, int) and length > 0:
                 return ServerLimits.from_context_length(length, source=f"{self.base_url}/models max_model_len")
+            meta = (card.model_extra or {}).get("meta")
+            n_ctx = meta.get("n_ctx") if isinstance(meta, dict) else None
+            if isinstance(n_ctx, int) and n_ctx > 2:
+                source = f"{self.base_url}/models meta.n_ctx (llama-server's per-slot window)"
+                return ServerLimits(window=ContextWindow.llama_server(n_ctx, source=source), source=source)
         return ServerLimits()
 
     async def health(self) -> bool:
         try:
             await self._client.models.list()
-        except openai.APIError:
+        except openai.APIError as exc:
+            self.health_error = self._map_error(exc).args[0]  # e.g. llama-server's 503 "Loading model"
             return False
+        self.health_error = None
         return True
+
+    async def startup_check(self, adapters: Sequence[str | None], probe_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """Before the first rollout: every model name the run uses is served; learn the prompt kind.
+
+        Raises :class:`BackendError` naming the adapter and the endpoint when a name is not in ``/v1/models``.
+        ``probe_ids`` (a few token ids) detect a text-only server: one token is asked for with them as the
+        prompt and, if that fails with an HTTP error, with their text; only the text succeeding switches
+        this backend to text prompts. Returns (and keeps in :attr:`served`) what was found.
+        """
+        try:
+            cards = (await self._client.models.list()).data
+        except openai.APIError as exc:
+            raise self._map_error(exc) from None
+        served = [card.id for card in cards]
+        for adapter in dict.fromkeys(adapters):
+            name = self.model_name(adapter)
+            if name not in served:
+                what = f"the cleaner's adapter {adapter!r} (model name {name!r})" if adapter else f"model {name!r}"
+                raise BackendError(
+                    f"{self.base_url}: {what} is not served here; /v1/models lists {served}. "
+                    "Serve the adapter (SGLang --lora-paths NAME=PATH, vLLM --lora-modules) or point "
+                    "--cleaner-endpoint at a server that has it"
+                )
+        if probe_ids and not self.text_prompts:
+            self.text_prompts = await self._takes_text_only(list(probe_ids))
+        self.served = {
+            "models": served,
+            "text_prompts": self.text_prompts,
+            "sent": {} if self.standard_only else {**_NEUTRAL_PENALTY, **self.extra_body},
+            "server_defaults": await self._server_defaults(),
+        }
+        return self.served
+
+    async def _takes_text_only(self, probe_ids: list[int]) -> bool:
+        ids_request = GenerateRequest(1, input_ids=probe_ids, sampling=_PROBE_SAMPLING)
+        try:
+            await self.generate(ids_request)
+            return False
+        except TransientBackendError as exc:
+            if "HTTP" not in str(exc):  # connection trouble says nothing about the schema
+                raise
+        except BackendError:
+            pass
+        if self._decode is None:
+            return False
+        self.text_prompts = True
+        try:
+            await self.generate(ids_request)
+        except BackendError:
+            self.text_prompts = False
+            raise
+        return True
+
+    async def _server_defaults(self) -> dict[str, Any] | None:
+        """llama-server's default sampling (``/props``), where the server has it: what applies to unsent fields."""
+        root = self.base_url.removesuffix("/v1")
+        try:
+            response = await self._client.get(f"{root}/props", cast_to=httpx.Response)
+            settings = response.json().get("default_generation_settings", {}).get("params")
+        except (openai.APIError, ValueError, AttributeError):
+            return None
+        keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
+        return {k: settings[k] for k in keys if k in settings} if isinstance(settings, dict) else None
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -139,8 +139,16 @@ class EndpointPool:
         results = await asyncio.gather(*(_healthy(e.backend) for e in self.endpoints))
         for endpoint, ok in zip(self.endpoints, results):
             if not ok:
-                self._mark_down(endpoint, "health check failed")
+                self._mark_down(endpoint, getattr(endpoint.backend, "health_error", None) or "health check failed")
         return self.endpoints_up
+
+    async def wait_until_up(self) -> bool:
+        """Wait up to ``down_wait`` seconds for an endpoint to answer (a server still loading its model: 503)."""
+        try:
+            await asyncio.wait_for(self._event().wait(), timeout=self.down_wait)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     # ----- routing --------------------------------------------------------
 

@@ -11,7 +11,21 @@ from freelm.evaluation.metrics import COMBINE_MODES, TOKEN_METRICS, grade_record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True, metavar="[NAME=]PATH", help="runner output JSONL(s)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="runner output JSONL(s), or other tools' rows with id, source and a response (docs/evaluation.md)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="problem files whose answers fill rows without one (matched by source and id)",
+    )
+    parser.add_argument("--source", metavar="NAME", help="benchmark name for rows without a 'source' field")
     parser.add_argument(
         "--baseline",
         metavar="NAME|[NAME=]PATH",
@@ -43,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from freelm.data import load_problems
     from freelm.evaluation.grade import GraderPool
     from freelm.evaluation.judge import read_judgments, verdicts_for_grading
     from freelm.evaluation.runs import load_runs
@@ -53,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --combine {combine} needs --judgments", file=sys.stderr)
         return 2
     try:
-        runs, base = load_runs(args.input, args.baseline)
+        answers = {p.key: p.answer for path in args.data for p in load_problems(path)}
+        runs, base = load_runs(args.input, args.baseline, source=args.source, answers=answers)
         verdicts = verdicts_for_grading(read_judgments(args.judgments)) if args.judgments else None
         benchmarks = args.benchmarks or list(dict.fromkeys(r.source for r in runs[0].records))
         metrics = []
@@ -90,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
         from freelm.evaluation.plots import plot_accuracy_vs_tokens, plot_peak_context
 
         args.plots_dir.mkdir(parents=True, exist_ok=True)
-        plot_accuracy_vs_tokens(metrics, args.plots_dir / "accuracy_vs_tokens.png", args.token_metric)
-        plot_peak_context({r.name: r.records for r in runs}, args.plots_dir / "peak_context.png")
+        key = TOKEN_METRICS[args.token_metric]  # runs whose rows carry no token counts have no point to plot
+        plotted = [m for m in metrics if all(getattr(b, key) is not None for b in m.benchmarks.values())]
+        peaks = {r.name: r.records for r, m in zip(runs, metrics) if m.overall.mean_peak_context_tokens is not None}
+        plot_accuracy_vs_tokens(plotted, args.plots_dir / "accuracy_vs_tokens.png", args.token_metric)
+        plot_peak_context(peaks, args.plots_dir / "peak_context.png")
     print(table, end="")
     for m in metrics:
         o = m.overall

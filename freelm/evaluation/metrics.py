@@ -48,12 +48,13 @@ class BenchmarkMetrics:
     maj_at_k: dict[int, float]
     unanswered: int
     unanswered_reasons: dict[str, int]
-    mean_generated_tokens: float
-    mean_final_context_tokens: float
-    mean_kept_response_tokens: float  # final context minus prompt: the response left after pruning
-    mean_peak_context_tokens: float
-    mean_cleaning_rounds: float
-    mean_wall_time_s: float
+    # None: the input rows have no such column (other tools' outputs, see freelm.evaluation.external)
+    mean_generated_tokens: float | None
+    mean_final_context_tokens: float | None
+    mean_kept_response_tokens: float | None  # final context minus prompt: the response left after pruning
+    mean_peak_context_tokens: float | None
+    mean_cleaning_rounds: float | None
+    mean_wall_time_s: float | None
     finish_reasons: dict[str, int]
     grade_methods: dict[str, int]
     rule_undecided: int
@@ -71,7 +72,7 @@ class RunMetrics:
     duplicate_records: int
     benchmarks: dict[str, BenchmarkMetrics]
     overall: BenchmarkMetrics  # all problems pooled
-    average: dict[str, float] = field(default_factory=dict)  # mean over benchmarks (the paper's "Average")
+    average: dict[str, float | None] = field(default_factory=dict)  # mean over benchmarks (the paper's "Average")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +161,15 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _mean_present(values: list[float | None]) -> float | None:
+    """A column other tools' rows may lack (see freelm.evaluation.external): None when absent, never zero."""
+    return None if any(v is None for v in values) else _mean(values)  # type: ignore[arg-type]
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def summarize(graded: list[GradedRollout]) -> BenchmarkMetrics:
     if not graded:
         raise ValueError("no rollouts to summarize")
@@ -196,12 +206,12 @@ def summarize(graded: list[GradedRollout]) -> BenchmarkMetrics:
         maj_at_k=maj_k,
         unanswered=sum(g.extracted is None for g in graded),
         unanswered_reasons=dict(Counter(g.unanswered_reason for g in graded if g.unanswered_reason)),
-        mean_generated_tokens=_mean([r.generated_tokens for r in recs]),
-        mean_final_context_tokens=_mean([r.final_context_tokens for r in recs]),
-        mean_kept_response_tokens=_mean([r.final_context_tokens - r.prompt_tokens for r in recs]),
-        mean_peak_context_tokens=_mean([r.peak_context_tokens for r in recs]),
-        mean_cleaning_rounds=_mean([r.cleaning_rounds for r in recs]),
-        mean_wall_time_s=_mean([r.wall_time_s for r in recs]),
+        mean_generated_tokens=_mean_present([r.generated_tokens for r in recs]),
+        mean_final_context_tokens=_mean_present([r.final_context_tokens for r in recs]),
+        mean_kept_response_tokens=_mean_present([_difference(r.final_context_tokens, r.prompt_tokens) for r in recs]),
+        mean_peak_context_tokens=_mean_present([r.peak_context_tokens for r in recs]),
+        mean_cleaning_rounds=_mean_present([r.cleaning_rounds for r in recs]),
+        mean_wall_time_s=_mean_present([r.wall_time_s for r in recs]),
         finish_reasons=dict(Counter(r.finish_reason for r in recs)),
         grade_methods=dict(Counter(g.rule.method for g in graded)),
         rule_undecided=sum(not g.rule.decided for g in graded),
@@ -235,8 +245,8 @@ def run_metrics(
     selected = [g for b in order for g in by_source[b]]
     average = {
         "avg_at_n": _mean([m.avg_at_n for m in per_bench.values()]),
-        **{key: _mean([getattr(m, key) for m in per_bench.values()]) for key in TOKEN_METRICS.values()},
-        "mean_peak_context_tokens": _mean([m.mean_peak_context_tokens for m in per_bench.values()]),
+        **{key: _mean_present([getattr(m, key) for m in per_bench.values()]) for key in TOKEN_METRICS.values()},
+        "mean_peak_context_tokens": _mean_present([m.mean_peak_context_tokens for m in per_bench.values()]),
     }
     recs = [g.record for g in selected]
     return RunMetrics(

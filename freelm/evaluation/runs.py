@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freelm.evaluation.external import read_any_rollouts
 from freelm.evaluation.metrics import dedupe_records
 from freelm.records import RolloutRecord
-from freelm.shards import read_run, run_files, run_stem
+from freelm.shards import read_run, run_files, run_stem, shard_of_file
 
 
 @dataclass
@@ -33,15 +34,29 @@ def parse_run_spec(spec: str) -> Run:
     return Run(name, Path(path))
 
 
-def load_run(run: Run) -> Run:
-    records = read_run(run_files(run.path))
+def load_run(run: Run, *, source: str | None = None, answers: dict[tuple[str, str], str | None] | None = None) -> Run:
+    """Runner records (one output or one run's shards), or other tools' rows in one file.
+
+    ``source`` and ``answers`` fill what other tools' rows lack.
+    """
+    files = run_files(run.path)
+    if len(files) == 1 and files[0].is_file() and shard_of_file(files[0]) is None:
+        records = read_any_rollouts(files[0], source=source, answers=answers)
+    else:
+        records = read_run(files)
     if not records:
         raise ValueError(f"{run.path}: no rollout records")
     run.records, run.duplicates = dedupe_records(records)
     return run
 
 
-def load_runs(specs: list[str], baseline: str | None = None) -> tuple[list[Run], Run | None]:
+def load_runs(
+    specs: list[str],
+    baseline: str | None = None,
+    *,
+    source: str | None = None,
+    answers: dict[tuple[str, str], str | None] | None = None,
+) -> tuple[list[Run], Run | None]:
     """Runs from ``--input`` specs; ``baseline`` is an input's name or a spec of its own."""
     runs = [parse_run_spec(s) for s in specs]
     names = [r.name for r in runs]
@@ -56,5 +71,5 @@ def load_runs(specs: list[str], baseline: str | None = None) -> tuple[list[Run],
                 raise ValueError(f"baseline name {base.name!r} clashes with an input run")
             runs.insert(0, base)
     for run in runs:
-        load_run(run)
+        load_run(run, source=source, answers=answers)
     return runs, base

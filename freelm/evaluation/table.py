@@ -14,7 +14,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _tokens(x: float) -> str:
+def _tokens(x: float | None) -> str:
+    if x is None:
+        return "n/a"  # the rows carry no token counts
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
 
@@ -38,7 +40,7 @@ def paper_table(runs: list[RunMetrics], baseline: RunMetrics | None = None, toke
         if baseline is not None and run is not baseline:
             base_acc, base_tok = baseline.average["avg_at_n"], baseline.average[key]
             acc_cell += f" ({100 * (acc - base_acc):+.1f})"
-            if base_tok > 0:
+            if base_tok and tok is not None:
                 tok_cell += f" ({100 * (tok / base_tok - 1):+.1f}%)"
         cells += [acc_cell, tok_cell]
         lines.append("| " + " | ".join(cells) + " |")

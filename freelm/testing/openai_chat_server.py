@@ -7,7 +7,13 @@ scripted items first, then from a responder function of the request body, so
 concurrent clients can be answered by content (which order they arrive in is
 not deterministic) while a test can still force "the next call fails with 429".
 
-Endpoints: ``POST /v1/chat/completions`` (non-streaming) and ``GET /v1/models``.
+Endpoints: ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models`` and a
+text-only ``POST /v1/completions`` shaped like llama-cpp-python's server (0.3.36):
+its schema types ``prompt`` as ``Union[str, List[str]]`` (``llama_cpp/server/types.py:
+CreateCompletionRequest``), so a token-id array fails validation, and the error
+handler answers every such exception with HTTP 500 and the whole pydantic message
+(``llama_cpp/server/errors.py: RouteErrorHandler``); any model name is accepted and
+the response names the server's own model (``llama_cpp/llama.py: create_completion``).
 """
 
 from __future__ import annotations
@@ -117,6 +123,39 @@ class OpenAIChatTestServer(LocalHTTPServer):
             self.completions += 1
         return 200, json.dumps(completion), {}
 
+    def completion(self, body: Any) -> tuple[int, str, dict[str, str]]:
+        """Status, body text and headers for one text-only ``/v1/completions`` request (see the module docstring)."""
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            message = (
+                "2 validation errors for CreateCompletionRequest\nprompt.str\n  Input should be a valid string "
+                f"[type=string_type, input_value={prompt!r}, input_type={type(prompt).__name__}]\n" * 40
+            )  # the real message repeats the input per union member: kilobytes
+            return 500, _error_body(message, "internal_server_error"), {}
+        with self._lock:
+            self.bodies.append(body)
+        reply = self.responder(body)
+        if isinstance(reply, ChatFault):
+            return reply.status, reply.body or _error_body(f"scripted error {reply.status}", "server"), {}
+        limit = int(body.get("max_tokens") or 16)
+        words = reply.split()
+        text = " ".join(words[:limit])
+        completion = {
+            "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": "length" if len(words) > limit else "stop"}],
+            "usage": {
+                "prompt_tokens": count_words(prompt),
+                "completion_tokens": count_words(text),
+                "total_tokens": count_words(prompt) + count_words(text),
+            },
+        }
+        with self._lock:
+            self.completions += 1
+        return 200, json.dumps(completion), {}
+
     def models(self) -> str:
         return json.dumps({"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "test"}]})
 
@@ -168,7 +207,8 @@ class _Handler(QuietHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        route = self.path.rstrip("/")
+        if route not in ("/v1/chat/completions", "/v1/completions"):
             self._send(404, _error_body(f"no route {self.path}", "not_found"))
             return
         try:
@@ -176,7 +216,8 @@ class _Handler(QuietHandler):
         except ValueError:
             self._send(400, _error_body("request body is not JSON", "invalid_request_error"))
             return
-        self._send(*self.server_state.chat(body))
+        state = self.server_state
+        self._send(*(state.chat(body) if route == "/v1/chat/completions" else state.completion(body)))
 
 
 OpenAIChatTestServer.handler_class = _Handler

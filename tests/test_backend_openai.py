@@ -7,7 +7,7 @@ import traceback
 
 import pytest
 
-from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
+from freelm.backends.base import BackendError, ContextWindow, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.openai_compat import OpenAIBackend
 from freelm.testing.openai_chat_server import OpenAIChatTestServer
 from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer
@@ -143,7 +143,7 @@ def test_startup_check_names_the_missing_adapter_and_endpoint(scripted):
     with pytest.raises(BackendError, match=r"adapter 'ghost'.*not served here") as info:
         run(lambda b: b.startup_check([None, "ghost"]), scripted.url + "/v1", "m")
     assert scripted.url in str(info.value)
-    served = run(lambda b: b.startup_check([None]), scripted.url + "/v1", "m")
+    served = run(lambda b: b.startup_check([None, "free"]), scripted.url + "/v1", "m")  # SGLang: 'free', parent 'm'
     assert served["models"][0] == "m" and served["text_prompts"] is False
     assert served["sent"] == {"repetition_penalty": 1.0, "repeat_penalty": 1.0}
 
@@ -186,3 +186,8 @@ def test_health_keeps_the_reason():
         url = server.base_url
     ok, reason = run(go, url, "m", max_retries=0)  # nothing listens any more: the probe fails, and says why
     assert not ok and "APIConnectionError" in reason
+
+
+def test_llama_server_window_is_one_slot_less_the_token_it_stops_before():
+    window = ContextWindow.llama_server(256)  # server-context.cpp: prompt >= n_ctx refused, stops at n_ctx - 1
+    assert window.room(200) == 55 and window.room(254) == 1 and window.room(255) == 0

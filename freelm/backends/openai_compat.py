@@ -254,9 +254,13 @@ class OpenAIBackend:
         except openai.APIError as exc:
             raise self._map_error(exc) from None
         served = [card.id for card in cards]
+        # SGLang lists a loaded LoRA under its own name, parent = the base, and serves it as "base:name"
+        # (entrypoints/http_server.py: available_models); other servers list the name a request uses
+        loras = {card.id for card in cards if getattr(card, "parent", None) == self.model}
         for adapter in dict.fromkeys(adapters):
             name = self.model_name(adapter)
-            if name not in served:
+            sglang_lora = adapter is not None and adapter not in self.adapter_models and adapter in loras
+            if name not in served and not sglang_lora:
                 what = f"the cleaner's adapter {adapter!r} (model name {name!r})" if adapter else f"model {name!r}"
                 raise BackendError(
                     f"{self.base_url}: {what} is not served here; /v1/models lists {served}. "

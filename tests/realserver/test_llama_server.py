@@ -66,8 +66,9 @@ def test_vanilla_concurrency_4_and_the_manifest_records_what_reached_the_server(
         assert r["finish_reason"] in ("stop", "length") and 0 < r["generated_tokens"] <= 48
         assert r["finish_reason"] == "stop" or r["generated_tokens"] == 48
     manifest = json.loads((tmp_path / "vanilla.jsonl.manifest.json").read_text())
-    served = manifest["config"]["served"][f"openai@{llama_server.url}/v1"]
-    assert served["models"] == [ALIAS] and served["context_window"] == 1024  # -c 4096 over 4 slots
+    served = manifest["served"]["endpoints"][f"openai@{llama_server.url}/v1"]
+    assert served["models"] == [ALIAS] and served["token_ids_from_logprobs"] is True
+    assert manifest["served"]["reasoner"]["window"]["max_total"] == 1023  # -c 4096 over 4 slots: n_ctx 1024
     assert served["text_prompts"] is False and served["sent"]["repeat_penalty"] == 1.0
     assert served["server_defaults"]["repeat_penalty"] == 1.0  # llama-server's own default, from /props
 
@@ -119,10 +120,14 @@ def test_multibyte_character_split_at_a_chunk_boundary(llama_server, smollm2_tok
 
 def test_window_edge_per_slot_context(make_server, smollm2_tokenizer_dir, tmp_path):
     server = make_server(ctx=512, parallel=2).start()  # 256 tokens per slot (llama-server's smallest)
-    args = base_args(tmp_path, server, smollm2_tokenizer_dir, [PROBLEMS[2]], "edge")
-    too_big = run_runner([*args[:-2], "--context-limit", "1024", "--mode", "vanilla", "--max-tokens", "400"])
-    assert too_big.returncode == 2 and "exceeds the 256-token context" in too_big.stderr
     prompt = "Copy this line forty times: one two three four five six seven eight nine ten"
+    args = base_args(tmp_path, server, smollm2_tokenizer_dir, [prompt], "big")
+    too_big = run_runner([*args, "--mode", "vanilla", "--max-tokens", "400", *GREEDY])  # --context-limit 1024
+    ok(too_big)  # the slot's window (server_limits), not --context-limit, bounds each request: no 400
+    assert "serves at most 255 tokens per request" in too_big.stderr
+    big = read_records(tmp_path / "big.jsonl")[0]
+    assert big["finish_reason"] == "context_overflow" and big["error"] is None
+    assert big["peak_context_tokens"] == 255
     args = base_args(tmp_path, server, smollm2_tokenizer_dir, [prompt], "edge")
     result = run_runner([*args[:-2], "--context-limit", "256", *chunked(64), "--max-tokens", "400", *GREEDY])
     ok(result)

@@ -18,7 +18,8 @@ must name what was asked for (llama-server answers with its own model name).
 
 Differences from the native SGLang backend, by API design: ``output_ids`` is
 ``[]`` (the loop tokenizes the text itself, dropping a character split at the
-chunk end), ``completion_tokens`` counts a trimmed eos as the server does, and
+chunk end) except against llama-server, whose logprobs carry the generated ids
+when they hold one per token (:func:`_logprob_ids`), ``completion_tokens`` counts a trimmed eos as the server does, and
 the server trims a matched stop string / eos from ``text`` (OpenAI convention).
 ``top_k`` (only when sampling: under greedy it means nothing and some servers
 reject ``-1``), ``min_p``, ``skip_special_tokens=false`` and a repetition penalty
@@ -164,7 +165,7 @@ class OpenAIBackend:
         cached = getattr(details, "cached_tokens", None) if details else None
         return GenerateResult(
             text=choice.text or "",
-            output_ids=_logprob_ids(choice),
+            output_ids=_logprob_ids(choice, usage.completion_tokens if usage else 0),
             finish_reason=choice.finish_reason,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
@@ -316,10 +317,16 @@ class OpenAIBackend:
         await self._client.close()
 
 
-def _logprob_ids(choice: Any) -> list[int]:
-    """Token ids from llama-server's logprobs (``logprobs.content[].id``); ``[]`` when any is missing."""
+def _logprob_ids(choice: Any, generated: int) -> list[int]:
+    """Token ids from llama-server's logprobs (``logprobs.content[].id``); ``[]`` unless there is one per token.
+
+    llama-server leaves out of its logprobs every token generated while its text ends inside a UTF-8
+    character (``tools/server/server-context.cpp``: ``process_token`` adds a token only when the text is
+    not incomplete), and those trimmed with a stop string: a list shorter than ``completion_tokens`` would
+    drop tokens from the context, so the loop falls back to encoding the text.
+    """
     content = (getattr(choice.logprobs, "model_extra", None) or {}).get("content") if choice.logprobs else None
-    if not isinstance(content, list) or not content:
+    if not isinstance(content, list) or len(content) != generated or not content:
         return []
     ids = [item.get("id") if isinstance(item, dict) else None for item in content]
     return ids if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else []  # type: ignore[return-value]

@@ -38,6 +38,7 @@ NOT_RESULTS = {
     "tokenizer": "must be the served model's; the remote model is the operator's responsibility",
     "served_model": "as --tokenizer",
     "api_key_env": "a credential's location",
+    "text_prompts": "how the prompt travels (its ids or their text; detected at startup when not given)",
 }
 EXECUTION_GROUP = "execution (not part of the config hash)"
 

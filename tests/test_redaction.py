@@ -115,13 +115,15 @@ def test_runner_openai_backend_errors_and_manifest_hold_no_key(tmp_path, key, ti
     data = tmp_path / "problems.jsonl"
     data.write_text(json.dumps({"id": 1, "prompt": "What is 2+3?", "answer": "5"}) + "\n")
     out = tmp_path / "out.jsonl"
+    args = ["run", "--data", str(data), "--output", str(out), "--backend", "openai", "--served-model", "judge",
+            "--api-key-env", KEY_ENV, "--tokenizer", str(tiny_model_dir), "--mode", "vanilla", "--max-tokens", "8",
+            "--no-progress"]  # fmt: skip
     with EchoAuthServer() as server:
-        proc = run_cli(
-            ["run", "--data", str(data), "--output", str(out), "--backend", "openai", "--endpoint", server.origin,
-             "--served-model", "judge", "--api-key-env", KEY_ENV, "--tokenizer", str(tiny_model_dir),
-             "--mode", "vanilla", "--max-tokens", "8", "--no-progress"],
-            key,
-        )  # fmt: skip
+        probed = run_cli([*args, "--endpoint", server.origin], key)  # the startup probe meets the 401 first
+        assert probed.returncode == 2 and "HTTP 401" in probed.stderr and MASK in probed.stderr
+        assert key not in probed.stdout + probed.stderr and not out.exists()
+        # --text-prompts: no probe, so the 401 reaches a rollout and its error record
+        proc = run_cli([*args, "--endpoint", server.origin, "--text-prompts"], key)
     assert proc.returncode == 1, proc.stderr
     error = json.loads(Path(f"{out}.errors.jsonl").read_text().splitlines()[0])["error"]
     assert "HTTP 401" in error and MASK in error

@@ -263,8 +263,8 @@ class OpenAIBackend:
             sglang_lora = adapter is not None and adapter not in self.adapter_models and adapter in loras
             if name not in served and not sglang_lora:
                 what = f"the cleaner's adapter {adapter!r} (model name {name!r})" if adapter else f"model {name!r}"
-                raise BackendError(
-                    f"{self.base_url}: {what} is not served here; /v1/models lists {served}. "
+                raise BackendError(  # the listing is the server's text: redacted like its errors
+                    f"{self.base_url}: {what} is not served here; /v1/models lists {self._scrub(str(served))}. "
                     "Serve the adapter (SGLang --lora-paths NAME=PATH, vLLM --lora-modules) or point "
                     "--cleaner-endpoint at a server that has it"
                 )

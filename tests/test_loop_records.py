@@ -7,14 +7,17 @@ is checked against what the reasoner actually received and answered.
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass, field, replace
 
 import pytest
 
-from freelm.backends.base import GenerateRequest, GenerateResult, TransientBackendError
+from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams, TransientBackendError
 from freelm.cleaners import LoRACleaner
 from freelm.loop import LoopConfig, run_rollout
+from freelm.prompts import render_reasoning_prompt
 from freelm.testing.counting import CountingBackend, counting_tokenizer
+from freelm.tokenizer import Tokenizer
 
 TOKENIZER = counting_tokenizer(30)
 
@@ -143,3 +146,25 @@ def test_loop_config_bounds():
     with pytest.raises(ValueError, match="max_clean_rounds must be >= 0"):
         LoopConfig(max_clean_rounds=-1)
     assert LoopConfig(clean_every=7).to_dict()["clean_every"] == 7
+
+
+def test_the_configured_sampling_reaches_every_reasoning_request():
+    """Non-default sampling (the tests' default equals the request's default, which would hide a dropped setting)."""
+    sampling = SamplingParams(temperature=0.9, top_p=0.8, top_k=7, min_p=0.05)
+    backend = Recording()
+    result = rollout(backend, LoRACleaner(backend.inner), seed=3, sampling=sampling)
+    assert result.finish_reason == "stop" and len(backend.requests) > 1
+    assert all(r.sampling == sampling for r in backend.requests)
+
+
+def test_the_reasoning_prompt_is_rendered_with_the_tokenizers_chat_template():
+    hf = copy.deepcopy(TOKENIZER.hf)
+    hf.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}TEMPLATED\n<think>\n"
+    templated = Tokenizer(hf)
+    backend = Recording(inner=CountingBackend(templated, target=30))
+    config = LoopConfig(clean_every=40, max_tokens=2000, context_limit=2000)
+    asyncio.run(run_rollout("Count to 30.", reasoner=backend, tokenizer=templated, cleaner=None, config=config))
+    first = backend.requests[0].input_ids
+    expected = templated.encode(render_reasoning_prompt("Count to 30.", templated))
+    assert first[: len(expected)] == expected
+    assert "TEMPLATED" in templated.decode(first)

@@ -57,6 +57,7 @@ from freelm.backends.base import (
     GenerateRequest,
     SamplingParams,
 )
+from freelm.backends.pool import rollout_affinity
 from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
 from freelm.records import CleanRecord, RolloutResult, RoundRecord
@@ -117,6 +118,7 @@ def _call_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + index) % (2**31 - 1)
 
 
+@rollout_affinity
 async def run_rollout(
     problem: str,
     *,
@@ -209,6 +211,7 @@ async def run_rollout(
             finish_reason=result.finish_reason,
             latency_s=result.latency_s,
             rewound_chars=len(text) - kept,
+            endpoint=result.endpoint,
         )
         rounds.append(record)
         text = new_text
@@ -300,5 +303,6 @@ async def _clean(
         latency_s=time.perf_counter() - started,
         max_new_tokens=outcome.max_new_tokens,
         no_room=outcome.no_room,
+        endpoint=outcome.endpoint,
     )
     return record, ids, text, reusable

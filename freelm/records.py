@@ -51,6 +51,7 @@ class CleanRecord:
     error: str | None = None
     max_new_tokens: int | None = None  # the answer budget the call was sent with (capped to the window)
     no_room: str | None = None  # set when no call was sent: the prompt left no room in the cleaner's window
+    endpoint: str | None = None  # the server that answered (None: no call, an in-process cleaner, an old record)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RoundRecord:
     latency_s: float
     clean: CleanRecord | None = None
     rewound_chars: int = 0  # trailing chars of the previous text redecoded (a split multi-byte character)
+    endpoint: str | None = None  # the server that answered (None: not known, or a record older than the field)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, TransientBackendError
-from freelm.backends.pool import EndpointPool
+from freelm.backends.pool import EndpointPool, rollout_affinity
 
 
 @dataclass
@@ -314,3 +314,66 @@ def test_a_request_hung_before_any_history_is_caught_once_history_exists():
 
     results = asyncio.run(go())
     assert [r.output_ids for r in results] == [[99], [0], [1], [2], [3]] and pool.hangs == 1
+
+
+# ----- rollout affinity ----------------------------------------------------
+
+
+def rollouts(pool: EndpointPool, n: int, calls: int, affinity: bool = True) -> list[list[str]]:
+    """``n`` rollouts in flight, each making ``calls`` sequential requests; the endpoint of each call."""
+
+    async def one(i: int) -> list[str]:
+        return [(await pool.generate(request(i))).text for _ in range(calls)]
+
+    async def go():
+        pool.affinity = affinity
+        try:
+            return await asyncio.gather(*(rollout_affinity(one)(i) for i in range(n)))
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go())
+
+
+def test_affinity_keeps_each_rollout_on_one_endpoint_where_ties_would_rotate():
+    endpoints = [FakeEndpoint(name, delay=0.005) for name in "abcd"]
+    placed = rollouts(EndpointPool(endpoints), n=2, calls=6)
+    assert all(len(set(calls)) == 1 for calls in placed)  # every call of a rollout on its first endpoint
+    assert placed[0][0] != placed[1][0]  # and the rollouts themselves spread
+    scattered = rollouts(EndpointPool([FakeEndpoint(name, delay=0.005) for name in "abcd"]), 2, 6, affinity=False)
+    assert any(len(set(calls)) > 1 for calls in scattered)  # the reference: least-loaded alone rotates ties
+
+
+def test_affinity_yields_to_a_clearly_less_loaded_endpoint():
+    pool = EndpointPool([FakeEndpoint("a"), FakeEndpoint("b")], affinity_slack=2, affinity_ratio=1.25)
+
+    @rollout_affinity
+    async def rollout() -> list[str]:
+        names = [(await pool.generate(request())).text]
+        home = pool.endpoints["ab".index(names[0])]
+        home.in_flight = 2  # 2 more than the idle other one: within the slack, the prefix wins
+        names.append((await pool.generate(request())).text)
+        home.in_flight = 3  # 3 more, and more than 1.25x: the rollout moves
+        names.append((await pool.generate(request())).text)
+        home.in_flight = 0
+        names.append((await pool.generate(request())).text)  # and its affinity moved with it
+        return names
+
+    first, second, third, fourth = asyncio.run(rollout())
+    assert second == first and third != first and fourth == third
+
+
+def test_failover_moves_the_rollout_and_its_affinity():
+    a, b = FakeEndpoint("a"), FakeEndpoint("b")
+    pool = EndpointPool([a, b])
+
+    @rollout_affinity
+    async def rollout() -> list[str]:
+        names = [(await pool.generate(request())).text]
+        home = a if names[0] == "a" else b
+        home.fail.append(TransientBackendError(f"{home.name}: 503"))  # one failure: retried on the other one
+        names += [(await pool.generate(request())).text for _ in range(3)]
+        return names
+
+    names = asyncio.run(rollout())
+    assert names[1] != names[0] and names[1:] == [names[1]] * 3  # it stays where it failed over to

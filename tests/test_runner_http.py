@@ -106,3 +106,8 @@ def test_two_servers_both_used_one_killed_mid_run_every_rollout_once(
     assert a["up"] and not b["up"]
     assert manifest["status"] == "complete" and manifest["summary"]["failed"] == 0
     assert server_a.adapter_requests["free"] > 0  # cleaning went through the adapter
+    names = {server_a.url.rstrip("/"), url_b.rstrip("/")}  # as the SGLang client reports them
+    rounds = [rnd for r in records for rnd in r["rounds"]]
+    assert all(rnd["endpoint"] in names for rnd in rounds)  # every reasoning round says where it ran
+    cleans = [rnd["clean"] for rnd in rounds if rnd["clean"] and not rnd["clean"]["error"]]
+    assert cleans and all(c["endpoint"] in names for c in cleans)  # and every cleaning call

@@ -67,6 +67,18 @@ def test_a_good_record_round_trips_with_tuples_and_floats():
     assert RolloutRecord.from_dict(copy.deepcopy(parsed.to_dict())).to_dict() == parsed.to_dict()
 
 
+def test_endpoints_per_round_and_cleaning_call_round_trip_and_old_records_without_them_still_read():
+    record = good_record()
+    record["rounds"][0]["endpoint"] = "sglang@http://127.0.0.1:30000"
+    record["rounds"][0]["clean"]["endpoint"] = "sglang@http://127.0.0.1:30001"
+    parsed = RolloutRecord.from_dict(record)
+    assert parsed.rounds[0].endpoint.endswith(":30000") and parsed.rounds[0].clean.endpoint.endswith(":30001")
+    old = good_record()
+    del old["rounds"][0]["endpoint"], old["rounds"][0]["clean"]["endpoint"]  # written before the fields existed
+    parsed = RolloutRecord.from_dict(old)
+    assert parsed.rounds[0].endpoint is None and parsed.rounds[0].clean.endpoint is None
+
+
 def test_eval_reports_a_bad_field_with_exit_2_not_a_traceback(tmp_path, capsys):
     run = tmp_path / "run.jsonl"
     run.write_text(json.dumps(with_change(("rounds", 0, "generated_tokens"), "many")) + "\n")

@@ -6,7 +6,18 @@ ONE failed request on another server resumes the rollout exactly where it was.
 A dead server therefore costs time, never results.
 
 Routing: each request goes to the healthy endpoint with the fewest requests in
-flight (ties rotate, so equal servers share the load from the first request).
+flight (ties rotate, so equal servers share the load from the first request),
+except that a rollout's requests (cleaning calls included) stay on the endpoint
+that served its last one, the one holding its prefix in its radix cache, while
+that endpoint is up and not loaded clearly above the least-loaded one (more
+than ``affinity_slack`` requests AND ``affinity_ratio`` times its in-flight
+count): least-loaded alone keeps a rollout in place at steady state, but in an
+under-subscribed pool (a small run, every run's tail) ties rotate and a
+rollout's calls scatter over servers that have none of its prefix
+(``bench/cache_affinity_bench.py``). A rollout is the scope of
+:func:`rollout_affinity` (the loop opens one per rollout); when the home
+endpoint fails or goes down, the request goes elsewhere and the rollout's
+affinity moves with it.
 
 Failover: a :class:`TransientBackendError` (connection error, timeout, 5xx)
 is retried at once on the least-loaded healthy endpoint (possibly the same
@@ -40,10 +51,13 @@ before failing over only wastes time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from freelm.backends.base import Backend, GenerateRequest, GenerateResult, TransientBackendError
 
@@ -73,6 +87,39 @@ class EndpointState:
         }
 
 
+class Affinity:
+    """One rollout's home endpoint in each pool it uses (dropped with the rollout: nothing to clean up)."""
+
+    __slots__ = ("homes",)
+
+    def __init__(self) -> None:
+        self.homes: dict[EndpointPool, EndpointState] = {}
+
+
+_affinity: contextvars.ContextVar[Affinity | None] = contextvars.ContextVar("freelm_rollout_affinity", default=None)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def rollout_affinity(func: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Decorate a coroutine function: each call is one rollout, whose requests share an :class:`Affinity`.
+
+    A context variable, not a request field, so that cleaners (which only see
+    the problem and the thinking) route their calls with the rollout too.
+    """
+
+    @functools.wraps(func)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        token = _affinity.set(Affinity())
+        try:
+            return await func(*args, **kwargs)
+        finally:
+            _affinity.reset(token)
+
+    return wrapper
+
+
 class EndpointPool:
     """Route requests over ``backends``; see the module docstring for the policy.
 
@@ -94,6 +141,9 @@ class EndpointPool:
         hang_factor: float = 3.0,
         hang_samples: int = 8,
         min_hang_s: float = 2.0,
+        affinity: bool = True,
+        affinity_slack: int = 2,
+        affinity_ratio: float = 1.25,
         name: str | None = None,
     ):
         if not backends:
@@ -111,6 +161,9 @@ class EndpointPool:
         self.hang_factor = hang_factor
         self.hang_samples = hang_samples
         self.min_hang_s = min_hang_s
+        self.affinity = affinity
+        self.affinity_slack = affinity_slack
+        self.affinity_ratio = affinity_ratio
         self.name = name or f"pool[{', '.join(b.name for b in backends)}]"
         self.retries = 0
         self.hangs = 0
@@ -256,7 +309,20 @@ class EndpointPool:
         up = [e for e in up if id(e) not in avoid] or up
         self._turn += 1
         n = len(up)
-        return min((up[(self._turn + i) % n] for i in range(n)), key=lambda e: e.in_flight)
+        least = min((up[(self._turn + i) % n] for i in range(n)), key=lambda e: e.in_flight)
+        affinity = _affinity.get() if self.affinity else None
+        if affinity is None:
+            return least
+        home = affinity.homes.get(self)
+        if home is not None and any(e is home for e in up) and not self._overloaded(home, least):
+            return home
+        affinity.homes[self] = least  # first request, or failover: the rollout moves, its affinity with it
+        return least
+
+    def _overloaded(self, home: EndpointState, least: EndpointState) -> bool:
+        """Clearly above the least-loaded endpoint: worth a cold prefix elsewhere."""
+        excess = home.in_flight - least.in_flight
+        return excess > self.affinity_slack and home.in_flight > self.affinity_ratio * least.in_flight
 
     # ----- health ---------------------------------------------------------
 

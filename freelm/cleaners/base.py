@@ -27,6 +27,7 @@ class CleanOutcome:
     cached_tokens: int | None = None
     max_new_tokens: int | None = None  # the answer budget the call was sent with (capped to the window)
     no_room: str | None = None  # why no call was sent: the prompt leaves no room in the cleaner's window
+    endpoint: str | None = None  # the server that answered the call
 
 
 @runtime_checkable

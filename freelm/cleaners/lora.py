@@ -99,4 +99,5 @@ class LoRACleaner:
             completion_tokens=result.completion_tokens,
             cached_tokens=result.cached_tokens,
             max_new_tokens=budget,
+            endpoint=result.endpoint,
         )

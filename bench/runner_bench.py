@@ -19,17 +19,20 @@ the difference in client CPU per request.
 
 With every request taking ``delay`` seconds and ``concurrency`` rollouts in
 flight, the ideal rate is ``concurrency / delay`` requests/s; the ratio
-achieved/ideal is the fraction of time the client keeps every slot busy.
+achieved/ideal is the fraction of time the client keeps every slot busy. Beside
+the runner, a minimal aiohttp client (``concurrency`` workers posting the same
+``/generate`` body in a loop, nothing else) is measured against the same server
+in the same invocation: what any Python client reaches on this machine.
 
-Default delay 2 s: 256 / 2 = 128 requests/s ideal. Why not 50 ms (5120/s): on
+Default delays 2.0, 0.5 and 0.1 s: 128, 512 and 2560 requests/s ideal. Why not 50 ms (5120/s): on
 this shared 2-core machine one request costs the client ~1.5-2 ms of CPU, almost
 all inside httpx/httpcore/anyio, and the test server ~1 ms; 128/s keeps client +
 server well under one core even when other jobs take the rest. A real SGLang
 call (thousands of tokens) takes seconds to minutes, so real ideal rates are far
 lower still.
 
-    .venv/bin/python bench/runner_bench.py                 # 256 rollouts in flight, 512 in total, both cleaners
-    .venv/bin/python bench/runner_bench.py --delay 0.5    # harder: 512 requests/s ideal
+    .venv/bin/python bench/runner_bench.py                        # 256 in flight, 512 rollouts, at 2.0, 0.5, 0.1 s
+    .venv/bin/python bench/runner_bench.py --delay 0.5 --keep-reference   # also the [] cleaner at 0.5 s
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+
+from freelm.backends.base import GenerateRequest
+from freelm.backends.sglang import generate_payload
 from freelm.data import Problem
 from freelm.records import read_rollouts
 from freelm.runner import build_components, run_batch
@@ -128,9 +135,56 @@ async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+async def minimal(url: str, concurrency: int, total: int) -> dict:
+    """``total`` requests from ``concurrency`` aiohttp workers, each posting and parsing in a loop: the reference."""
+    body = generate_payload(GenerateRequest(input_ids=_DECODE.encode("Problem 0: how many cases?"), max_new_tokens=64))
+    left = total
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(f"{url}/generate", json=body) as response:
+                response.raise_for_status()
+                await response.json()
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"requests": total, "wall_s": round(wall, 3), "client_cpu_ms_per_request": round(1000 * cpu / total, 3)}
+
+
+def measure(delay: float, cleaner: str, args: argparse.Namespace) -> dict:
+    """The runner (and, for the deleting cleaner, the minimal client) against a fresh server of ``delay`` seconds."""
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", cleaner, "--delay", str(delay)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = server.stdout.readline().strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = asyncio.run(
+                bench(url, argparse.Namespace(**{**vars(args), "delay": delay}), Path(tmp) / "o.jsonl")
+            )
+        if cleaner == "delete":
+            ref = asyncio.run(minimal(url, args.concurrency, result["requests"]))
+            ref["ratio"] = round(ref["requests"] / ref["wall_s"] / result["ideal_rps"], 3)
+            result["minimal_aiohttp"] = ref
+        return result
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--delay", type=float, default=2.0, help="server seconds per request")
+    parser.add_argument(
+        "--delay", type=float, nargs="+", default=[2.0, 0.5, 0.1], help="server seconds per request (one run each)"
+    )
+    parser.add_argument(
+        "--keep-reference", action="store_true", help="also run the cleaner that answers [] (no deletions) per delay"
+    )
     parser.add_argument("--concurrency", type=int, default=256, help="rollouts in flight")
     parser.add_argument("--problems", type=int, default=512, help="rollouts in total (one per problem)")
     parser.add_argument(
@@ -140,37 +194,31 @@ def main() -> int:
     parser.add_argument("--serve", choices=("delete", "keep"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.delay, deleting=args.serve == "delete")
+        serve(args.delay[0], deleting=args.serve == "delete")
         return 0
-    results = {}
-    for cleaner in ("delete", "keep"):  # the deleting cleaner, then the [] reference
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", cleaner, "--delay", str(args.delay)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            url = server.stdout.readline().strip()
-            with tempfile.TemporaryDirectory() as tmp:
-                results[cleaner] = asyncio.run(bench(url, args, Path(tmp) / "out.jsonl"))
-        finally:
-            server.kill()
-            server.wait()
-    print(json.dumps(results, indent=2))
-    for cleaner, label in (("delete", "deleting cleaner"), ("keep", "reference, cleaner answers []")):
-        r = results[cleaner]
+    ok = True
+    for delay in args.delay:
+        results = {c: measure(delay, c, args) for c in ("delete", "keep") if c == "delete" or args.keep_reference}
+        print(json.dumps(results, indent=2))
+        d, m = results["delete"], results["delete"]["minimal_aiohttp"]
         print(
-            f"{label}: achieved {r['achieved_rps']} requests/s, ideal {r['ideal_rps']} "
-            f"({args.concurrency} in flight / {args.delay}s), ratio {r['ratio']:.3f}; "
-            f"client CPU {r['client_cpu_ms_per_request']} ms/request; "
-            f"{r['rounds_with_deletions']}/{r['cleaning_rounds']} rounds deleted {r['tokens_deleted']} tokens"
+            f"delay {delay}s, {args.concurrency} in flight, ideal {d['ideal_rps']} requests/s: runner {d['achieved_rps']} "
+            f"(ratio {d['ratio']:.3f}, client CPU {d['client_cpu_ms_per_request']} ms/request, "
+            f"{d['rounds_with_deletions']}/{d['cleaning_rounds']} rounds deleted {d['tokens_deleted']} tokens); "
+            f"minimal aiohttp client ratio {m['ratio']:.3f} ({m['client_cpu_ms_per_request']} ms/request); "
+            f"runner / minimal {d['ratio'] / m['ratio']:.3f}",
+            flush=True,
         )
-    d, k = results["delete"], results["keep"]
-    print(
-        f"deleting / reference: throughput {d['achieved_rps'] / k['achieved_rps']:.3f}x, "
-        f"client CPU per request {d['client_cpu_ms_per_request'] / k['client_cpu_ms_per_request']:.3f}x"
-    )
-    return 0 if d["failed"] == k["failed"] == 0 and d["rounds_with_deletions"] > 0 else 1
+        if "keep" in results:
+            k = results["keep"]
+            print(
+                f"  reference, cleaner answers []: ratio {k['ratio']:.3f}, client CPU {k['client_cpu_ms_per_request']} "
+                f"ms/request; deleting / reference CPU per request "
+                f"{d['client_cpu_ms_per_request'] / k['client_cpu_ms_per_request']:.3f}x"
+            )
+            ok = ok and k["failed"] == 0
+        ok = ok and d["failed"] == 0 and d["rounds_with_deletions"] > 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

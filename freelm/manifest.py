@@ -26,7 +26,17 @@ from freelm.redact import redact_obj
 MANIFEST_VERSION = 1
 
 #: Distributions whose versions can change results or behaviour (looked up without importing them).
-TRACKED_PACKAGES = ("freelm", "torch", "transformers", "peft", "tokenizers", "httpx", "openai", "math-verify")
+TRACKED_PACKAGES = (
+    "freelm",
+    "torch",
+    "transformers",
+    "peft",
+    "tokenizers",
+    "httpx",
+    "aiohttp",
+    "openai",
+    "math-verify",
+)
 
 
 def manifest_path(output: str | Path) -> Path:

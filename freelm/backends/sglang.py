@@ -18,17 +18,24 @@ by SGLang (unknown keys -> HTTP 400), so only documented keys are sent:
   decoding, which would desynchronise the loop's text from its token ids.
 
 ``lora_path`` is the adapter NAME (``--lora-paths NAME=PATH``), omitted for the base model.
+
+Transport: aiohttp, one session per backend. httpx/httpcore cost about 2 ms of
+client CPU per request at 256 in flight (connection-pool bookkeeping that grows
+with the connections of a pool) against about 0.5 ms for aiohttp; at 0.1 s per
+request that decided whether the client or the server was the bottleneck
+(``bench/runner_bench.py``, docs/runner.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from freelm.backends.base import (
     BackendError,
@@ -138,7 +145,20 @@ def parse_server_info(info: Any, endpoint: str) -> ServerLimits:
     )
 
 
-def error_message(response: httpx.Response) -> str:
+@dataclass
+class Reply:
+    """A finished HTTP response, read in full (the client never streams)."""
+
+    url: str
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return json.loads(self.text)
+
+
+def error_message(response: Reply) -> str:
     """The server's own error text, from any of SGLang's error bodies (``entrypoints/http_server.py``).
 
     ``{"error": "..."}`` (schema violations), ``{"error": {"message": ...}}``
@@ -172,28 +192,27 @@ class SGLangBackend:
         max_backoff: float = 10.0,
         name: str | None = None,
         max_connections: int = 512,
-        connections_per_pool: int = 32,
     ):
         self.base_url = base_url.rstrip("/")
         self.name = name or f"sglang@{self.base_url}"
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        # A long generation is one request: the read timeout is the whole call, connect fails fast.
-        # Several small pools, used in turn: httpcore assigns queued requests to connections in time
-        # quadratic in their number (256 concurrent rollouts on one pool: ~10 s of client CPU, 8 pools: ~2 s).
-        pool_size = max(1, min(connections_per_pool, max_connections))
-        tls = httpx.create_ssl_context()  # one shared context: building one per client costs ~0.1 s each
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-                verify=tls,
-            )
-            for _ in range(max(1, -(-max_connections // pool_size)))
-        ]
-        self._turn = itertools.cycle(self._clients)
+        self.max_connections = max(1, max_connections)
+        # A long generation is one request: the total timeout is the whole call, connect fails fast.
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._readiness: bool | None = None  # whether GET /readiness exists (a model gateway), once probed
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The session of the running event loop (a session is bound to the loop it was made in)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            self._session_loop = loop
+        return self._session
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         start = time.perf_counter()
@@ -203,12 +222,24 @@ class SGLangBackend:
         return result
 
     async def health(self) -> bool:
-        """True when ``GET /health`` answers 200 (SGLang runs a 1-token generation for it)."""
+        """True when the server can generate.
+
+        An SGLang server's ``GET /health`` runs a 1-token generation. SGLang's
+        model gateway (``sglang_router``) answers ``/health`` as a liveness alias
+        (always 200, even with no worker up) and reports its workers on
+        ``GET /readiness`` (503 when none is healthy), which a plain server does
+        not have (404): so ``/readiness`` is asked first, once, and used when it exists.
+        """
         try:
-            response = await self._clients[0].get("/health")
-        except httpx.HTTPError:
+            if self._readiness is not False:
+                response = await self._send("GET", "/readiness")
+                if response.status_code != 404:
+                    self._readiness = True
+                    return response.status_code == 200
+                self._readiness = False
+            return (await self._send("GET", "/health")).status_code == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
-        return response.status_code == 200
 
     async def model_info(self) -> dict[str, Any]:
         return _json(await self._request("GET", "/model_info"))
@@ -229,10 +260,17 @@ class SGLangBackend:
         await self._request("POST", "/flush_cache")
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, **kwargs: Any) -> Reply:
+        url = f"{self.base_url}{path}"
+        async with self._client().request(method, url, **kwargs) as response:
+            body = await response.read()
+            return Reply(url, response.status, body.decode("utf-8", errors="replace"))
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
         """One call with retries; 4xx fails at once with the server's message."""
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -240,11 +278,11 @@ class SGLangBackend:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retries of many rollouts spread out
             try:
-                response = await next(self._turn).request(method, path, **kwargs)
-            except httpx.TimeoutException as exc:
+                response = await self._send(method, path, **kwargs)
+            except asyncio.TimeoutError as exc:  # aiohttp's timeouts subclass it (not the builtin before 3.11)
                 last = f"timeout ({type(exc).__name__})"
                 continue
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 last = f"connection error ({type(exc).__name__}: {exc})"
                 continue
             if response.status_code >= 500:
@@ -259,8 +297,8 @@ class SGLangBackend:
         raise TransientBackendError(f"{self.base_url}{path}: failed after {self.max_retries + 1} attempts: {last}")
 
 
-def _json(response: httpx.Response) -> Any:
+def _json(response: Reply) -> Any:
     try:
         return response.json()
     except ValueError as exc:
-        raise BackendError(f"{response.request.url}: response is not JSON: {response.text[:200]!r}") from exc
+        raise BackendError(f"{response.url}: response is not JSON: {response.text[:200]!r}") from exc

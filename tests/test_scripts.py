@@ -54,6 +54,8 @@ def test_python_scripts_help_without_megatron(path):
         ("serve_sglang.sh", {"ADAPTER_PATH": "/a"}, "MODEL_PATH"),
         ("serve_sglang.sh", {"MODEL_PATH": "/m"}, "ADAPTER_PATH"),
         ("serve_endpoints.sh", {"MODEL_PATH": "/m", "ADAPTER_PATH": "/a"}, "ENDPOINTS_FILE"),
+        ("serve_gateway.sh", {"ENDPOINTS_FILE": "/e"}, "WORKERS_FILE"),
+        ("serve_gateway.sh", {"WORKERS_FILE": "/w"}, "ENDPOINTS_FILE"),
         ("train_qwen3_8b.sh", {"nemo_path": "/n", "train_fp": "/t", "output_dir": "/o", "run_name": "r"}, "model_path"),
         (
             "train_qwen3_235b.sh",
@@ -71,6 +73,20 @@ def test_unset_required_variable_is_named(script, env, missing):
     result = run(["bash", str(SCRIPTS / script), "--dry-run"], env=env)
     assert result.returncode != 0
     assert f"{missing} is not set" in result.stderr
+
+
+def test_gateway_dry_run_lists_every_worker_and_names_a_bad_line(tmp_path):
+    workers = tmp_path / "workers.txt"
+    workers.write_text("node1:30000\n# a comment\nhttp://node2:30001\n\n")
+    env = {"WORKERS_FILE": str(workers), "ENDPOINTS_FILE": str(tmp_path / "gw.txt")}
+    result = run(["bash", str(SCRIPTS / "serve_gateway.sh"), "--dry-run", "--", "--balance-abs-threshold", "32"], env)
+    assert result.returncode == 0, result.stderr
+    assert "sglang_router.launch_router" in result.stdout and "--policy cache_aware" in result.stdout
+    assert "--worker-urls http://node1:30000 http://node2:30001 --balance-abs-threshold 32" in result.stdout
+    assert not (tmp_path / "gw.txt").exists()  # a dry run writes nothing
+    workers.write_text("node1:30000\nnode2\n")
+    result = run(["bash", str(SCRIPTS / "serve_gateway.sh"), "--dry-run"], env)
+    assert result.returncode == 2 and f"{workers}:2: 'http://node2' is not HOST:PORT" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,10 @@ done
 read -r -a gpus <<<"${GPUS:-0 1 2 3 4 5 6 7}"
 TP="${TP:-1}"
 BASE_PORT="${BASE_PORT:-30000}"
-HOST="${HOST:-127.0.0.1}"
-if [[ "$HOST" == "0.0.0.0" ]]; then default_advertise="$(hostname -f)"; else default_advertise="$HOST"; fi
-ADVERTISE_HOST="${ADVERTISE_HOST:-$default_advertise}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC1091  # scripts/lib/serving.bash: resolve_hosts, wait_ready
+source "$here/lib/serving.bash"
+resolve_hosts
 LOG_DIR="${LOG_DIR:-./sglang_logs}"
 READY_TIMEOUT="${READY_TIMEOUT:-1800}"
 
@@ -56,7 +57,6 @@ if (( ${#gpus[@]} == 0 || ${#gpus[@]} % TP != 0 )); then
   exit 2
 fi
 servers=$(( ${#gpus[@]} / TP ))
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 endpoints=()
 for (( i = 0; i < servers; i++ )); do
@@ -81,18 +81,8 @@ for (( i = 0; i < servers; i++ )); do
 done
 
 for (( i = 0; i < servers; i++ )); do
-  url="http://$HOST:$(( BASE_PORT + i ))/health"
-  [[ "$HOST" == "0.0.0.0" ]] && url="http://127.0.0.1:$(( BASE_PORT + i ))/health"
-  waited=0
-  until curl -sf -o /dev/null "$url"; do
-    if ! kill -0 "${pids[i]}" 2>/dev/null; then
-      echo "error: server $i exited; see $LOG_DIR/server_$i.log" >&2; exit 1
-    fi
-    if (( waited >= READY_TIMEOUT )); then
-      echo "error: server $i not healthy after ${READY_TIMEOUT}s; see $LOG_DIR/server_$i.log" >&2; exit 1
-    fi
-    sleep 5; waited=$(( waited + 5 ))
-  done
+  wait_ready "http://$PROBE_HOST:$(( BASE_PORT + i ))/health" "${pids[i]}" "server $i" "$LOG_DIR/server_$i.log" \
+    "$READY_TIMEOUT"
 done
 
 mkdir -p "$(dirname "$ENDPOINTS_FILE")"

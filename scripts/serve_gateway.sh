@@ -49,10 +49,10 @@ done
 
 : "${WORKERS_FILE:?WORKERS_FILE is not set: the SGLang servers (HOST:PORT per line, from serve_endpoints.sh)}"
 : "${ENDPOINTS_FILE:?ENDPOINTS_FILE is not set: where to write the gateway endpoint for runner.py --endpoints-file}"
+# shellcheck disable=SC1091  # scripts/lib/serving.bash: resolve_hosts, wait_ready
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/serving.bash"
+resolve_hosts
 PORT="${PORT:-30080}"
-HOST="${HOST:-127.0.0.1}"
-if [[ "$HOST" == "0.0.0.0" ]]; then default_advertise="$(hostname -f)"; else default_advertise="$HOST"; fi
-ADVERTISE_HOST="${ADVERTISE_HOST:-$default_advertise}"
 POLICY="${POLICY:-cache_aware}"
 LOG_FILE="${LOG_FILE:-./sglang_logs/gateway.log}"
 READY_TIMEOUT="${READY_TIMEOUT:-600}"
@@ -90,18 +90,8 @@ mkdir -p "$(dirname "$LOG_FILE")"
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT INT TERM
 
-probe_host="$HOST"
-[[ "$HOST" == "0.0.0.0" ]] && probe_host=127.0.0.1
-waited=0
-until curl -sf -o /dev/null "http://$probe_host:$PORT/readiness"; do
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "error: the gateway exited; see $LOG_FILE" >&2; exit 1
-  fi
-  if (( waited >= READY_TIMEOUT )); then
-    echo "error: the gateway has no healthy worker after ${READY_TIMEOUT}s; see $LOG_FILE" >&2; exit 1
-  fi
-  sleep 5; waited=$(( waited + 5 ))
-done
+# /readiness: 200 once a worker is healthy (the gateway's /health is liveness only)
+wait_ready "http://$PROBE_HOST:$PORT/readiness" "$pid" "the gateway" "$LOG_FILE" "$READY_TIMEOUT"
 
 mkdir -p "$(dirname "$ENDPOINTS_FILE")"
 echo "$ADVERTISE_HOST:$PORT" >"$ENDPOINTS_FILE"

@@ -95,11 +95,11 @@ def test_a_run_through_the_gateway_as_one_endpoint_completes_every_rollout(tmp_p
         flags = parser.parse_args(
             [
                 "--data", "unused", "--output", str(out), "--endpoint", gw.origin.removeprefix("http://"),
-                "--clean-every", "8", "--max-tokens", "64", "--context-limit", "4096", "--concurrency", "4",
+                "--clean-every", "8", "--max-tokens", "24", "--context-limit", "4096", "--concurrency", "4",
             ]
         )  # fmt: skip
         components = build_components(flags, tokenizer=Tokenizer(ScriptedTokenizer()))
-        problems = [Problem(id=str(i), source="t", prompt=f"Problem {i}?", answer="0") for i in range(6)]
+        problems = [Problem(id=str(i), source="t", prompt=f"Problem {i}?", answer="0") for i in range(4)]
 
         async def go():
             try:
@@ -115,7 +115,7 @@ def test_a_run_through_the_gateway_as_one_endpoint_completes_every_rollout(tmp_p
         summary = asyncio.run(go())
         records = read_rollouts(out)
         assert summary.failed == 0
-        assert sorted((r.id, r.rollout) for r in records) == [(str(i), k) for i in range(6) for k in range(2)]
+        assert sorted((r.id, r.rollout) for r in records) == [(str(i), k) for i in range(4) for k in range(2)]
         assert all(r.finish_reason in ("stop", "length") and r.error is None for r in records), records[0]
         assert any(r.cleaning_rounds for r in records)  # cleaning calls went through the gateway too
         assert a.requests["/generate"] > 0 and b.requests["/generate"] > 0  # the gateway spread them

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,14 +64,25 @@ class LoRACleaner:
         help="near the cleaner's window, clean early while a cleaning call still has this many tokens "
         "(at most --clean-max-tokens) to answer in",
     )  # fmt: skip
+    _frame_tokens: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def headroom(self, problem: str, thinking_tokens: int) -> int | None:
         """Tokens the thinking may still grow by before a cleaning call would have < ``reserve`` room; None: unbounded."""
         if self.window is None or self.tokenizer is None:
             return None
-        prompt = len(self.tokenizer.encode(render_cleaning_prompt(problem, "", self.template))) + thinking_tokens
+        prompt = self._frame_size(problem) + thinking_tokens
         reserve = effective_reserve(self.reserve, {"max_new_tokens": self.max_new_tokens})
         return min(self.window.max_input - prompt, self.window.max_total - reserve - prompt)
+
+    def _frame_size(self, problem: str) -> int:
+        """Tokens of the cleaning prompt around the thinking: fixed per problem, and the loop asks every round."""
+        size = self._frame_tokens.get(problem)
+        if size is None:
+            if len(self._frame_tokens) >= 4096:  # one entry per problem in flight is all that is reused
+                self._frame_tokens.clear()
+            size = len(self.tokenizer.encode(render_cleaning_prompt(problem, "", self.template)))
+            self._frame_tokens[problem] = size
+        return size
 
     async def clean(self, problem: str, thinking: str) -> CleanOutcome:
         prompt = render_cleaning_prompt(problem, thinking, self.template)

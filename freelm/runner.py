@@ -541,21 +541,17 @@ async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
     reports: list[ServerLimits] = []
     for state in pool.endpoints:
         backend = state.backend
-        length = getattr(backend, "context_length", None)
-        if hasattr(backend, "server_limits"):
-            try:
-                reports.append(await backend.server_limits())
-            except BackendError as exc:
-                print(f"warning: {backend.name}: cannot read its limits ({exc})", file=sys.stderr)
-                reports.append(ServerLimits())
-        elif isinstance(length, int) and length > 0:  # in-process: input < length, stops at length
-            window = ContextWindow(length - 1, length, source=f"{backend.name} max_position_embeddings")
-            reports.append(ServerLimits(window=window, seeds_honoured=True, source=backend.name))
-        else:
+        if not hasattr(backend, "server_limits"):  # e.g. a test double: it says nothing
             reports.append(ServerLimits())
+            continue
+        try:
+            reports.append(await backend.server_limits())
+        except BackendError as exc:
+            print(f"warning: {backend.name}: cannot read its limits ({exc})", file=sys.stderr)
+            reports.append(ServerLimits())
+    fallback = ContextWindow.sglang(context_limit, source="--context-limit (the server reports no window)")
     window: ContextWindow | None = None
     for report in reports:
-        fallback = ContextWindow.sglang(context_limit, source="--context-limit (the server reports no window)")
         window = (report.window or fallback).narrow(window)
     flags = {key: [getattr(r, key) for r in reports] for key in ("seeds_honoured", "cache_report")}
     return ServerLimits(

@@ -36,7 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, SamplingParams
+from freelm.backends.base import (
+    BackendError,
+    ContextWindow,
+    GenerateRequest,
+    GenerateResult,
+    SamplingParams,
+    ServerLimits,
+)
 from freelm.tokenizer import Tokenizer
 
 
@@ -207,6 +214,14 @@ class LocalBackend:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+    async def server_limits(self) -> ServerLimits:
+        """The model's window (input < ``max_position_embeddings``, stops at it); seeds are always honoured."""
+        if not self.context_length:
+            return ServerLimits(seeds_honoured=True, source=self.name)
+        length = self.context_length
+        window = ContextWindow(length - 1, length, source=f"{self.name} max_position_embeddings")
+        return ServerLimits(window=window, seeds_honoured=True, source=self.name)
 
     async def aclose(self) -> None:
         self.flush_cache()

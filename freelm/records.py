@@ -283,8 +283,13 @@ def repair_torn_tail(path: str | Path) -> int:
 
 def read_rollouts(path: str | Path) -> list[RolloutRecord]:
     """Read a runner output file; a bad record is ``file:line: field: expected X, got Y``."""
+    return rollouts_from_rows(iter_jsonl(path), path)
+
+
+def rollouts_from_rows(rows: Iterable[tuple[int, dict[str, Any]]], path: str | Path) -> list[RolloutRecord]:
+    """Records from ``(line_number, object)`` rows already read from ``path`` (named in errors)."""
     records = []
-    for number, obj in iter_jsonl(path):
+    for number, obj in rows:
         try:
             records.append(RolloutRecord.from_dict(obj))
         except ValueError as exc:

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from freelm.records import RolloutRecord, iter_jsonl, read_rollouts
+from freelm.records import RolloutRecord, iter_jsonl, rollouts_from_rows
 
 ID_FIELDS = ("id", "doc_id", "problem_id")
 RESPONSE_FIELDS = ("response", "generation", "output", "completion", "model_output")
@@ -129,5 +129,5 @@ def read_any_rollouts(
     """Runner records when every row is one, else other tools' rows (see the module docstring)."""
     rows = list(iter_jsonl(path))
     if rows and "config_hash" in rows[0][1]:  # the runner's own format: read strictly, every field kept
-        return read_rollouts(path)
+        return rollouts_from_rows(rows, path)
     return external_records(rows, path, source=source, answers=answers)

@@ -3,7 +3,7 @@
 
 import sys
 
-from freelm.runner import main
+from freelm.run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

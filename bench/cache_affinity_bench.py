@@ -36,8 +36,9 @@ from runner_bench import cleaning, reasoning  # the same workload (bench/ is the
 from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.data import Problem
 from freelm.records import read_rollouts
-from freelm.runner import build_components, run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.batch import run_batch
+from freelm.run.components import build_components
+from freelm.run.spec import RunSpec
 from freelm.testing.radix_cache import RadixCache
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
@@ -79,17 +80,15 @@ def hits(log: list) -> dict[str, list[int]]:
 
 
 async def run(urls: list[str], concurrency: int, problems: int, affinity: bool, args, out: Path) -> dict:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     endpoints = [flag for url in urls for flag in ("--endpoint", url)]
-    flags = parser.parse_args(
+    spec = RunSpec.from_argv(
         [
-            "--data", "unused", "--output", str(out), *endpoints,
+            "--data", "unused", "--output", str(out), *endpoints, "--n-rollouts", "1", "--no-progress",
             "--clean-every", str(args.clean_every), "--max-tokens", str(args.clean_every * args.rounds),
             "--context-limit", "8192", "--concurrency", str(concurrency), "--timeout", "60",
         ]
     )  # fmt: skip
-    components = build_components(flags, tokenizer=Tokenizer(ScriptedTokenizer()))
+    components = build_components(spec, tokenizer=Tokenizer(ScriptedTokenizer()))
     log: list = []
     for pool in components.pools:
         pool.affinity = affinity
@@ -99,11 +98,7 @@ async def run(urls: list[str], concurrency: int, problems: int, affinity: bool, 
         Problem(id=str(i), source="bench", prompt=f"Problem {i}: how many cases?", answer="0") for i in range(problems)
     ]
     try:
-        await run_batch(
-            jobs, output=out, settings=run_settings(flags), config=loop_config(flags), reasoner=components.reasoner,
-            tokenizer=components.tokenizer, cleaner=components.cleaner, n_rollouts=1, concurrency=concurrency,
-            pools=components.pools, progress=False,
-        )  # fmt: skip
+        await run_batch(jobs, spec, components)
     finally:
         await components.aclose()
     records = read_rollouts(out)

@@ -33,25 +33,21 @@ def run_variant(assets: Path, out: Path, mode: str, cache_bytes: int | None, pro
     from freelm.data import load_problem_sources
     from freelm.demo.run import runner_args
     from freelm.records import read_rollouts
-    from freelm.runner import add_arguments, build_components, run_batch
-    from freelm.runner_config import loop_config, run_settings
+    from freelm.run.batch import run_batch
+    from freelm.run.components import build_components
+    from freelm.run.spec import RunSpec
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(runner_args(assets, assets / "benchmark.jsonl", out, mode, limit, problems)[1:])
-    components = build_components(args)
+    cleaner = None if mode == "vanilla" else "free"
+    argv = runner_args(assets, assets / "benchmark.jsonl", out, cleaner, limit, problems)[1:]
+    spec = RunSpec.from_argv([*argv, "--no-progress"])
+    components = build_components(spec)
     backend = components.reasoner.endpoints[0].backend
     if cache_bytes is not None:
         backend.cache_bytes = cache_bytes
 
     async def go():
         try:
-            return await run_batch(
-                load_problem_sources(args.data, limit=args.limit), output=out, settings=run_settings(args),
-                config=loop_config(args), reasoner=components.reasoner, tokenizer=components.tokenizer,
-                cleaner=components.cleaner, n_rollouts=1, concurrency=args.concurrency, pools=components.pools,
-                progress=False,
-            )  # fmt: skip
+            return await run_batch(load_problem_sources(list(spec.data), limit=spec.limit), spec, components)
         finally:
             await components.aclose()
 

@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 from freelm.data import Problem
-from freelm.runner import build_components, run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.batch import run_batch
+from freelm.run.components import build_components
+from freelm.run.spec import RunSpec
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
@@ -74,26 +75,20 @@ def start_servers(args: argparse.Namespace, faulty: bool) -> tuple[list[subproce
 
 
 async def one_run(urls: list[str], args: argparse.Namespace, out: Path) -> dict:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     flags = [
-        "--data", "unused", "--output", str(out), "--clean-every", str(args.clean_every),
+        "--data", "unused", "--output", str(out), "--n-rollouts", "1", "--no-progress", "--clean-every", str(args.clean_every),
         "--max-tokens", str(args.clean_every * args.rounds), "--context-limit", "8192",
     ]  # fmt: skip
     for url in urls:
         flags += ["--endpoint", url]
     if args.max_retries is not None:
         flags += ["--max-retries", str(args.max_retries)]
-    parsed = parser.parse_args(flags)
-    components = build_components(parsed, tokenizer=Tokenizer(ScriptedTokenizer()))
+    spec = RunSpec.from_argv(flags)
+    components = build_components(spec, tokenizer=Tokenizer(ScriptedTokenizer()))
     problems = [Problem(str(i), "bench", f"Problem {i}: how many cases?", "0") for i in range(args.rollouts)]
     try:
         started = time.perf_counter()
-        summary = await run_batch(
-            problems, output=out, settings=run_settings(parsed), config=loop_config(parsed),
-            reasoner=components.reasoner, tokenizer=components.tokenizer, cleaner=components.cleaner, n_rollouts=1,
-            concurrency=parsed.concurrency, pools=components.pools, progress=False,
-        )  # fmt: skip
+        summary = await run_batch(problems, spec, components)
         wall = time.perf_counter() - started
     finally:
         await components.aclose()
@@ -106,7 +101,7 @@ async def one_run(urls: list[str], args: argparse.Namespace, out: Path) -> dict:
         "requests": sum(e.requests for e in pool.endpoints),
         "retries": pool.retries,
         "hangs_abandoned": pool.hangs,
-        "max_retries": parsed.max_retries,
+        "max_retries": spec.max_retries,
     }
 
 

@@ -53,8 +53,9 @@ from freelm.backends.base import GenerateRequest
 from freelm.backends.sglang import generate_payload
 from freelm.data import Problem
 from freelm.records import read_rollouts
-from freelm.runner import build_components, run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.batch import run_batch
+from freelm.run.components import build_components
+from freelm.run.spec import RunSpec
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
@@ -88,28 +89,21 @@ def serve(delay: float, deleting: bool) -> None:
 
 
 async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = parser.parse_args(
+    spec = RunSpec.from_argv(
         [
-            "--data", "unused", "--output", str(out), "--endpoint", url,
+            "--data", "unused", "--output", str(out), "--endpoint", url, "--n-rollouts", "1", "--no-progress",
             "--clean-every", str(args.clean_every), "--max-tokens", str(args.clean_every * args.rounds),
             "--context-limit", "8192", "--concurrency", str(args.concurrency), "--timeout", "60",
         ]
     )  # fmt: skip
-    settings = run_settings(flags)
-    components = build_components(flags, tokenizer=Tokenizer(ScriptedTokenizer()))
+    components = build_components(spec, tokenizer=Tokenizer(ScriptedTokenizer()))
     problems = [
         Problem(id=str(i), source="bench", prompt=f"Problem {i}: how many cases?", answer="0")
         for i in range(args.problems)
     ]
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
-        summary = await run_batch(
-            problems, output=out, settings=settings, config=loop_config(flags), reasoner=components.reasoner,
-            tokenizer=components.tokenizer, cleaner=components.cleaner, n_rollouts=1, concurrency=args.concurrency,
-            pools=components.pools, progress=False,
-        )  # fmt: skip
+        summary = await run_batch(problems, spec, components)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     finally:
         await components.aclose()

@@ -14,7 +14,7 @@ import sys
 
 #: (subcommand, module[:object], one-line help). "data check" is spelled with a space.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("run", "freelm.runner", "run rollouts (vanilla or Free()LM) over a benchmark; resumable"),
+    ("run", "freelm.run.cli", "run rollouts (vanilla or Free()LM) over a benchmark; resumable"),
     ("eval", "freelm.evaluation.eval_cli", "grade runner outputs: pass@k, #Token, paper-format table, plots"),
     ("judge", "freelm.evaluation.judge_cli", "LLM-judge answers a rule-based grader cannot settle"),
     ("report", "freelm.evaluation.report_cli", "efficiency report: KV cache per sample, tokens, latency overhead"),

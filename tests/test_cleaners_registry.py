@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import pytest
@@ -13,13 +12,19 @@ from freelm.cleaners.icl import ICLCleaner
 from freelm.cleaners.lora import LoRACleaner
 from freelm.cleaners.oracle import OracleCleaner
 from freelm.free import remove_spans
-from freelm.runner_config import add_arguments, run_settings, validate_args
+from freelm.run.flags import build_parser, validate_args
+from freelm.run.settings import run_settings
+from freelm.run.spec import RunSpec
+
+ARGV = ("--data", "d.jsonl", "--output", "o.jsonl")
 
 
-def parse(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(["--data", "d.jsonl", "--output", "o.jsonl", *flags])
+def parse(*flags: str) -> RunSpec:
+    return RunSpec.from_argv([*ARGV, *flags])
+
+
+def check(*flags: str) -> None:
+    validate_args(build_parser().parse_args([*ARGV, *flags]))
 
 
 def test_every_cleaner_file_is_registered_under_its_name():
@@ -32,44 +37,44 @@ def test_every_cleaner_file_is_registered_under_its_name():
 
 def test_hashes_of_the_existing_cleaners_are_those_of_earlier_runs():
     """Outputs written before the registry must still resume: their config hashes are pinned here."""
-    assert run_settings(parse()).config_hash == "3094face88ebfc25"
-    assert run_settings(parse("--cleaner", "headtail")).config_hash == "ddd4beb233423f29"
-    assert run_settings(parse("--cleaner", "headtail", "--head-tokens", "4")).config_hash == "203c05735529e64b"
-    assert run_settings(parse("--adapter-name", "x", "--clean-max-tokens", "7")).config_hash == "15628d2cf3c093aa"
+    assert parse().settings.config_hash == "3094face88ebfc25"
+    assert parse("--cleaner", "headtail").settings.config_hash == "ddd4beb233423f29"
+    assert parse("--cleaner", "headtail", "--head-tokens", "4").settings.config_hash == "203c05735529e64b"
+    assert parse("--adapter-name", "x", "--clean-max-tokens", "7").settings.config_hash == "15628d2cf3c093aa"
 
 
 def test_icl_is_the_free_module_prompt_without_an_adapter():
-    free, icl = run_settings(parse()), run_settings(parse("--cleaner", "icl"))
+    free, icl = parse().settings, parse("--cleaner", "icl").settings
     assert icl.mode == "icl" and icl.cleaner["name"] == "icl" and "adapter" not in icl.cleaner
     assert {k: v for k, v in free.cleaner.items() if k not in ("name", "adapter")} == {
         k: v for k, v in icl.cleaner.items() if k != "name"
     }
-    assert run_settings(parse("--cleaner", "icl", "--clean-max-tokens", "9")).cleaner["max_new_tokens"] == 9
+    assert parse("--cleaner", "icl", "--clean-max-tokens", "9").settings.cleaner["max_new_tokens"] == 9
     # the adapter name is not an ICL setting: changing it is no new ICL experiment
-    assert run_settings(parse("--cleaner", "icl", "--adapter-name", "x")).config_hash == icl.config_hash
-    cleaner = registry.get_cleaner("icl").build(parse("--cleaner", "icl"), backend="B", tokenizer="T")
+    assert parse("--cleaner", "icl", "--adapter-name", "x").settings.config_hash == icl.config_hash
+    cleaner = registry.get_cleaner("icl").build(parse("--cleaner", "icl").cleaner_options, backend="B", tokenizer="T")
     assert isinstance(cleaner, LoRACleaner) and cleaner.adapter is None and cleaner.backend == "B"
 
 
 def test_local_backend_needs_an_adapter_only_for_cleaners_that_use_one():
     local = ("--backend", "local", "--model", "m")
     with pytest.raises(ValueError, match="--cleaner free needs --adapter DIR"):
-        validate_args(parse(*local))
+        check(*local)
     for name in ("icl", "oracle", "headtail"):
-        validate_args(parse(*local, "--cleaner", name))
+        check(*local, "--cleaner", name)
 
 
 def test_oracle_has_no_settings_and_needs_no_component():
     entry = registry.get_cleaner("oracle")
     assert entry.components == [] and entry.settings == []
-    assert run_settings(parse("--cleaner", "oracle")).cleaner == {"name": "oracle"}
-    assert isinstance(entry.build(parse("--cleaner", "oracle")), OracleCleaner)
+    assert parse("--cleaner", "oracle").settings.cleaner == {"name": "oracle"}
+    assert isinstance(entry.build(parse("--cleaner", "oracle").cleaner_options), OracleCleaner)
 
 
 def test_cleaner_flag_bounds_come_from_the_settings():
     for flag in ("--clean-max-tokens", "--head-tokens", "--tail-tokens"):
         with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
-            validate_args(parse("--endpoint", "h:1", "--tokenizer", "t", flag, "0"))
+            check("--endpoint", "h:1", "--tokenizer", "t", flag, "0")
 
 
 def test_a_bad_template_fails_when_hashing_before_anything_runs(tmp_path):
@@ -146,7 +151,9 @@ def test_icl_in_the_loop_asks_the_base_model_with_the_cleaning_prompt():
             return await super().generate(request)
 
     backend = Recording(tokenizer, target=30)
-    cleaner = registry.get_cleaner("icl").build(parse("--cleaner", "icl"), backend=backend, tokenizer=tokenizer)
+    cleaner = registry.get_cleaner("icl").build(
+        parse("--cleaner", "icl").cleaner_options, backend=backend, tokenizer=tokenizer
+    )
     config = LoopConfig(clean_every=20, context_limit=4000, max_tokens=600)
     result = asyncio.run(
         run_rollout("Count to 30.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config)

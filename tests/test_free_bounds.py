@@ -7,7 +7,6 @@ budget far above the measured ~3 us/char), so only a super-linear regression
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
@@ -20,8 +19,9 @@ from freelm.cleaners import LoRACleaner
 from freelm.data import Problem
 from freelm.free import MAX_COMMANDS, MAX_DEPTH, Deletion, apply_deletions, format_commands, parse_commands
 from freelm.records import read_rollouts
-from freelm.runner import run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.batch import run_batch
+from freelm.run.components import Components
+from freelm.run.spec import RunSpec
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 
 GOOD = [Deletion("Let me try", "dead end.")]
@@ -133,22 +133,17 @@ class ExplodingCleaner:
 
 def _run(tmp_path, backend, cleaner_for):
     tokenizer = backend.tokenizer
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(
-        ["--data", "x.jsonl", "--output", "x.jsonl", "--clean-every", "20", "--context-limit", "400",
-         "--max-tokens", "600"]
+    spec = RunSpec.from_argv(
+        ["--data", "x.jsonl", "--output", str(tmp_path / "out.jsonl"), "--clean-every", "20", "--context-limit", "400",
+         "--max-tokens", "600", "--n-rollouts", "2", "--concurrency", "4", "--no-progress"]
     )  # fmt: skip
     pool = EndpointPool([backend], probe_interval=0.01)
     problems = [Problem(id=str(i), source="count", prompt=f"Count to 30, puzzle {i}.", answer="30") for i in range(3)]
+    components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=cleaner_for(pool), pools=(pool,))
 
     async def go():
         try:
-            return await run_batch(
-                problems, output=tmp_path / "out.jsonl", settings=run_settings(args), config=loop_config(args),
-                reasoner=pool, tokenizer=tokenizer, cleaner=cleaner_for(pool), n_rollouts=2, concurrency=4,
-                pools=(pool,), progress=False,
-            )  # fmt: skip
+            return await run_batch(problems, spec, components)
         finally:
             await pool.aclose()
 

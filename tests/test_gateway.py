@@ -11,7 +11,6 @@ which worker serves a call is the gateway's business, not the runner's.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -21,8 +20,9 @@ import httpx
 from freelm.backends.sglang import SGLangBackend
 from freelm.data import Problem
 from freelm.records import read_rollouts
-from freelm.runner import build_components, run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.batch import run_batch
+from freelm.run.components import build_components
+from freelm.run.spec import RunSpec
 from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer
@@ -89,26 +89,21 @@ def test_health_asks_the_gateways_readiness_not_its_liveness_and_a_plain_server_
 def test_a_run_through_the_gateway_as_one_endpoint_completes_every_rollout(tmp_path):
     engines = [ScriptedEngine({None: "Case 1 is checked. </think>\\boxed{0}", "free": "[]"}) for _ in range(2)]
     with SGLangTestServer(engines[0]) as a, SGLangTestServer(engines[1]) as b, GatewayStandIn([a.url, b.url]) as gw:
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
         out = tmp_path / "out.jsonl"
-        flags = parser.parse_args(
+        spec = RunSpec.from_argv(
             [
                 "--data", "unused", "--output", str(out), "--endpoint", gw.origin.removeprefix("http://"),
                 "--clean-every", "8", "--max-tokens", "24", "--context-limit", "4096", "--concurrency", "4",
+                "--n-rollouts", "2", "--no-progress",
             ]
         )  # fmt: skip
-        components = build_components(flags, tokenizer=Tokenizer(ScriptedTokenizer()))
+        components = build_components(spec, tokenizer=Tokenizer(ScriptedTokenizer()))
         problems = [Problem(id=str(i), source="t", prompt=f"Problem {i}?", answer="0") for i in range(4)]
 
         async def go():
             try:
                 assert await components.reasoner.check_health() == 1
-                return await run_batch(
-                    problems, output=out, settings=run_settings(flags), config=loop_config(flags),
-                    reasoner=components.reasoner, tokenizer=components.tokenizer, cleaner=components.cleaner,
-                    n_rollouts=2, concurrency=4, pools=components.pools, progress=False,
-                )  # fmt: skip
+                return await run_batch(problems, spec, components)
             finally:
                 await components.aclose()
 

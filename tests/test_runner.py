@@ -19,15 +19,13 @@ from freelm.cleaners import get_cleaner
 from freelm.data import Problem
 from freelm.manifest import errors_path, manifest_path
 from freelm.records import iter_jsonl, read_rollouts
-from freelm.runner import ConfigMismatch, run, run_batch
-from freelm.runner_config import (
-    add_arguments,
-    loop_config,
-    normalize_endpoint,
-    read_endpoints_file,
-    rollout_seed,
-    run_settings,
-)
+from freelm.run.batch import run_batch
+from freelm.run.cli import run
+from freelm.run.components import Components
+from freelm.run.flags import build_parser, normalize_endpoint, read_endpoints_file
+from freelm.run.plan import ConfigMismatch
+from freelm.run.settings import rollout_seed
+from freelm.run.spec import RunSpec
 from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
 from freelm.tokenizer import Tokenizer
 
@@ -47,32 +45,29 @@ def problems(n: int = 3) -> list[Problem]:
     ]
 
 
-def parse(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(["--data", "unused.jsonl", "--output", "unused.jsonl", *flags])
+def parse(*flags: str) -> RunSpec:
+    return RunSpec.from_argv(["--data", "unused.jsonl", "--output", "unused.jsonl", *flags])
 
 
 BATCH_FLAGS = ("--clean-every", "20", "--context-limit", "400", "--max-tokens", "600")
 
 
-def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None, **kwargs):
+def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None):
     """run_batch over a pool of one counting backend; returns (summary, backend)."""
-    args = parse(*BATCH_FLAGS, *flags)
-    settings = run_settings(args)
+    spec = RunSpec.from_argv(
+        ["--data", "unused.jsonl", "--output", str(tmp_path / "out.jsonl"), "--n-rollouts", str(n_rollouts),
+         "--concurrency", "4", "--no-progress", *BATCH_FLAGS, *flags]
+    )  # fmt: skip
     backend = backend or CountingBackend(tokenizer, target=TARGET)
     pool = EndpointPool([backend], probe_interval=0.01)
     cleaner = None
-    if args.mode == "freelm":
-        cleaner = get_cleaner(args.cleaner).build(args, backend=pool, tokenizer=tokenizer)
+    if spec.mode == "freelm":
+        cleaner = get_cleaner(spec.cleaner).build(spec.cleaner_options, backend=pool, tokenizer=tokenizer)
+    components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=cleaner, pools=(pool,))
 
     async def go():
         try:
-            return await run_batch(
-                problems() if probs is None else probs, output=tmp_path / "out.jsonl", settings=settings,
-                config=loop_config(args), reasoner=pool, tokenizer=tokenizer, cleaner=cleaner,
-                n_rollouts=n_rollouts, concurrency=4, pools=(pool,), progress=False, **kwargs,
-            )  # fmt: skip
+            return await run_batch(problems() if probs is None else probs, spec, components)
         finally:
             await pool.aclose()
 
@@ -88,7 +83,7 @@ def test_batch_writes_one_record_per_rollout_with_identity_seed_and_hash(tmp_pat
     out = tmp_path / "out.jsonl"
     records = read_rollouts(out)
     assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(3)]
-    settings = run_settings(parse(*BATCH_FLAGS, "--seed", "7"))
+    settings = parse(*BATCH_FLAGS, "--seed", "7").settings
     for rec in records:
         assert rec.mode == "freelm" and rec.config_hash == settings.config_hash
         assert rec.seed == rollout_seed(7, "count", rec.id, rec.rollout)
@@ -171,11 +166,11 @@ def test_different_config_is_refused_with_the_differences_then_forced(tmp_path, 
     with pytest.raises(ConfigMismatch) as info:
         batch(tmp_path, tokenizer, "--clean-every", "25", "--temperature", "0.7", n_rollouts=2)
     message = str(info.value)
-    new_hash = run_settings(parse(*BATCH_FLAGS, "--clean-every", "25", "--temperature", "0.7")).config_hash
+    new_hash = parse(*BATCH_FLAGS, "--clean-every", "25", "--temperature", "0.7").settings.config_hash
     assert old_hash in message and new_hash in message
     assert "loop.clean_every: 20 -> 25" in message and "loop.sampling.temperature: 0.6 -> 0.7" in message
     assert "--force" in message
-    summary, _ = batch(tmp_path, tokenizer, "--clean-every", "25", n_rollouts=2, force=True)
+    summary, _ = batch(tmp_path, tokenizer, "--clean-every", "25", "--force", n_rollouts=2)
     assert summary.done == 6
     assert {r.config_hash for r in read_rollouts(tmp_path / "out.jsonl")} != {old_hash}
     moved = [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
@@ -183,11 +178,9 @@ def test_different_config_is_refused_with_the_differences_then_forced(tmp_path, 
 
 
 def test_execution_settings_do_not_change_the_hash_results_settings_do():
-    base = run_settings(parse()).config_hash
+    base = parse().settings.config_hash
     assert (
-        run_settings(
-            parse("--concurrency", "3", "--timeout", "5", "--endpoint", "h:1", "--max-retries", "0")
-        ).config_hash
+        parse("--concurrency", "3", "--timeout", "5", "--endpoint", "h:1", "--max-retries", "0").settings.config_hash
         == base
     )
     for flags in (
@@ -198,11 +191,11 @@ def test_execution_settings_do_not_change_the_hash_results_settings_do():
         ["--top-k", "-1"],
         ["--adapter-name", "x"],
     ):
-        assert run_settings(parse(*flags)).config_hash != base, flags
+        assert parse(*flags).settings.config_hash != base, flags
     # vanilla ignores cleaning settings
     assert (
-        run_settings(parse("--mode", "vanilla", "--clean-every", "5")).config_hash
-        == run_settings(parse("--mode", "vanilla")).config_hash
+        parse("--mode", "vanilla", "--clean-every", "5").settings.config_hash
+        == parse("--mode", "vanilla").settings.config_hash
     )
 
 
@@ -312,9 +305,7 @@ def test_unloadable_tokenizer_is_a_clear_error(tmp_path, capsys):
 
 
 def parse_cli(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(flags))
+    return build_parser().parse_args(list(flags))
 
 
 def test_help_documents_every_flag():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from freelm import output_guard, runner
+from freelm import output_guard
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import LoRACleaner
 from freelm.data import Problem
@@ -20,8 +20,13 @@ from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import lock_path, manifest_path
 from freelm.output_guard import OutputLock, OutputWriteError
 from freelm.records import iter_jsonl, read_rollouts
-from freelm.runner import record_start, run, run_batch
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run import batch as batch_module
+from freelm.run.batch import RunSummary, run_batch
+from freelm.run.cli import run
+from freelm.run.components import Components
+from freelm.run.flags import build_parser
+from freelm.run.plan import record_start
+from freelm.run.spec import RunSpec
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 
 TARGET = 30
@@ -42,9 +47,7 @@ def data(tmp_path) -> Path:
 
 
 def cli_args(data: Path, output: Path, tokenizer_dir: Path) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(
+    return build_parser().parse_args(
         ["--data", str(data), "--output", str(output), "--endpoint", "127.0.0.1:9", "--tokenizer", str(tokenizer_dir),
          "--no-progress", *FLAGS]
     )  # fmt: skip
@@ -56,20 +59,17 @@ def tokenizer_dir(tmp_path, tokenizer) -> Path:
     return tmp_path / "tok"
 
 
-def batch(output: Path, tokenizer, *, run_id: str | None = None) -> runner.RunSummary:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--data", "x", "--output", str(output), *FLAGS])
+def batch(output: Path, tokenizer, *, run_id: str | None = None) -> RunSummary:
+    spec = RunSpec.from_argv(
+        ["--data", "x", "--output", str(output), "--n-rollouts", "2", "--concurrency", "2", "--no-progress", *FLAGS]
+    )
     pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], probe_interval=0.01)
     problems = [Problem(str(i), "count", f"Count to {TARGET} ({i}).", "30") for i in range(3)]
+    components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=LoRACleaner(pool), pools=(pool,))
 
     async def go():
         try:
-            return await run_batch(
-                problems, output=output, settings=run_settings(args), config=loop_config(args), reasoner=pool,
-                tokenizer=tokenizer, cleaner=LoRACleaner(pool), n_rollouts=2, concurrency=2, pools=(pool,),
-                progress=False, run_id=run_id,
-            )  # fmt: skip
+            return await run_batch(problems, spec, components, run_id=run_id)
         finally:
             await pool.aclose()
 
@@ -116,7 +116,7 @@ def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, mo
 
 def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out.jsonl"
-    real_append, calls = runner.append_jsonl, []
+    real_append, calls = batch_module.append_jsonl, []
 
     def disk_fills_after_two(handle, obj):
         calls.append(obj)
@@ -125,7 +125,7 @@ def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, t
             raise OSError(errno.ENOSPC, "No space left on device")
         real_append(handle, obj)
 
-    monkeypatch.setattr(runner, "append_jsonl", disk_fills_after_two)
+    monkeypatch.setattr(batch_module, "append_jsonl", disk_fills_after_two)
     with pytest.raises(OutputWriteError) as caught:
         batch(out, tokenizer)
     message = str(caught.value)
@@ -133,7 +133,7 @@ def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, t
     assert len(read_rollouts(out)) == 2  # the torn third line is dropped by readers
     assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
 
-    monkeypatch.setattr(runner, "append_jsonl", real_append)
+    monkeypatch.setattr(batch_module, "append_jsonl", real_append)
     summary = batch(out, tokenizer)
     assert summary.done == 4 and summary.present_at_start == 2
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
@@ -142,9 +142,7 @@ def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, t
 
 def test_previous_runs_counts_runs_killed_while_starting(tmp_path, tokenizer):
     out = tmp_path / "out.jsonl"
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    settings = run_settings(parser.parse_args(["--data", "x", "--output", str(out), *FLAGS]))
+    settings = RunSpec.from_argv(["--data", "x", "--output", str(out), *FLAGS]).settings
     record_start(out, settings, "killed-while-loading")  # then SIGKILL: no other manifest write
     record_start(out, settings, "second")
     batch(out, tokenizer, run_id="second")

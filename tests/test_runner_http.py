@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freelm.manifest import manifest_path
 from freelm.records import iter_jsonl
-from freelm.runner import main
+from freelm.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS, ROLLOUTS = 4, 3

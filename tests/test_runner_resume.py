@@ -102,7 +102,7 @@ def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(c
 
 def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):
     server, tokenizer_dir, data = counting_setup
-    from freelm.runner import main
+    from freelm.run.cli import main
 
     server.reset()
     with SGLangTestServer(CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), target=TARGET)) as cleaner_server:
@@ -147,7 +147,7 @@ def test_a_registered_cleaner_runs_through_runner_py_with_its_settings_in_the_co
     from freelm.cleaners import registry
     from freelm.cleaners.base import CleanOutcome
     from freelm.free import remove_spans
-    from freelm.runner import main
+    from freelm.run.cli import main
 
     @dataclass
     class Throwaway:

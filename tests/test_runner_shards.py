@@ -1,6 +1,6 @@
 """One runner invocation over several benchmarks, and sharded runs merged by evaluation with an exactly-once check.
 
-The runner is the real command line (``freelm.runner.main``) against a real
+The runner is the real command line (``freelm.run.cli.main``) against a real
 SGLang-protocol HTTP server over the counting model; evaluation is the real
 ``eval_passk.py`` command line, and the viewer reads a sharded run too.
 """
@@ -21,7 +21,7 @@ from freelm.data import load_problem_sources
 from freelm.evaluation import eval_cli
 from freelm.manifest import manifest_path
 from freelm.records import read_rollouts
-from freelm.runner import main as runner_main
+from freelm.run.cli import main as runner_main
 from freelm.shards import Shard, read_run, run_files, shard_of
 from freelm.testing.counting import CountingEngine, counting_tokenizer
 from freelm.testing.sglang_server import SGLangTestServer

@@ -18,7 +18,9 @@ import pytest
 
 from freelm.loop import LoopConfig
 from freelm.prompts import DEFAULT_CLEAN_TEMPLATE
-from freelm.runner_config import add_arguments, loop_config, run_settings
+from freelm.run.flags import build_parser
+from freelm.run.settings import settings_hash as raw_hash
+from freelm.run.spec import RunSpec
 
 #: Flags that choose what to run, where, or how fast: the same experiment either way.
 NOT_RESULTS = {
@@ -43,14 +45,12 @@ NOT_RESULTS = {
 EXECUTION_GROUP = "execution (not part of the config hash)"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p
+def spec(*flags: str) -> RunSpec:
+    return RunSpec.from_argv(["--data", "d.jsonl", "--output", "o.jsonl", *flags])
 
 
 def settings_hash(*flags: str) -> str:
-    return run_settings(parser().parse_args(["--data", "d.jsonl", "--output", "o.jsonl", *flags])).config_hash
+    return spec(*flags).settings.config_hash
 
 
 def alternative(action: argparse.Action, tmp_path: Path) -> list[str]:
@@ -60,6 +60,8 @@ def alternative(action: argparse.Action, tmp_path: Path) -> list[str]:
         return [flag]
     if action.choices:  # the first other choice; --backend local is tried through the "local" mode
         return [flag, next(c for c in action.choices if c != action.default)]
+    if action.dest == "shard_index":  # a shard index exists only with as many shards
+        return [flag, "1", "--num-shards", "2"]
     if action.type is int:
         return [flag, str(3 if action.default is None else action.default + 1)]
     if action.type is float:
@@ -69,9 +71,10 @@ def alternative(action: argparse.Action, tmp_path: Path) -> list[str]:
             path = tmp_path / "other_template.txt"
             path.write_text(DEFAULT_CLEAN_TEMPLATE.read_text() + "\nBe brief.\n")
             return [flag, str(path)]
-        if action.dest == "endpoints_file":
-            (tmp_path / "endpoints.txt").write_text("h:2\n")
-        return [flag, str(tmp_path / f"other_{action.dest}")]
+        path = tmp_path / f"other_{action.dest}"
+        if action.dest == "endpoints_file":  # read when the spec is made: must hold an endpoint
+            path.write_text("h:2\n")
+        return [flag, str(path)]
     if action.dest in ("endpoint", "cleaner_endpoint"):
         return [flag, "h:2"]
     return [flag, f"{action.default or ''} other"]
@@ -90,7 +93,7 @@ def contexts(tmp_path: Path) -> dict[str, list[str]]:
 
 
 def runner_actions() -> list[tuple[argparse.Action, str]]:
-    p = parser()
+    p = build_parser()
     return [(a, g.title) for g in p._action_groups for a in g._group_actions]
 
 
@@ -109,7 +112,7 @@ def test_a_flag_changes_the_hash_iff_it_decides_results(dest, tmp_path):
         try:
             if settings_hash(*base, *alternative(action, tmp_path)) != settings_hash(*base):
                 changed_in.append(name)
-        except ValueError as exc:  # run_settings validates the template file only
+        except ValueError as exc:  # the settings validate the template file only
             pytest.fail(f"{action.option_strings}: the alternative value is invalid: {exc}")
     if group == EXECUTION_GROUP or dest in NOT_RESULTS:
         assert changed_in == [], f"{action.option_strings} ({NOT_RESULTS.get(dest, group)}) changed the hash"
@@ -119,14 +122,12 @@ def test_a_flag_changes_the_hash_iff_it_decides_results(dest, tmp_path):
 
 def test_every_loop_setting_is_set_by_some_flag(tmp_path):
     """A LoopConfig field no flag reaches would be a setting the runner can never vary (nor hash)."""
-    p = parser()
-    base_args = ["--data", "d", "--output", "o"]
-    base = loop_config(p.parse_args(base_args))
+    base = spec().loop
     reached: set[str] = set()
     for action, _ in runner_actions():
         if not action.option_strings or action.dest == "help":
             continue
-        config = loop_config(p.parse_args([*base_args, *alternative(action, tmp_path)]))
+        config = spec(*alternative(action, tmp_path)).loop
         for f in dataclasses.fields(LoopConfig):
             value, default = getattr(config, f.name), getattr(base, f.name)
             if dataclasses.is_dataclass(value):
@@ -153,8 +154,6 @@ def test_the_cleaning_template_is_hashed_by_content_not_by_path(tmp_path):
 
 
 def test_the_hash_is_of_the_content_not_the_key_order():
-    from freelm.runner_config import settings_hash as raw_hash
-
     one, two = {"a": 1, "b": {"x": 1, "y": 2}}, {"b": {"y": 2, "x": 1}, "a": 1}
     assert raw_hash(one) == raw_hash(two) and len(raw_hash(one)) == 16
     assert raw_hash(one) != raw_hash({**one, "a": 2})
@@ -162,7 +161,7 @@ def test_the_hash_is_of_the_content_not_the_key_order():
 
 def test_settings_record_the_mode_label_and_only_what_the_mode_uses(tmp_path):
     def settings(*flags: str):
-        return run_settings(parser().parse_args(["--data", "d", "--output", "o", *flags]))
+        return spec(*flags).settings
 
     vanilla, free, headtail = settings("--mode", "vanilla"), settings(), settings("--cleaner", "headtail")
     assert (vanilla.mode, free.mode, headtail.mode) == ("vanilla", "freelm", "headtail")
@@ -171,3 +170,18 @@ def test_settings_record_the_mode_label_and_only_what_the_mode_uses(tmp_path):
     model = tmp_path / "m"
     local = settings("--mode", "vanilla", "--backend", "local", "--model", str(model))
     assert local.model == {"model": str(model.resolve()), "adapter": None}
+
+
+def test_hashes_are_those_of_earlier_runs():
+    """Outputs written before the run package must resume without --force: values computed before it existed."""
+    pinned = {
+        (): "3094face88ebfc25",
+        ("--mode", "vanilla"): "157df669f8e4c96e",
+        ("--mode", "vanilla", "--clean-every", "7"): "157df669f8e4c96e",
+        ("--backend", "local", "--model", "/m", "--adapter", "/a"): "00f5c04b38a0d557",
+        ("--cleaner", "icl"): "38a2412c851053d6",
+        ("--cleaner", "oracle"): "38abbc9a170a241e",
+        ("--seed", "3", "--temperature", "0", "--max-tokens", "99", "--context-limit", "500",
+         "--max-clean-rounds", "2", "--problem-suffix", "X"): "306814636ee88a8d",
+    }  # fmt: skip
+    assert {flags: settings_hash(*flags) for flags in pinned} == pinned

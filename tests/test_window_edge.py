@@ -22,7 +22,7 @@ from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path
 from freelm.prompts import render_reasoning_prompt
 from freelm.records import read_rollouts
-from freelm.runner import main
+from freelm.run.cli import main
 from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
 from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
 from freelm.tokenizer import Tokenizer

@@ -1,17 +1,21 @@
-"""Backends: the :class:`~freelm.backends.base.Backend` interface and its implementations.
+"""Backends: the :class:`~freelm.backends.base.Backend` interface, and the registry of its kinds.
 
-A kind is one entry of :data:`BACKENDS` (name, factory, how the runner's flags
-map to its arguments); implementations are imported only when one is built,
-so choosing the HTTP client never imports torch (``local``) and vice versa.
+A kind is one module of this package that calls :func:`register_backend` with
+its :class:`BackendKind` (name, factory, remote or in-process, the runner flags
+it needs or brings, how the run's settings become its arguments). The modules
+are imported on first use (:func:`backend_kinds`, :func:`get_backend_kind`), so
+``import freelm.backends`` stays cheap and adding a backend is adding one file:
+``--backend``, ``--cleaner-backend``, the flag checks and construction all read
+the registry. Keep a backend module's heavy imports (torch, an SDK) inside its
+functions: discovery imports every module, and only the chosen kind is built.
+The shape is the cleaner registry's (:mod:`freelm.cleaners.registry`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from freelm.backends.base import (
     Backend,
@@ -21,79 +25,79 @@ from freelm.backends.base import (
     SamplingParams,
     TransientBackendError,
 )
+from freelm.discovery import import_submodules
+
+if TYPE_CHECKING:
+    from freelm.run.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class BackendFlag:
+    """A runner flag a kind brings with it (listed under "backends" in ``runner.py --help``)."""
+
+    name: str  # "--served-model"
+    help: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # further add_argument keywords (metavar, default, action)
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
 
 
 @dataclass(frozen=True)
 class BackendKind:
-    """One way to reach a model, selected by name: its factory (imported on first use) and what the runner needs.
+    """One way to reach a model, selected by name: its factory and what the runner needs to build it.
 
-    ``options`` turns the runner's flags (and an endpoint URL, for a remote
-    kind) into the factory's keyword arguments, so the runner builds every kind
-    the same way and ``--backend``, ``--cleaner-backend`` and the flag checks
-    all read this table.
+    ``options`` turns the run's settings (and an endpoint URL plus the run's
+    tokenizer, for a remote kind) into the factory's keyword arguments, so the
+    runner builds every kind the same way. ``order`` places the kind in
+    ``--backend``'s choices (the default first); ties go by name.
     """
 
     name: str
-    factory: str  # "module:attribute", e.g. a class or its from_pretrained
+    factory: Callable[..., Backend]  # e.g. a class or its from_pretrained
     remote: bool  # reached at --endpoint URLs (else in-process, from --model)
-    options: Callable[[argparse.Namespace, str | None, Any], dict[str, Any]]  # (flags, url, tokenizer)
+    options: Callable[[RunSpec, str | None, Any], dict[str, Any]]  # (spec, url, tokenizer) -> factory kwargs
     needs: tuple[str, ...] = ()  # runner flags it cannot run without, e.g. ("--served-model",)
+    flags: tuple[BackendFlag, ...] = ()  # runner flags only this kind reads (their values: RunSpec.backend_options)
     help: str = ""
+    order: int = 100
 
     def make(self, **kwargs: Any) -> Backend:
-        module, _, attribute = self.factory.partition(":")
-        factory: Any = importlib.import_module(module)
-        for part in attribute.split("."):
-            factory = getattr(factory, part)
-        return factory(**kwargs)
+        return self.factory(**kwargs)
 
-    def from_flags(self, args: argparse.Namespace, url: str | None = None, tokenizer: Any = None) -> Backend:
+    def from_spec(self, spec: RunSpec, url: str | None = None, tokenizer: Any = None) -> Backend:
         """``tokenizer`` is the run's (remote kinds; a text-only server is sent decoded prompts)."""
-        return self.make(**self.options(args, url, tokenizer))
+        return self.make(**self.options(spec, url, tokenizer))
 
 
-def _openai_url(url: str) -> str:
-    """``http://host:port`` -> ``.../v1``; a URL with a path is taken as the API root already."""
-    return url if url.split("://", 1)[1].partition("/")[2] else f"{url}/v1"
+_REGISTRY: dict[str, BackendKind] = {}
 
 
-# Runner clients fail fast (max_retries=0): the endpoint pool retries elsewhere (freelm.backends.pool).
-BACKENDS: dict[str, BackendKind] = {
-    kind.name: kind
-    for kind in (
-        BackendKind(
-            "sglang", "freelm.backends.sglang:SGLangBackend", remote=True, help="SGLang native /generate",
-            options=lambda args, url, tokenizer: {
-                "base_url": url, "timeout": args.timeout, "max_retries": 0,
-                "max_connections": max(512, args.concurrency),
-            },
-        ),
-        BackendKind(
-            "openai", "freelm.backends.openai_compat:OpenAIBackend", remote=True, needs=("--served-model",),
-            help="any OpenAI-compatible /v1/completions",
-            options=lambda args, url, tokenizer: {
-                "base_url": _openai_url(url), "model": args.served_model, "api_key_env": args.api_key_env,
-                "timeout": args.timeout, "max_retries": 0, "text_prompts": args.text_prompts,
-                "decode": tokenizer.decode if tokenizer is not None else None,
-            },
-        ),
-        BackendKind(
-            "local", "freelm.backends.local:LocalBackend.from_pretrained", remote=False,
-            help="in-process transformers + peft",
-            # concurrent rollouts' requests are decoded together, like a server's scheduler would
-            options=lambda args, url, tokenizer: {
-                "model_dir": args.model, "max_batch": args.concurrency,
-                "adapters": {args.adapter_name: args.adapter} if args.adapter else None,
-            },
-        ),
-    )
-}  # fmt: skip
+def register_backend(kind: BackendKind) -> BackendKind:
+    """Add a kind under its name (a backend module calls this once, at import)."""
+    if kind.name in _REGISTRY and _REGISTRY[kind.name] != kind:
+        raise ValueError(f"backend name {kind.name!r} is taken by {_REGISTRY[kind.name].factory!r}")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a kind (tests that register throwaway ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def backend_kinds() -> dict[str, BackendKind]:
+    """Every registered kind by name, in ``--backend`` order."""
+    import_submodules(__name__)
+    return {kind.name: kind for kind in sorted(_REGISTRY.values(), key=lambda k: (k.order, k.name))}
 
 
 def get_backend_kind(name: str) -> BackendKind:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend kind {name!r}; expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[name]
+    kinds = backend_kinds()
+    if name not in kinds:
+        raise ValueError(f"unknown backend kind {name!r}; expected one of {', '.join(kinds)}")
+    return kinds[name]
 
 
 def make_backend(kind: str, **kwargs: Any) -> Backend:
@@ -102,14 +106,17 @@ def make_backend(kind: str, **kwargs: Any) -> Backend:
 
 
 __all__ = [
-    "BACKENDS",
-    "BackendKind",
     "Backend",
     "BackendError",
+    "BackendFlag",
+    "BackendKind",
     "GenerateRequest",
     "GenerateResult",
     "SamplingParams",
     "TransientBackendError",
+    "backend_kinds",
     "get_backend_kind",
     "make_backend",
+    "register_backend",
+    "unregister_backend",
 ]

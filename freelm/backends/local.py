@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freelm.backends import BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -542,3 +543,17 @@ def _token_picker(sampling: SamplingParams, seed: int | None, device: Any):
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
     return pick
+
+
+def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
+    # concurrent rollouts' requests are decoded together, like a server's scheduler would
+    adapters = {spec.cleaner_options["adapter_name"]: spec.adapter} if spec.adapter else None
+    return {"model_dir": spec.model, "max_batch": spec.concurrency, "adapters": adapters}
+
+
+register_backend(
+    BackendKind(
+        "local", LocalBackend.from_pretrained, remote=False, options=_runner_options,
+        help="in-process transformers + peft", order=2,
+    )
+)  # fmt: skip

@@ -42,11 +42,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import openai
 
+from freelm.backends import BackendFlag, BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -58,6 +58,9 @@ from freelm.backends.base import (
     refused,
 )
 from freelm.redact import redact
+
+if TYPE_CHECKING:
+    import openai  # imported when a backend is built: discovering the kinds stays cheap
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
 _ERROR_CHARS = 300  # a server's error body can be 60 KB (a whole validation dump): one log line stays readable
@@ -98,6 +101,8 @@ class OpenAIBackend:
         self.served: dict[str, Any] = {}
         self.health_error: str | None = None  # why the last health probe failed, for the operator
         self._secret = os.environ.get(api_key_env) or ""
+        import openai
+
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._secret or _NO_KEY, timeout=timeout, max_retries=max_retries
         )
@@ -129,6 +134,8 @@ class OpenAIBackend:
         return extra
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        import openai
+
         s = request.sampling
         model = self.model_name(request.adapter)
         start = time.perf_counter()
@@ -176,6 +183,8 @@ class OpenAIBackend:
 
     def _map_error(self, exc: openai.APIError) -> BackendError:
         """Connection errors, timeouts, 429 and 5xx are transient, except a 500 that says the request is invalid."""
+        import openai
+
         status = getattr(exc, "status_code", None)
         message = self._scrub(f"{self.base_url}: {type(exc).__name__}" + (f" HTTP {status}" if status else ""))
         detail = self._scrub(str(exc.message))
@@ -203,6 +212,8 @@ class OpenAIBackend:
         A server that reports neither gets ``ServerLimits()`` and the runner falls
         back to ``--context-limit`` (with SGLang's margins, the strictest known).
         """
+        import openai
+
         from freelm.backends.sglang import parse_server_info
 
         origin = httpx.URL(self.base_url).copy_with(path="/", query=None)
@@ -234,6 +245,8 @@ class OpenAIBackend:
         return ServerLimits()
 
     async def health(self) -> bool:
+        import openai
+
         try:
             await self._client.models.list()
         except openai.APIError as exc:
@@ -250,6 +263,8 @@ class OpenAIBackend:
         prompt and, if that fails with an HTTP error, with their text; only the text succeeding switches
         this backend to text prompts. Returns (and keeps in :attr:`served`) what was found.
         """
+        import openai
+
         try:
             cards = (await self._client.models.list()).data
         except openai.APIError as exc:
@@ -304,6 +319,8 @@ class OpenAIBackend:
 
     async def _server_defaults(self) -> dict[str, Any] | None:
         """llama-server's default sampling (``/props``), where the server has it: what applies to unsent fields."""
+        import openai
+
         root = self.base_url.removesuffix("/v1")
         try:
             response = await self._client.get(f"{root}/props", cast_to=httpx.Response)
@@ -330,3 +347,41 @@ def _logprob_ids(choice: Any, generated: int) -> list[int]:
         return []
     ids = [item.get("id") if isinstance(item, dict) else None for item in content]
     return ids if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else []  # type: ignore[return-value]
+
+
+def _api_root(url: str) -> str:
+    """``http://host:port`` -> ``.../v1``; a URL with a path is taken as the API root already."""
+    return url if url.split("://", 1)[1].partition("/")[2] else f"{url}/v1"
+
+
+def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
+    # fail fast (max_retries=0): the runner's endpoint pool retries elsewhere (freelm.backends.pool)
+    own = spec.backend_options
+    return {
+        "base_url": _api_root(url or ""), "model": own["served_model"], "api_key_env": own["api_key_env"],
+        "timeout": spec.timeout, "max_retries": 0, "text_prompts": own["text_prompts"],
+        "decode": tokenizer.decode if tokenizer is not None else None,
+    }  # fmt: skip
+
+
+register_backend(
+    BackendKind(
+        "openai", OpenAIBackend, remote=True, options=_runner_options, needs=("--served-model",),
+        help="any OpenAI-compatible /v1/completions", order=1,
+        flags=(
+            BackendFlag(
+                "--served-model", "--backend openai: the served model name (adapters as NAME:ADAPTER)",
+                {"metavar": "NAME", "default": None},
+            ),
+            BackendFlag(
+                "--text-prompts",
+                "--backend openai: send prompts as text (for servers that take no token ids; detected at startup too)",
+                {"action": "store_true"},
+            ),
+            BackendFlag(
+                "--api-key-env", "--backend openai: environment variable holding the API key",
+                {"metavar": "VAR", "default": "OPENAI_API_KEY"},
+            ),
+        ),
+    )
+)  # fmt: skip

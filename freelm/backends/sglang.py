@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from freelm.backends import BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -302,3 +303,13 @@ def _json(response: Reply) -> Any:
         return response.json()
     except ValueError as exc:
         raise BackendError(f"{response.url}: response is not JSON: {response.text[:200]!r}") from exc
+
+
+def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
+    # fail fast (max_retries=0): the runner's endpoint pool retries elsewhere (freelm.backends.pool)
+    return {"base_url": url, "timeout": spec.timeout, "max_retries": 0, "max_connections": max(512, spec.concurrency)}
+
+
+register_backend(
+    BackendKind("sglang", SGLangBackend, remote=True, options=_runner_options, help="SGLang native /generate", order=0)
+)

@@ -20,15 +20,13 @@ NeMo-Skills' (a model class picked by name).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
-import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any
 
 from freelm.cleaners.base import Cleaner
+from freelm.discovery import import_submodules
 
 #: Live objects a cleaner may ask for by field name; the runner builds only those asked for.
 COMPONENTS = ("backend", "tokenizer")
@@ -94,13 +92,13 @@ class CleanerEntry:
         """Whether it calls a LoRA adapter by name (an in-process backend must then load one)."""
         return any(f.name == "adapter" for f, _ in self.settings)
 
-    def values(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Constructor arguments from parsed flags; fixed settings keep their defaults."""
-        return {f.name: getattr(args, s.dest) for f, s in self.flags}
+    def values(self, flags: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from flag values (by flag destination); fixed settings keep their defaults."""
+        return {f.name: flags[s.dest] for f, s in self.flags}
 
-    def config(self, args: argparse.Namespace) -> dict[str, Any]:
+    def config(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         """This cleaner's part of the config hash: its name and every setting (may raise ValueError)."""
-        given = self.values(args)
+        given = self.values(flags)
         values = {f.name: given[f.name] if f.name in given else _default(f) for f, _ in self.settings}
         config: dict[str, Any] = {"name": self.name}
         for f, s in self.settings:
@@ -108,15 +106,14 @@ class CleanerEntry:
             config[s.hash_key or f.name] = s.hash_value(value, values) if s.hash_value else _hashable(value)
         return config
 
-    def build(self, args: argparse.Namespace, **components: Any) -> Cleaner:
+    def build(self, flags: Mapping[str, Any], **components: Any) -> Cleaner:
         missing = sorted(set(self.components) - set(components))
         if missing:
             raise ValueError(f"cleaner {self.name!r} needs {', '.join(missing)}")
-        return self.cls(**{name: components[name] for name in self.components}, **self.values(args))
+        return self.cls(**{name: components[name] for name in self.components}, **self.values(flags))
 
 
 _REGISTRY: dict[str, CleanerEntry] = {}
-_discovered = False
 
 
 def register(cls: type | None = None, *, label: str | None = None) -> Any:
@@ -148,24 +145,13 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module(__package__)
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name not in _NOT_CLEANERS:
-            importlib.import_module(f"{__package__}.{module.name}")
-
-
 def cleaner_names() -> list[str]:
-    _discover()
+    import_submodules(__package__, skip=_NOT_CLEANERS)
     return sorted(_REGISTRY)
 
 
 def get_cleaner(name: str) -> CleanerEntry:
-    _discover()
+    import_submodules(__package__, skip=_NOT_CLEANERS)
     if name not in _REGISTRY:
         raise ValueError(f"unknown cleaner {name!r}; expected one of {', '.join(cleaner_names())}")
     return _REGISTRY[name]
@@ -195,10 +181,10 @@ def add_cleaner_arguments(group: Any) -> None:
         )  # fmt: skip
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Every cleaner flag's lower bound; raises ValueError naming the flag."""
+def validate(flags: Mapping[str, Any]) -> None:
+    """Every cleaner flag's lower bound (``flags``: value by flag destination); raises ValueError naming the flag."""
     for name in cleaner_names():
         for _, s in get_cleaner(name).flags:
-            value = getattr(args, s.dest)
+            value = flags[s.dest]
             if s.minimum is not None and value is not None and value < s.minimum:
                 raise ValueError(f"{s.flag} must be >= {s.minimum}, got {value}")

@@ -1,23 +1,19 @@
-"""The runner's command line, and the settings that decide its results (hashed into every record).
+"""The runner's command line: every flag, its help, and the checks argparse cannot make.
 
-Two kinds of flags: those that change what the model produces (mode, cleaner,
-budgets, sampling, seed, a local model's weights) form :class:`RunSettings`, whose
-hash is stored in every output line so resuming never mixes two experiments;
-those that only change how fast it runs (endpoints, concurrency, timeouts,
-retries) are deliberately left out, so a resume may use other servers.
+This is the only layer that sees the argparse ``Namespace``: :mod:`freelm.run.spec`
+turns it into a typed :class:`~freelm.run.spec.RunSpec` once, and everything
+below reads that. The cleaners' flags come from the cleaner registry and a
+backend's own flags from its :class:`~freelm.backends.BackendKind`, so adding
+either never edits this file.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-from freelm.backends import BACKENDS
+from freelm.backends import backend_kinds, get_backend_kind
 from freelm.backends.base import SamplingParams
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
@@ -110,11 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     g = parser.add_argument_group("backends (endpoints are never built in: pass them)")
+    kinds = backend_kinds()
     g.add_argument(
         "--backend",
-        choices=list(BACKENDS),
+        choices=list(kinds),
         default="sglang",
-        help="reasoner backend: " + "; ".join(f"{k.name} = {k.help}" for k in BACKENDS.values()),
+        help="reasoner backend: " + "; ".join(f"{k.name} = {k.help}" for k in kinds.values()),
     )
     g.add_argument(
         "--endpoint",
@@ -138,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cleaner-backend",
-        choices=[name for name, kind in BACKENDS.items() if kind.remote],
+        choices=[name for name, kind in kinds.items() if kind.remote],
         default=None,
         help="backend of the --cleaner-endpoint servers (default: --backend, or sglang when that runs in-process)",
     )
@@ -152,23 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="the reasoner's tokenizer directory (default: --model); required for remote backends, the loop sends token ids",
     )
-    g.add_argument(
-        "--served-model",
-        metavar="NAME",
-        default=None,
-        help="--backend openai: the served model name (adapters as NAME:ADAPTER)",
-    )
-    g.add_argument(
-        "--text-prompts",
-        action="store_true",
-        help="--backend openai: send prompts as text (for servers that take no token ids; detected at startup too)",
-    )
-    g.add_argument(
-        "--api-key-env",
-        metavar="VAR",
-        default="OPENAI_API_KEY",
-        help="--backend openai: environment variable holding the API key",
-    )
+    for kind in kinds.values():
+        for flag in kind.flags:
+            g.add_argument(flag.name, help=flag.help, **flag.options)
 
     g = parser.add_argument_group("method")
     g.add_argument("--mode", choices=MODES, default="freelm", help="freelm: reason + clean; vanilla: reason only")
@@ -247,80 +230,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What determines the results. ``mode`` is the record's label: vanilla, freelm, or the baseline's name."""
-
-    mode: str
-    seed: int
-    loop: dict[str, Any]
-    cleaner: dict[str, Any] | None
-    model: dict[str, Any] | None  # local weights; a remote server's model is the operator's responsibility
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def config_hash(self) -> str:
-        return settings_hash(self.to_dict())
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def loop_config(args: argparse.Namespace) -> LoopConfig:
-    return LoopConfig(
-        clean_every=args.clean_every,
-        max_tokens=args.max_tokens,
-        context_limit=args.context_limit,
-        max_clean_rounds=args.max_clean_rounds,
-        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p),
-        problem_suffix=args.problem_suffix,
-    )
-
-
-def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Settings from parsed flags; raises ValueError on a bad value (before any output exists)."""
-    config = loop_config(args)
-    loop = config.to_dict()
-    cleaner: dict[str, Any] | None = None
-    if args.mode == "vanilla":
-        mode = "vanilla"
-        del (
-            loop["clean_every"],
-            loop["max_clean_rounds"],
-        )  # unused without a cleaner: changing them is no new experiment
-    else:
-        entry = cleaners.get_cleaner(args.cleaner)
-        mode = entry.label
-        cleaner = entry.config(args)  # validates files (a template) before any request
-    model = None
-    if not BACKENDS[args.backend].remote:
-        model = {
-            "model": str(args.model.resolve()) if args.model else None,
-            "adapter": str(args.adapter.resolve()) if args.adapter else None,
-        }
-    return RunSettings(mode=mode, seed=args.seed, loop=loop, cleaner=cleaner, model=model)
-
-
-def settings_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``["loop.clean_every: 4096 -> 2048", ...]``: what a refused resume would change."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(settings_differences(a, b, name + "."))
-        elif a != b:
-            out.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
-    return out
-
-
-def rollout_seed(seed: int, source: str, problem_id: str, rollout: int) -> int:
-    """A stable per-rollout seed: independent of run order, concurrency and resumption."""
-    digest = hashlib.sha256(f"{seed}\0{source}\0{problem_id}\0{rollout}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+def build_parser(prog: str = "runner.py", description: str | None = None) -> argparse.ArgumentParser:
+    """The parser ``runner.py`` uses (``freelm run`` adds the same flags to its subparser)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return parser
 
 
 def normalize_endpoint(spec: str, where: str = "--endpoint") -> str:
@@ -358,14 +272,14 @@ def validate_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     Shard(args.shard_index, args.num_shards)  # raises naming --shard-index and --num-shards
-    cleaners.validate(args)
+    cleaners.validate(vars(args))
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_retries < 0:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.timeout <= 0 or args.down_wait <= 0:
         raise ValueError("--timeout and --down-wait must be > 0")
-    if not BACKENDS[args.backend].remote:
+    if not get_backend_kind(args.backend).remote:
         if args.model is None:
             raise ValueError(f"--backend {args.backend} needs --model DIR")
         if args.endpoint or args.endpoints_file:
@@ -381,6 +295,6 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.tokenizer is None and args.model is None:
             raise ValueError(f"--backend {args.backend} needs --tokenizer DIR (the loop sends token ids)")
     for kind in dict.fromkeys(k for k in (args.backend, args.cleaner_backend) if k):
-        for flag in BACKENDS[kind].needs:
+        for flag in get_backend_kind(kind).needs:
             if not getattr(args, flag.lstrip("-").replace("-", "_")):
                 raise ValueError(f"--backend/--cleaner-backend {kind} needs {flag}")

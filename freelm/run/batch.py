@@ -1,0 +1,306 @@
+"""Running a batch of rollouts and writing each as it finishes.
+
+One rollout per ``(problem, rollout index)``, ``--concurrency`` of them in flight
+on one asyncio loop, each a :func:`freelm.loop.run_rollout` over an
+:class:`~freelm.backends.pool.EndpointPool` (least-loaded healthy endpoint, a
+failed request retried elsewhere without losing the rollout's state).
+
+Why the output is safe to kill at any moment: each finished rollout is one JSONL
+line written, flushed and fsynced on its own (``records.append_jsonl``), so a
+SIGKILL loses at most the rollouts in flight and can only tear the last line,
+which the next start truncates (``records.repair_torn_tail``). Failed rollouts
+(``finish_reason == "error"``: a server that stayed down, a 4xx) are not written
+to the output but to ``OUT.errors.jsonl``, so re-running the same command retries
+exactly them and the rest is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from freelm.backends.base import ContextWindow
+from freelm.backends.pool import EndpointPool
+from freelm.data import Problem
+from freelm.loop import run_rollout
+from freelm.manifest import errors_path, now_iso, package_versions, write_manifest
+from freelm.output_guard import OutputWriteError
+from freelm.records import RolloutRecord, RolloutResult, append_jsonl, repair_torn_tail
+from freelm.run.components import Components
+from freelm.run.plan import ExistingOutput, Job, history, inspect_output, move_aside, plan_jobs
+from freelm.run.settings import RunSettings
+from freelm.run.spec import RunSpec
+
+
+@dataclass
+class RunSummary:
+    """Counts of one invocation; printed at the end and stored in the manifest."""
+
+    total: int = 0  # rollouts wanted: problems x n_rollouts (of this shard)
+    present_at_start: int = 0
+    done: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+    cleaning_rounds: int = 0
+    retries: int = 0
+    wall_time_s: float = 0.0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.present_at_start - self.done
+
+    @property
+    def mean_cleaning_rounds(self) -> float:
+        return self.cleaning_rounds / self.done if self.done else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "remaining": self.remaining,
+            "mean_cleaning_rounds": round(self.mean_cleaning_rounds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+        }
+
+    def format(self) -> str:
+        return (
+            f"rollouts: {self.done} done, {self.failed} failed, {self.present_at_start} already present, "
+            f"{self.remaining} remaining of {self.total}\n"
+            f"tokens generated: {self.generated_tokens} ({self.tokens_per_s:.1f}/s); "
+            f"mean cleaning rounds: {self.mean_cleaning_rounds:.2f}; retries: {self.retries}; "
+            f"wall time: {self.wall_time_s:.1f}s; finish: {self.finish_reasons}"
+        )
+
+
+async def run_batch(
+    problems: list[Problem],
+    spec: RunSpec,
+    components: Components,
+    *,
+    existing: ExistingOutput | None = None,
+    window: ContextWindow | None = None,
+    served: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> RunSummary:
+    """Resume-aware batch: skip what ``spec.output`` holds, run the rest of the shard's jobs, keep the manifest current.
+
+    ``window`` is the reasoner servers' window (see
+    :func:`~freelm.run.components.served_limits`); ``served`` what the servers
+    said about themselves, recorded in the manifest. ``existing`` is what
+    :func:`~freelm.run.plan.inspect_output` found (read again when not given).
+    ``run_id`` names this invocation when :func:`~freelm.run.plan.record_start`
+    already wrote its start to the manifest.
+    """
+    output, settings = spec.output, spec.settings
+    if existing is None:
+        existing = inspect_output(output, settings, force=spec.force)
+    previous: list[dict[str, Any]] = []
+    if existing.mismatch:
+        print(f"--force: moved the old output aside to {move_aside(output)}", file=sys.stderr)
+    else:
+        repair_torn_tail(output)
+        previous = history(output, settings, run_id)
+
+    jobs, owned = plan_jobs(problems, spec.n_rollouts, settings.seed, existing.keys, spec.shard)
+    summary = RunSummary(total=owned, present_at_start=owned - len(jobs))
+    manifest: dict[str, Any] = {
+        "output": str(output),
+        "command": sys.argv,
+        "config": spec.flags,
+        "settings": settings.to_dict(),
+        "config_hash": settings.config_hash,
+        "mode": settings.mode,
+        "versions": package_versions(),
+        "problems": len(problems),
+        "n_rollouts": spec.n_rollouts,
+        "shard": spec.shard.to_dict(),
+        "started_at": now_iso(),
+        "ended_at": None,
+        "status": "running",
+        "run_id": run_id or uuid.uuid4().hex,
+        "previous_runs": previous,
+        "served": served or {},
+        "seeds_honoured": (served or {}).get("seeds_honoured"),
+    }
+
+    def save(status: str) -> None:
+        manifest.update(status=status, summary=summary.to_dict(), endpoints=[p.stats() for p in components.pools])
+        if status != "running":
+            manifest["ended_at"] = now_iso()
+        write_manifest(output, manifest)
+
+    save("running")
+    started = time.perf_counter()
+    try:
+        await _execute(jobs, spec, components, summary=summary, started=started, window=window)
+    except BaseException:
+        summary.wall_time_s = time.perf_counter() - started
+        try:
+            save("interrupted")
+        except OSError:  # the disk that refused the output may refuse the manifest too: the output is what counts
+            pass
+        raise
+    summary.wall_time_s = time.perf_counter() - started
+    save("complete" if summary.failed == 0 else "incomplete")
+    return summary
+
+
+@dataclass
+class _Finished:
+    """A rollout handed from a worker to the writer: a result to record, or the error that ended it."""
+
+    job: Job
+    result: RolloutResult | None
+    error: str | None
+
+
+async def _execute(
+    jobs: list[Job],
+    spec: RunSpec,
+    components: Components,
+    *,
+    summary: RunSummary,
+    started: float,
+    window: ContextWindow | None,
+) -> None:
+    """Workers run rollouts; ONE writer task appends them, so workers never wait for the disk.
+
+    A finished rollout waiting in the queue counts as in flight: a kill loses
+    it like any other in-flight rollout, and the next run redoes it.
+    """
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    pending = iter(jobs)  # shared by the workers; next() never awaits, so no lock is needed
+    queue: asyncio.Queue[_Finished | None] = asyncio.Queue()
+    bar = tqdm(
+        total=summary.total, initial=summary.present_at_start, unit="rollout", dynamic_ncols=True,
+        disable=None if spec.progress is None else not spec.progress,
+    )  # fmt: skip
+    writer = asyncio.create_task(
+        _write_finished(queue, spec.output, spec.settings, summary, bar, components.pools, started)
+    )
+
+    async def worker() -> None:
+        for job in pending:
+            if writer.done():  # the writer died (disk full, ...): stop producing, its error is raised below
+                return
+            try:
+                result = await run_rollout(
+                    job.problem.prompt, reasoner=components.reasoner, tokenizer=components.tokenizer,
+                    cleaner=components.cleaner, config=spec.loop, seed=job.seed, window=window,
+                )  # fmt: skip
+                error = result.error if result.finish_reason == "error" else None
+            except Exception as exc:  # a bug or unexpected input must cost one rollout, not the run
+                result, error = None, f"{type(exc).__name__}: {exc}"
+            queue.put_nowait(_Finished(job, result, error))
+
+    workers = asyncio.gather(*(worker() for _ in range(min(spec.concurrency, len(jobs)))))
+    try:
+        # the writer ends before the workers only when it failed: stop the rollouts in flight, they cannot be saved
+        await asyncio.wait({workers, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if writer.done() and not workers.done():
+            workers.cancel()
+        await workers
+    finally:
+        if not workers.done():
+            workers.cancel()
+        queue.put_nowait(None)
+        try:
+            await writer
+        finally:
+            bar.close()
+
+
+async def _write_finished(
+    queue: asyncio.Queue[_Finished | None],
+    output: Path,
+    settings: RunSettings,
+    summary: RunSummary,
+    bar: Any,
+    pools: tuple[EndpointPool, ...],
+    started: float,
+) -> None:
+    """Drain the queue in batches; each line is fsynced (``append_jsonl``) in a thread, off the event loop."""
+    with output.open("a", encoding="utf-8") as out:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = [item for item in batch if item is not None]
+            try:
+                await asyncio.to_thread(_append_finished, out, output, finished, settings)
+            except OSError as exc:
+                raise OutputWriteError(output, exc) from exc
+            for item in finished:
+                if item.error is None:
+                    summary.done += 1
+                    summary.generated_tokens += item.result.generated_tokens
+                    summary.cleaning_rounds += item.result.cleaning_rounds
+                    reason = item.result.finish_reason
+                    summary.finish_reasons[reason] = summary.finish_reasons.get(reason, 0) + 1
+                else:
+                    summary.failed += 1
+            summary.retries = sum(p.retries for p in pools)
+            bar.update(len(finished))
+            bar.set_postfix(_postfix(summary, pools, started), refresh=False)
+            if len(finished) < len(batch):  # the end marker: every worker is done
+                return
+
+
+def _append_finished(out, output: Path, finished: list[_Finished], settings: RunSettings) -> None:
+    errors = None
+    try:
+        for item in finished:
+            job = item.job
+            if item.error is None:
+                record = RolloutRecord.from_result(
+                    item.result, id=job.problem.id, source=job.problem.source, rollout=job.rollout, seed=job.seed,
+                    answer=job.problem.answer, mode=settings.mode, config_hash=settings.config_hash,
+                    prompt=job.problem.prompt,
+                )  # fmt: skip
+                append_jsonl(out, record.to_dict())
+                continue
+            errors = errors or errors_path(output).open("a", encoding="utf-8")
+            append_jsonl(errors, _error_entry(item, settings.config_hash))
+    finally:
+        if errors is not None:
+            errors.close()
+
+
+def _error_entry(item: _Finished, config_hash: str) -> dict[str, Any]:
+    job, result = item.job, item.result
+    return {
+        "time": now_iso(),
+        "source": job.problem.source,
+        "id": job.problem.id,
+        "rollout": job.rollout,
+        "seed": job.seed,
+        "config_hash": config_hash,
+        "error": item.error,
+        "generated_tokens": result.generated_tokens if result is not None else 0,
+        "rounds": len(result.rounds) if result is not None else 0,
+    }
+
+
+def _postfix(summary: RunSummary, pools: tuple[EndpointPool, ...], started: float) -> dict[str, Any]:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    postfix: dict[str, Any] = {
+        "tok/s": f"{summary.generated_tokens / elapsed:.0f}",
+        "clean": summary.cleaning_rounds,
+        "failed": summary.failed,
+        "retries": summary.retries,
+    }
+    if pools:
+        postfix["up"] = "+".join(f"{p.endpoints_up}/{len(p.endpoints)}" for p in pools)
+    return postfix

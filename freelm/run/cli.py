@@ -1,0 +1,103 @@
+"""Concurrent, multi-endpoint, resumable batch inference: ``runner.py`` / ``freelm run``.
+
+The order of a start is the point of this module: every check that needs no
+server (flags, endpoints, settings, data, writability) runs before the output
+lock, what the output holds is read only under it, and only then are models
+loaded and servers asked (:mod:`freelm.run.components`), so bad input exits 2
+with nothing sent or written. The flags become a :class:`~freelm.run.spec.RunSpec`
+once, here; nothing below sees the ``Namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+from freelm.data import Problem, load_problem_sources
+from freelm.manifest import errors_path
+from freelm.output_guard import OutputLock, OutputWriteError, check_output_writable
+from freelm.run.batch import run_batch
+from freelm.run.components import Components, build_components, learn_limits, startup_checks
+from freelm.run.flags import add_arguments, build_parser, validate_args
+from freelm.run.plan import ExistingOutput, inspect_output, record_start
+from freelm.run.spec import RunSpec
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 all rollouts present, 1 some failed or a write failed (re-run resumes), 2 bad input or config
+    (including another runner on the same output), 130 interrupted."""
+    try:
+        validate_args(args)
+        spec = RunSpec.from_args(args)
+        spec.settings  # noqa: B018 -- computed now: a bad template is an error before anything is read or locked
+        problems = load_problem_sources(list(spec.data), split=spec.split, limit=spec.limit)
+        check_output_writable(spec.output)
+        lock = OutputLock(spec.output).acquire()
+    except ValueError as exc:  # includes OutputLocked / OutputUnwritable: nothing was sent or written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_locked(spec, problems)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: RunSpec, problems: list[Problem]) -> int:
+    """Everything after the output lock: read what the output holds only now, so no other runner can change it."""
+    run_id = uuid.uuid4().hex
+    try:
+        existing = inspect_output(spec.output, spec.settings, force=spec.force)
+        if not existing.mismatch:
+            record_start(spec.output, spec.settings, run_id)  # counted in previous_runs even if killed while loading
+        components = build_components(spec)
+    except ValueError as exc:  # includes ConfigMismatch: nothing was sent
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run_async(spec, components, problems, existing, run_id))
+    except KeyboardInterrupt:
+        print("interrupted: finished rollouts are saved; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except OutputWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run_async(
+    spec: RunSpec, components: Components, problems: list[Problem], existing: ExistingOutput, run_id: str
+) -> int:
+    try:
+        for pool in components.pools:
+            if await pool.check_health() == 0:
+                reasons = "; ".join(f"{e.backend.name}: {e.last_error}" for e in pool.endpoints)
+                print(f"waiting up to {pool.down_wait:g}s for {pool.name} ({reasons})", file=sys.stderr)
+                if not await pool.wait_until_up():
+                    print(f"error: no healthy endpoint in {pool.name} after {pool.down_wait:g}s", file=sys.stderr)
+                    return 2
+        try:
+            endpoints = await startup_checks(components)
+            window, served = await learn_limits(spec, components)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        summary = await run_batch(
+            problems, spec, components, existing=existing, window=window,
+            served={**served, "endpoints": endpoints}, run_id=run_id,
+        )  # fmt: skip
+    finally:
+        await components.aclose()
+    print(summary.format())
+    if summary.failed:
+        print(
+            f"{summary.failed} rollout(s) failed (see {errors_path(spec.output)}); re-run the same command to retry them"
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser("runner.py", __doc__.split("\n\n")[0]).parse_args(argv))

@@ -44,8 +44,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from freelm.backends import BackendFlag, BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
@@ -60,7 +58,7 @@ from freelm.backends.base import (
 from freelm.redact import redact
 
 if TYPE_CHECKING:
-    import openai  # imported when a backend is built: discovering the kinds stays cheap
+    import openai  # openai and httpx are imported where used: discovering the kinds stays cheap
 
 _NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
 _ERROR_CHARS = 300  # a server's error body can be 60 KB (a whole validation dump): one log line stays readable
@@ -212,6 +210,7 @@ class OpenAIBackend:
         A server that reports neither gets ``ServerLimits()`` and the runner falls
         back to ``--context-limit`` (with SGLang's margins, the strictest known).
         """
+        import httpx
         import openai
 
         from freelm.backends.sglang import parse_server_info
@@ -319,6 +318,7 @@ class OpenAIBackend:
 
     async def _server_defaults(self) -> dict[str, Any] | None:
         """llama-server's default sampling (``/props``), where the server has it: what applies to unsent fields."""
+        import httpx
         import openai
 
         root = self.base_url.removesuffix("/v1")

@@ -19,7 +19,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("judge", "freelm.evaluation.judge_cli", "LLM-judge answers a rule-based grader cannot settle"),
     ("report", "freelm.evaluation.report_cli", "efficiency report: KV cache per sample, tokens, latency overhead"),
     ("view", "freelm.viewer", "render one rollout as a self-contained HTML trace"),
-    ("synth", "freelm.training.synth", "reward-filtered synthesis of Free-Module training data"),
+    ("synth", "freelm.training.synth_cli", "reward-filtered synthesis of Free-Module training data"),
     ("train", "freelm.training.trainer", "train the Free-Module LoRA with TRL + PEFT (CPU, one GPU or one node)"),
     ("data check", "freelm.training.sft_data", "check a Free-Module SFT JSONL file"),
     ("data prepare", "freelm.benchmarks.cli:prepare", "download the paper's benchmarks at pinned revisions"),

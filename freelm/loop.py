@@ -6,7 +6,8 @@ Reasoning mode sends ``prompt_ids + response_ids`` to the reasoner with no
 adapter. ``prompt_ids`` is the rendered reasoning prompt (chat template applied
 to the problem, ending with ``<think>\\n``) and never changes; ``response_ids`` is
 everything generated since, minus what cleaning deleted. Generation runs in
-chunks of at most ``clean_every`` tokens.
+chunks of at most ``clean_every`` tokens; when a chunk ends in a cleaning point
+is :mod:`freelm.schedule`'s rule, shared with synthesis and the demo's data.
 
 After each full chunk, while the response is still inside ``<think>`` (no
 ``</think>`` yet), cleaning mode asks the cleaner about the thinking text (only
@@ -61,10 +62,8 @@ from freelm.backends.pool import rollout_affinity
 from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
 from freelm.records import CleanRecord, RolloutResult, RoundRecord
+from freelm.schedule import MID_CHARACTER, CleaningSchedule, may_clean
 from freelm.tokenizer import Tokenizer
-
-_REPLACEMENT_CHAR = "\ufffd"
-_MAX_CHAR_TOKENS = 4  # a UTF-8 character is at most 4 bytes: a byte-level tokenizer completes it within 4 tokens
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,10 @@ class LoopConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def schedule(self) -> CleaningSchedule:
+        return CleaningSchedule(self.clean_every)
 
 
 #: A prompt longer than this many characters per window token is first tokenized by a prefix (see _encode_prompt).
@@ -137,6 +140,7 @@ async def run_rollout(
     ``window`` is the reasoner server's window (None: ``config.context_limit`` only).
     """
     started = time.perf_counter()
+    schedule = config.schedule
     window = ContextWindow.budget(config.context_limit).narrow(window)
     prompt = render_reasoning_prompt(problem, tokenizer, config.problem_suffix)
     prompt_ids = _encode_prompt(tokenizer, prompt, config.context_limit)
@@ -165,10 +169,8 @@ async def run_rollout(
                 or sum(r.clean is not None and r.clean.no_room is None for r in rounds) < config.max_clean_rounds
             )
         )
-        # past the chunk size only while a split multi-byte character completes
-        chunk_left = max(_MAX_CHAR_TOKENS if split_char else 1, config.clean_every - since_clean)
-        budget = min(room, left, chunk_left) if cleaning_on else min(room, left)
-        headroom = _clean_headroom(cleaner, problem, len(ids), config) if cleaning_on else None
+        budget = min(room, left, schedule.chunk(since_clean, split_char)) if cleaning_on else min(room, left)
+        headroom = schedule.early(_clean_headroom(cleaner, problem, len(ids))) if cleaning_on else None
         if headroom is not None:
             budget = min(budget, headroom)  # stop where the cleaning call would lose its reserve
         request = GenerateRequest(
@@ -189,7 +191,7 @@ async def run_rollout(
         if result.output_ids:
             new_ids, counted = result.output_ids, max(len(result.output_ids), result.completion_tokens)
         else:  # text only: never re-encode a split character's U+FFFD; count what the server did (eos included)
-            whole = result.text.rstrip(_REPLACEMENT_CHAR) if result.finish_reason == "length" else result.text
+            whole = result.text.rstrip(MID_CHARACTER) if result.finish_reason == "length" else result.text
             split_char = len(whole) < len(result.text)
             new_ids = tokenizer.encode(whole)
             counted = result.completion_tokens or len(new_ids)  # its own tokenization may differ from ours
@@ -223,9 +225,8 @@ async def run_rollout(
             finish, error = "error", "reasoner aborted the request"
         elif not new_ids and not (split_char and counted):
             finish, error = "error", "reasoner returned no tokens without stopping"
-        elif cleaning_on and THINK_CLOSE not in text and _clean_due(since_clean, len(new_ids), room, headroom, config):
-            if text.endswith(_REPLACEMENT_CHAR):
-                continue  # mid-character: clean at the next boundary instead
+        elif cleaning_on and schedule.due(since_clean, len(new_ids), room, headroom) and may_clean(text):
+            # (a mid-character boundary is cleaned a token later: since_clean stays due)
             record.clean, ids, text, reused = await _clean(problem, text, ids, prompt_ids, tokenizer, cleaner)
             since_clean = 0
 
@@ -242,22 +243,16 @@ async def run_rollout(
     )
 
 
-def _clean_due(since_clean: int, new_tokens: int, room: int, headroom: int | None, config: LoopConfig) -> bool:
-    """After a full chunk, or a chunk cut short by the window or by the cleaner's headroom (clean before it is too late)."""
-    return since_clean >= config.clean_every or new_tokens >= room or (headroom is not None and new_tokens >= headroom)
-
-
-def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int, config: LoopConfig) -> int | None:
+def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int) -> int | None:
     """Tokens the next chunk may add before a cleaning call would lose its reserve; None: no bound applies.
 
-    Only a cleaner that knows its window has one (``LoRACleaner.headroom``). A
-    headroom under a quarter chunk means cleaning no longer frees enough room
-    to be worth an early call: reasoning then runs on in normal chunks and each
-    cleaning call takes the room that is left (or is recorded as ``no_room``).
+    Only a cleaner that knows its window has one (``LoRACleaner.headroom``);
+    whether it is worth an early call is the schedule's rule
+    (:meth:`~freelm.schedule.CleaningSchedule.early`). A cleaning call that
+    cannot fit is recorded as ``no_room``.
     """
     headroom = getattr(cleaner, "headroom", None)
-    value = headroom(problem, thinking_tokens) if headroom is not None else None
-    return value if value is not None and value >= max(1, config.clean_every // 4) else None
+    return headroom(problem, thinking_tokens) if headroom is not None else None
 
 
 async def _clean(

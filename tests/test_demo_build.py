@@ -9,7 +9,7 @@ import pytest
 from freelm.cli import main as freelm_main
 from freelm.data import load_problems
 from freelm.demo.build import main as build_main
-from freelm.demo.pretrain import CLEAN_TEMPLATE
+from freelm.demo.corpus import CLEAN_TEMPLATE
 from freelm.records import read_rollouts
 from freelm.training.adapter_check import check_sglang_adapter
 

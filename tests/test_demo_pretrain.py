@@ -6,7 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from freelm.demo.pretrain import Example, PretrainConfig, collate, make_examples, pretrain  # noqa: E402
+from freelm.demo.corpus import Example, make_examples  # noqa: E402
+from freelm.demo.lm_training import collate  # noqa: E402
+from freelm.demo.pretrain import PretrainConfig, pretrain  # noqa: E402
 from freelm.demo.task import generate_problems  # noqa: E402
 from freelm.tinymodel import TinyConfig  # noqa: E402
 
@@ -74,8 +76,9 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_p
 
 
 def test_cleaning_states_are_what_the_oracle_cleans_and_quoting_spans_all_complete_lines():
+    from freelm.demo.corpus import cleaning_states, quote_command
     from freelm.demo.oracle import oracle_deletions
-    from freelm.demo.pretrain import build_tokenizer, cleaning_states, quote_command
+    from freelm.demo.pretrain import build_tokenizer
     from freelm.free import apply_deletions, parse_commands
 
     tokenizer = build_tokenizer(SMALL)

@@ -21,7 +21,7 @@ import pytest
 from freelm.data import Problem
 from freelm.redact import MASK, redact, redact_obj
 from freelm.testing.http_server import LocalHTTPServer, QuietHandler
-from freelm.training.synth import OpenAITeacher, TeacherError
+from freelm.training.teachers import OpenAITeacher, TeacherError
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "FREELM_ECHO_TEST_KEY"

@@ -22,7 +22,10 @@ from freelm.evaluation.extract import extract_answer
 from freelm.loop import LoopConfig
 from freelm.prompts import THINK_CLOSE
 from freelm.testing.counting import counting_tokenizer
-from freelm.training.synth import Cut, FunctionTeacher, RewardFilter, Synthesizer, TeacherReply, keeps_empty
+from freelm.training.cuts import Cut
+from freelm.training.reward import RewardFilter
+from freelm.training.synth import Synthesizer, keeps_empty
+from freelm.training.teachers import FunctionTeacher, TeacherReply
 
 TOKENIZER = counting_tokenizer(30)
 THINKING = "".join(f"step {n}\n" for n in range(1, 7))
@@ -118,7 +121,7 @@ def decide(text: str, tmp_path, keep_empty: float = 0.1, cut: Cut | None = None)
         ScriptedTeacher(text), reward(CoinBackend()), tmp_path / "sft.jsonl", tmp_path / "log.jsonl",
         keep_empty=keep_empty,
     )  # fmt: skip
-    return asyncio.run(synth.decide(cut or cuts(1)[0]))
+    return asyncio.run(synth.decide(cut or cuts(1)[0])).outcome
 
 
 def test_decision_records_the_teachers_cost_and_the_savings(tmp_path):

@@ -16,19 +16,11 @@ from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
 from freelm.tokenizer import Tokenizer
+from freelm.training.cuts import collect_cuts, cut_trajectory
+from freelm.training.reward import AnswerGrader, RewardFilter
 from freelm.training.sft_data import check_file, read_rows, recover_thinking
-from freelm.training.synth import (
-    AnswerGrader,
-    FunctionTeacher,
-    OpenAITeacher,
-    RewardFilter,
-    Synthesizer,
-    TeacherError,
-    collect_cuts,
-    cut_trajectory,
-    keeps_empty,
-    teacher_messages,
-)
+from freelm.training.synth import Synthesizer, keeps_empty
+from freelm.training.teachers import FunctionTeacher, OpenAITeacher, TeacherError, teacher_messages
 
 TARGET = 30
 CLEAN_EVERY = 40

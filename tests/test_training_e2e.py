@@ -28,7 +28,10 @@ from freelm.loop import LoopConfig, run_rollout
 from freelm.records import RolloutRecord, append_jsonl, iter_jsonl, read_rollouts
 from freelm.testing.counting import CountingBackend
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
-from freelm.training.synth import AnswerGrader, OpenAITeacher, RewardFilter, Synthesizer, collect_cuts
+from freelm.training.cuts import collect_cuts
+from freelm.training.reward import AnswerGrader, RewardFilter
+from freelm.training.synth import Synthesizer
+from freelm.training.teachers import OpenAITeacher
 
 TARGET = 12
 CLEAN_EVERY = 24

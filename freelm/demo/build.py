@@ -8,10 +8,10 @@ exactly what a Qwen3-8B run does:
 1. ``base/``: a tiny Qwen3 and its byte-level tokenizer trained from scratch on
    the counter task (``freelm.demo.pretrain``).
 2. ``sft.jsonl``: Free-Module training data from ``freelm.training.synth``: the
-   thinking texts a cleaner sees in the loop (``cleaning_states``: the oracle
-   cleans every N tokens, and a share of rounds is dropped, as when a learned
-   cleaner's command does not resolve), deletions from the exact oracle teacher,
-   kept only when the REWARD FILTER (base-model continuations from the pruned and
+   thinking texts a cleaner sees in the loop (``freelm.demo.corpus.cleaning_states``:
+   the oracle cleans every N tokens, and a share of rounds is dropped, as when a
+   learned cleaner's command does not resolve), deletions from the registry's
+   ``oracle`` cleaner as teacher, kept only when the REWARD FILTER (base-model continuations from the pruned and
    the unpruned thinking, graded by the evaluation grader) shows they do not hurt.
 3. ``free/``: the Free-Module LoRA trained on those rows by ``freelm.training.trainer``
    (TRL's SFTTrainer + PEFT, on the CPU) and checked for SGLang compatibility.
@@ -33,7 +33,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from freelm.demo.pretrain import CLEAN_TEMPLATE, PretrainConfig, cleaning_states
+from freelm.demo.corpus import CLEAN_TEMPLATE, cleaning_states
+from freelm.demo.pretrain import PretrainConfig
 from freelm.demo.task import generate_problems
 
 #: The Free-Module's LoRA (all seven projections: on a 0.4M-parameter model attention alone learns too slowly).
@@ -69,16 +70,19 @@ def _write_benchmark(path: Path, config: BuildConfig) -> None:
 
 def _synthesize(out: Path, config: BuildConfig) -> dict:
     """Oracle teacher + reward filter over the cleaning states of the synthesis problems."""
+    from freelm.backends import make_backend
     from freelm.backends.base import SamplingParams
-    from freelm.backends.local import LocalBackend
+    from freelm.cleaners.registry import get_cleaner
     from freelm.data import Problem
-    from freelm.demo.oracle import oracle_output
     from freelm.evaluation.grade import GraderPool
     from freelm.loop import LoopConfig
     from freelm.records import iter_jsonl, write_jsonl
-    from freelm.training.synth import AnswerGrader, Cut, FunctionTeacher, RewardFilter, Synthesizer
+    from freelm.training.cuts import Cut
+    from freelm.training.reward import AnswerGrader, RewardFilter
+    from freelm.training.synth import Synthesizer
+    from freelm.training.teachers import CleanerTeacher
 
-    backend = LocalBackend.from_pretrained(out / "base", max_batch=config.synth_batch)
+    backend = make_backend("local", model_dir=out / "base", max_batch=config.synth_batch)
     tokenizer = backend.tokenizer
     problems = generate_problems(config.synth_problems, config.seed + 7, split="train")
     states = cleaning_states(problems, tokenizer, config.synth_clean_every, config.seed + 8, config.synth_skip_rate)
@@ -91,7 +95,7 @@ def _synthesize(out: Path, config: BuildConfig) -> dict:
     )
     with GraderPool(1) as pool:
         synthesizer = Synthesizer(
-            teacher=FunctionTeacher(lambda problem, thinking: oracle_output(thinking), name="oracle"),
+            teacher=CleanerTeacher(get_cleaner("oracle").cls()),
             reward=RewardFilter(backend, tokenizer, AnswerGrader(pool), k=config.reward_k, loop=continuation),
             output=out / "sft.jsonl",
             log=out / "sft.synth.jsonl",

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freelm.cli import main as freelm_main
+from freelm.demo.corpus import CLEAN_TEMPLATE
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
-TEMPLATE = Path(__file__).with_name("clean_template.txt")
 
 #: Settings the embedded default was built and measured with (docs/embedded.md).
 CLEAN_EVERY = 32
@@ -57,7 +57,7 @@ def runner_args(
     return [
         "run", "--data", str(data), "--limit", str(limit), "--output", str(output), "--n-rollouts", "1",
         "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
-        *method, "--clean-template", str(TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
+        *method, "--clean-template", str(CLEAN_TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
         "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
         "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", str(CONCURRENCY),
     ]  # fmt: skip

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from freelm.demo.corpus import CLEAN_TEMPLATE, cleaning_states
+from freelm.demo.corpus import CLEAN_EVERY_CHOICES, CLEAN_TEMPLATE, cleaning_states
 from freelm.demo.pretrain import PretrainConfig
 from freelm.demo.task import generate_problems
 
@@ -46,7 +46,7 @@ class BuildConfig:
     seed: int = 0
     pretrain_steps: int = 1400
     synth_problems: int = 192
-    synth_clean_every: tuple[int, ...] = (24, 32, 40, 48)
+    synth_clean_every: tuple[int, ...] = CLEAN_EVERY_CHOICES
     synth_skip_rate: float = 0.25
     reward_k: int = 1
     synth_batch: int = 16  # cuts decided at once; their reward-filter continuations are decoded as one batch

@@ -39,6 +39,9 @@ from freelm.tinymodel import EOS_TOKEN
 from freelm.tokenizer import Tokenizer
 
 CLEAN_TEMPLATE = Path(__file__).with_name("clean_template.txt")
+#: The cleaning intervals the embedded default's data is drawn at, one per problem (the demo runs at 32):
+#: a Free-Module trained on several sees thinking of several lengths.
+CLEAN_EVERY_CHOICES = (24, 32, 40, 48)
 #: End windows cut within this many tokens before ``</think>`` (the last three lines).
 END_SPAN = 12
 #: Laid out like clean_template.txt (problem, then thinking), so that the skills it teaches (find the first

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from freelm.demo.corpus import (
+    CLEAN_EVERY_CHOICES,
     QUOTE_TEMPLATE,
     chat_examples,
     check_number_tokens,
@@ -56,7 +57,7 @@ class PretrainConfig:
     end_windows: int = 2
     pruned_window: int = 64
     quote_fraction: float = 0.125
-    clean_every: tuple[int, ...] = (24, 32, 40, 48)
+    clean_every: tuple[int, ...] = CLEAN_EVERY_CHOICES
     min_turns: int = 40
     max_turns: int = 50
     steps: int = 2000

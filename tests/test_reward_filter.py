@@ -10,6 +10,7 @@ a coin says so.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ import pytest
 from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.data import Problem
 from freelm.evaluation.extract import extract_answer
+from freelm.free import format_commands
 from freelm.loop import LoopConfig
 from freelm.prompts import THINK_CLOSE
 from freelm.testing.counting import counting_tokenizer
 from freelm.training.cuts import Cut
 from freelm.training.reward import RewardFilter
 from freelm.training.synth import Synthesizer, keeps_empty
-from freelm.training.teachers import FunctionTeacher, TeacherReply
+from freelm.training.teachers import CleanerTeacher, FunctionTeacher, TeacherError, TeacherReply
 
 TOKENIZER = counting_tokenizer(30)
 THINKING = "".join(f"step {n}\n" for n in range(1, 7))
@@ -149,3 +151,40 @@ def test_empty_answers_are_kept_or_dropped_per_cut(tmp_path):
 def test_bad_filter_settings_are_refused_by_name():
     with pytest.raises(ValueError, match="comparison must be 'ge' or 'gt'"):
         RewardFilter(CoinBackend(), TOKENIZER, ExactGrader(), comparison="eq")  # type: ignore[arg-type]
+
+
+def test_each_decision_parses_and_applies_the_teachers_answer_once_for_its_log_line_and_its_row(tmp_path, monkeypatch):
+    import freelm.training.synth as synth_module
+    from freelm.free import Deletion, apply_deletions, parse_commands
+
+    calls = {"parse": 0, "apply": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(synth_module, "parse_commands", counted("parse", parse_commands))
+    monkeypatch.setattr(synth_module, "apply_deletions", counted("apply", apply_deletions))
+    answer = '[{"prefix": "step 2\\n", "suffix": "step 3\\n"}, {"prefix": "nowhere", "suffix": "x"}]'
+    synth = Synthesizer(ScriptedTeacher(answer), reward(CoinBackend()), tmp_path / "sft.jsonl", tmp_path / "log.jsonl")
+    summary = asyncio.run(synth.run(cuts(3), progress=False))
+    assert summary.statuses == {"accepted": 3} and calls == {"parse": 3, "apply": 3}
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    expected = format_commands([Deletion("step 2\n", "step 3\n")]) + "<|im_end|>"  # the command that applied
+    assert [row["completion"] for row in rows] == [expected] * 3
+
+
+def test_a_registered_cleaner_teaches_through_its_command_text():
+    from freelm.cleaners.registry import get_cleaner
+    from freelm.demo.oracle import oracle_output
+
+    thinking = "#5 10\n#4 47\n#3 84\n#2 "
+    problem = Problem(id="1", source="counter", prompt="Start at 10.", answer="0")
+    oracle = CleanerTeacher(get_cleaner("oracle").cls())
+    reply = asyncio.run(oracle.suggest(problem, thinking))
+    assert oracle.name == "oracle" and reply.text == oracle_output(thinking) != "[]"
+    with pytest.raises(TeacherError, match="'headtail' edits spans without commands"):
+        asyncio.run(CleanerTeacher(get_cleaner("headtail").cls(tokenizer=TOKENIZER)).suggest(problem, thinking))

@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--log", type=Path, help="every decided example (default: OUTPUT with .synth.jsonl)")
     io.add_argument("--tokenizer", required=True, help="the REASONER's tokenizer directory (cuts are in its tokens)")
     io.add_argument("--template", help="cleaning template (default: built-in)")
-    io.add_argument("--clean-every", type=int, default=4096, help="cut every N thinking tokens, as at inference")
+    io.add_argument(
+        "--clean-every", type=int, default=LoopConfig.clean_every, help="cut every N thinking tokens, as at inference"
+    )
     io.add_argument("--max-cuts-per-trajectory", type=int, help="use only the first N cuts of each trajectory")
     io.add_argument("--limit", type=int, help="process at most N cuts")
     io.add_argument("--keep-empty", type=float, default=0.1, help="share of teacher [] answers kept as examples")

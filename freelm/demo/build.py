@@ -11,8 +11,9 @@ exactly what a Qwen3-8B run does:
    thinking texts a cleaner sees in the loop (``freelm.demo.corpus.cleaning_states``:
    the oracle cleans every N tokens, and a share of rounds is dropped, as when a
    learned cleaner's command does not resolve), deletions from the registry's
-   ``oracle`` cleaner as teacher, kept only when the REWARD FILTER (base-model continuations from the pruned and
-   the unpruned thinking, graded by the evaluation grader) shows they do not hurt.
+   ``oracle`` cleaner as teacher, kept only when the REWARD FILTER (base-model
+   continuations from the pruned and the unpruned thinking, graded by the
+   evaluation grader) shows they do not hurt.
 3. ``free/``: the Free-Module LoRA trained on those rows by ``freelm.training.trainer``
    (TRL's SFTTrainer + PEFT, on the CPU) and checked for SGLang compatibility.
 4. ``benchmark.jsonl``: held-out problems: only (start, turns) pairs that no training set draws (``task.held_out``).

@@ -39,8 +39,9 @@ from freelm.records import read_rollouts
 from freelm.run.batch import run_batch
 from freelm.run.components import build_components
 from freelm.run.spec import RunSpec
+from freelm.testing.engines import ScriptedEngine, ScriptedTokenizer
 from freelm.testing.radix_cache import RadixCache
-from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 _PROBLEM = re.compile(r"Problem (\d+):")

@@ -33,7 +33,8 @@ from freelm.data import Problem
 from freelm.run.batch import run_batch
 from freelm.run.components import build_components
 from freelm.run.spec import RunSpec
-from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.testing.engines import ScriptedEngine, ScriptedTokenizer
+from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 REASONING_TEXT = "Let us try the next case and check it carefully. " * 8

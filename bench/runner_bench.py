@@ -56,7 +56,8 @@ from freelm.records import read_rollouts
 from freelm.run.batch import run_batch
 from freelm.run.components import build_components
 from freelm.run.spec import RunSpec
-from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.testing.engines import ScriptedEngine, ScriptedTokenizer
+from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 _CASE = re.compile(r"Case (\d+) is checked\. ")

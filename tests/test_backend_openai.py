@@ -9,8 +9,9 @@ import pytest
 
 from freelm.backends.base import BackendError, ContextWindow, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.openai_compat import OpenAIBackend
+from freelm.testing.engines import ScriptedEngine
 from freelm.testing.openai_chat_server import OpenAIChatTestServer
-from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer
+from freelm.testing.sglang_server import SGLangTestServer
 
 GREEDY = SamplingParams.greedy()
 SECRET = "sk-test-0123456789-do-not-leak"

@@ -10,7 +10,9 @@ import pytest
 import freelm.backends.sglang as sglang_mod
 from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.sglang import TOP_K_ALL, SGLangBackend, generate_payload, parse_generate_response
-from freelm.testing.sglang_server import SAMPLING_KEYS, ScriptedEngine, SGLangTestServer
+from freelm.testing.engines import ScriptedEngine
+from freelm.testing.sglang_protocol import SAMPLING_KEYS
+from freelm.testing.sglang_server import SGLangTestServer
 
 GREEDY = SamplingParams.greedy()
 

@@ -15,7 +15,8 @@ from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import THINK_CLOSE, render_reasoning_prompt
 from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
-from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.testing.engines import ScriptedEngine, ScriptedTokenizer
+from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 TARGET = 60

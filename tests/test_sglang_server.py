@@ -10,8 +10,10 @@ import pytest
 
 from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams
 from freelm.backends.sglang import SGLangBackend
+from freelm.testing.engines import ScriptedEngine
 from freelm.testing.radix_cache import RadixCache
-from freelm.testing.sglang_server import ScriptedEngine, SGLangTestServer, parse_model_adapter, shape_output
+from freelm.testing.sglang_protocol import parse_model_adapter, shape_output
+from freelm.testing.sglang_server import SGLangTestServer
 
 EOS = ScriptedEngine.EOS_ID
 

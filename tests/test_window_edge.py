@@ -24,7 +24,8 @@ from freelm.prompts import render_reasoning_prompt
 from freelm.records import read_rollouts
 from freelm.run.cli import main
 from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
-from freelm.testing.sglang_server import ScriptedEngine, ScriptedTokenizer, SGLangTestServer
+from freelm.testing.engines import ScriptedEngine, ScriptedTokenizer
+from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
 WINDOW = 1000

@@ -104,7 +104,7 @@ def _keep_last_step(context: str) -> str:
 
 
 class CountingEngine:
-    """The counting model as a blocking server engine (:mod:`freelm.testing.sglang_server`).
+    """The counting model as a blocking server engine (:class:`freelm.testing.engines.Engine`).
 
     ``delay`` seconds per call stand in for GPU time. Any adapter name answers
     the cleaning JSON; the server's registry decides which names exist.

@@ -2,23 +2,28 @@
 
 Every rule it applies is SGLang 0.5.23's, read in the released wheel, and names
 the file it comes from (paths under ``sglang/srt/``); docs/backends.md keeps the
-table of rules with the test of each. When this stand-in and SGLang differ, the
-stand-in is the bug.
+table of rules with the module and the test of each. When this stand-in and
+SGLang differ, the stand-in is the bug.
 
 Endpoints (``entrypoints/http_server.py``): ``POST /generate``, ``GET /health``,
 ``/health_generate``, ``/ready``, ``/model_info``, ``/server_info``, ``POST
 /flush_cache``, ``/load_lora_adapter``, ``/unload_lora_adapter``, ``POST
-/v1/completions``, ``GET /v1/models``. The rules themselves are in
-:meth:`SGLangTestServer._admit` (window, LoRA, seeds), :func:`shape_output`
-(stop trimming), :class:`~freelm.testing.radix_cache.RadixCache` (``cached_tokens``)
-and :class:`Refusal` (the four error bodies).
+/v1/completions``, ``GET /v1/models``. The rules are split by concern:
+this module keeps the ones that need server state, :meth:`SGLangTestServer._admit`
+(window, LoRA, seeds), the adapter registry and the endpoints' answers;
+:mod:`freelm.testing.sglang_protocol` parses requests and shapes responses
+(typed fields, sampling checks, stop trimming, the four error bodies);
+:mod:`freelm.testing.sglang_faults` holds the scripted faults;
+:class:`~freelm.testing.radix_cache.RadixCache` computes ``cached_tokens``.
 
 Threads (:mod:`freelm.testing.http_server`): 256 concurrent rollouts are 256
 mostly-sleeping threads, and the "dropped connection" fault closes a socket
 mid-request in one call.
 
-The engine is pluggable (:class:`Engine`): :class:`freelm.backends.local.LocalBackend`
-or :class:`ScriptedEngine` (fixed delay, scripted text per adapter, no model).
+The engine is pluggable (:class:`~freelm.testing.engines.Engine`):
+:class:`freelm.backends.local.LocalBackend` or
+:class:`~freelm.testing.engines.ScriptedEngine` (fixed delay, scripted text per
+adapter, no model).
 """
 
 from __future__ import annotations
@@ -31,221 +36,24 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from freelm.backends.base import BackendError, GenerateRequest, GenerateResult, SamplingParams
+from freelm.backends.base import BackendError, GenerateRequest, GenerateResult
+from freelm.testing.engines import Engine
 from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 from freelm.testing.radix_cache import RadixCache
-
-#: The keys SGLang's API contract accepts inside ``sampling_params`` (``sglang/api/v1/api_types.py``).
-SAMPLING_KEYS = (
-    "max_new_tokens",
-    "stop",
-    "stop_token_ids",
-    "stop_regex",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "min_new_tokens",
-    "n",
-    "json_schema",
-    "regex",
-    "ebnf",
-    "structural_tag",
-    "ignore_eos",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-    "no_stop_trim",
-    "stream_interval",
-    "logit_bias",
-    "sampling_seed",
-    "custom_params",
-    "beam_width",
+from freelm.testing.sglang_faults import Fault, FaultQueue, override_result
+from freelm.testing.sglang_protocol import (
+    Refusal,
+    meta_info,
+    parse_completion,
+    parse_generate,
+    shape_output,
+    typed_field,
 )
-TOP_K_ALL = 1 << 30
+
 #: ``sampling/sampling_batch_info.py``: under deterministic inference an unseeded request samples with seed 42.
 DEFAULT_DETERMINISTIC_SEED = 42
-
-
-class Engine(Protocol):
-    """What the server needs from a model. ``generate_blocking`` may block; it is called from handler threads.
-
-    ``text`` in the result is the untrimmed decoding with special tokens kept;
-    the server applies ``no_stop_trim`` / ``skip_special_tokens`` itself via ``decode``.
-    Bad requests raise :class:`BackendError` (-> HTTP 400).
-    """
-
-    adapter_names: list[str]
-
-    def generate_blocking(self, request: GenerateRequest) -> GenerateResult: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
-
-    def load_adapter(self, name: str, path: str) -> None: ...
-
-    def unload_adapter(self, name: str) -> None: ...
-
-    def flush_cache(self) -> None: ...
-
-
-Script = str | Callable[[GenerateRequest], str]
-
-
-class ScriptedEngine:
-    """A model-free engine: every call sleeps ``delay`` seconds and answers the scripted text for its adapter.
-
-    ``outputs`` maps an adapter name (``None`` = base model) to a string or to a
-    function of the request. Token ids are UTF-8 bytes + ``ID_OFFSET`` (a
-    stand-in tokenizer, so ``output_ids`` decode back to ``text``), id ``EOS_ID``
-    ends every answer that fits in ``max_new_tokens``. A ``stop`` string in the
-    scripted text ends the answer right after it. ``cached_tokens`` comes from
-    the server's radix cache, not from the engine.
-    """
-
-    EOS_ID = 1
-    ID_OFFSET = 2
-    EOS_TEXT = "<|im_end|>"
-
-    def __init__(self, outputs: dict[str | None, Script] | None = None, *, delay: float = 0.0):
-        self.outputs: dict[str | None, Script] = dict(outputs or {None: "Let me think. \\boxed{0}"})
-        self.delay = delay
-        self._lock = threading.Lock()
-        self._loaded = [name for name in self.outputs if name is not None]
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return sorted(self._loaded)
-
-    def encode(self, text: str) -> list[int]:
-        return [b + self.ID_OFFSET for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        parts, buf = [], bytearray()
-        for i in ids:
-            if i == self.EOS_ID:
-                parts.append(buf.decode("utf-8", errors="replace"))
-                buf = bytearray()
-                if not skip_special_tokens:
-                    parts.append(self.EOS_TEXT)
-            else:
-                buf.append((i - self.ID_OFFSET) % 256)
-        parts.append(buf.decode("utf-8", errors="replace"))
-        return "".join(parts)
-
-    def load_adapter(self, name: str, path: str) -> None:
-        with self._lock:
-            if name in self._loaded:
-                raise BackendError(f"Failed to load LoRA adapter {name} because it is already loaded")
-            self._loaded.append(name)
-
-    def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            if name in self._loaded:
-                self._loaded.remove(name)
-
-    def flush_cache(self) -> None:
-        return None
-
-    def generate_blocking(self, request: GenerateRequest) -> GenerateResult:
-        script = self.outputs.get(request.adapter, self.outputs.get(None, ""))
-        answer = script(request) if callable(script) else script
-        prompt = list(request.input_ids) if request.input_ids is not None else self.encode(request.text or "")
-        time.sleep(self.delay)
-        cuts = [answer.find(s) + len(s) for s in request.stop if s and s in answer]
-        # a stop string ends the answer right after it (no eos), as a real engine would stop there
-        ids = self.encode(answer[: min(cuts)]) if cuts else self.encode(answer) + [self.EOS_ID]
-        finish: Literal["stop", "length"] = "stop"
-        if len(ids) > request.max_new_tokens:
-            ids, finish = ids[: request.max_new_tokens], "length"
-        return GenerateResult(
-            text=self.decode(ids),
-            output_ids=ids,
-            finish_reason=finish,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(ids),
-        )
-
-
-class ScriptedTokenizer:
-    """The :class:`ScriptedEngine`'s ids behind the Hugging Face calls :class:`freelm.tokenizer.Tokenizer` makes.
-
-    ``Tokenizer(ScriptedTokenizer())`` lets the loop send exactly the ids the
-    scripted server speaks, with no model, no tokenizer files and no training.
-    """
-
-    chat_template = None
-    eos_token_id = ScriptedEngine.EOS_ID
-
-    def __init__(self) -> None:
-        self._engine = ScriptedEngine()
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._engine.encode(text)
-
-    def decode(
-        self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
-    ) -> str:
-        return self._engine.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-@dataclass
-class Fault:
-    """One scripted misbehaviour, consumed by the next generation request (``/generate`` or ``/v1/completions``).
-
-    ``status``: answer HTTP ``status`` with ``message`` in SGLang's body for that
-    status; ``drop``: close the socket without answering; ``delay``: sleep
-    ``seconds`` first, then answer normally (past a short client timeout);
-    ``abort``: the scheduler aborts the request with ``message`` and
-    ``status`` (``None``: a 200 whose ``finish_reason`` is ``abort``).
-    """
-
-    kind: Literal["status", "drop", "delay", "abort"]
-    status: int | None = 503
-    message: str = "scripted server error"
-    seconds: float = 0.0
-
-
-class Refusal(Exception):
-    """An HTTP error, rendered in the body SGLang uses for its kind (``entrypoints/http_server.py``).
-
-    ``contract``: the ``/generate`` schema check, ``{"error": "<str>"}``
-    (``generate_request`` -> ``api_contract.generate_contract_error``);
-    ``value``: a ValueError, ``{"error": {"message"}}`` on native routes
-    (``_create_error_response``) and ``{"object": "error", ...}`` on ``/v1``
-    (``entrypoints/openai/serving_base.py: create_error_response``);
-    ``http``: an HTTPException, ``{"object": "error", "message", "type": str(status),
-    "param": null, "code"}`` (``validation_exception_handler``); ``lora``: a LoRA
-    load/unload failure, ``{"success": false, "error_message", "loaded_adapters"}`` with 400.
-    """
-
-    def __init__(self, status: int, message: str, kind: Literal["contract", "value", "http", "lora"] = "value"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-    def body(self, openai_route: bool) -> dict[str, Any]:
-        if self.kind == "lora":
-            return {"success": False, "error_message": self.message, "loaded_adapters": None}
-        if self.kind == "http":
-            return {
-                "object": "error",
-                "message": self.message,
-                "type": str(self.status),
-                "param": None,
-                "code": self.status,
-            }
-        if openai_route:
-            return {"object": "error", "message": self.message, "type": "BadRequestError", "param": None, "code": 400}
-        if self.kind == "contract":
-            return {"error": self.message}
-        return {"error": {"message": self.message}}
 
 
 @dataclass
@@ -304,8 +112,7 @@ class SGLangTestServer(LocalHTTPServer):
         for name, path in (adapters or {}).items():
             engine.load_adapter(name, path)
             self.adapters[name] = _Adapter(str(path), _launch_id(name, str(path)))
-        self._faults: deque[Fault] = deque()
-        self._adapter_overrides: deque[str] = deque()
+        self.faults = FaultQueue()
         self.status: Literal["starting", "up", "crashed"] = "starting" if starting else "up"
         self.in_flight = 0
         self.reset()
@@ -323,9 +130,8 @@ class SGLangTestServer(LocalHTTPServer):
 
     def reset(self) -> None:
         """Forget queued faults and counters (between tests sharing one server)."""
+        self.faults.clear()
         with self._lock:
-            self._faults.clear()
-            self._adapter_overrides.clear()
             self.requests: Counter[str] = Counter()
             self.adapter_requests: Counter[str | None] = Counter()
             self.max_in_flight = self.in_flight  # requests of an earlier test may still be running
@@ -337,33 +143,23 @@ class SGLangTestServer(LocalHTTPServer):
         self.status = "up"
 
     def fail_next(self, status: int = 503, message: str = "scripted server error", times: int = 1) -> None:
-        self._queue(Fault("status", status=status, message=message), times)
+        self.faults.add(Fault("status", status=status, message=message), times)
 
     def drop_next(self, times: int = 1) -> None:
-        self._queue(Fault("drop"), times)
+        self.faults.add(Fault("drop"), times)
 
     def delay_next(self, seconds: float, times: int = 1) -> None:
-        self._queue(Fault("delay", seconds=seconds), times)
+        self.faults.add(Fault("delay", seconds=seconds), times)
 
     def abort_next(self, message: str = "Aborted", status: int | None = None, times: int = 1) -> None:
         """The scheduler aborts the next request (``managers/schedule_batch.py: FINISH_ABORT``)."""
-        self._queue(Fault("abort", status=status, message=message), times)
+        self.faults.add(Fault("abort", status=status, message=message), times)
 
     def override_next_adapter_output(self, text: str, times: int = 1) -> None:
         """The next adapter (cleaning) call answers ``text`` verbatim (e.g. malformed JSON) instead of the engine's."""
-        with self._lock:
-            self._adapter_overrides.extend([text] * times)
-
-    def _queue(self, fault: Fault, times: int) -> None:
-        with self._lock:
-            self._faults.extend([fault] * times)
+        self.faults.add_override(text, times)
 
     # ----- request handling (called from handler threads) -----------------
-
-    def _next_fault(self) -> Fault | None:
-        """The next transport-level fault (status, drop, delay); an ``abort`` waits for its request to be parsed."""
-        with self._lock:
-            return self._faults.popleft() if self._faults and self._faults[0].kind != "abort" else None
 
     def _admit(self, request: GenerateRequest) -> GenerateRequest:
         """SGLang's checks between the HTTP route and the model, in its order; returns the request as scheduled."""
@@ -425,7 +221,7 @@ class SGLangTestServer(LocalHTTPServer):
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.engine_requests.append(scheduled)
-            override = self._adapter_overrides.popleft() if request.adapter and self._adapter_overrides else None
+            override = self.faults.next_override() if request.adapter else None
             namespace = self._namespace(request.adapter)
         try:
             prompt = (
@@ -437,7 +233,7 @@ class SGLangTestServer(LocalHTTPServer):
             except BackendError as exc:
                 raise Refusal(400, str(exc)) from exc
             if override is not None:
-                result = _override(result, override, self.engine)
+                result = override_result(result, override, self.engine)
             self.cache.insert(namespace, prompt + result.output_ids[:-1])
             result = replace(result, cached_tokens=cached, prompt_tokens=len(prompt))
             return result, scheduled, override is not None
@@ -446,16 +242,16 @@ class SGLangTestServer(LocalHTTPServer):
                 self.in_flight -= 1
 
     def handle_generate(self, body: Any) -> dict:
-        request, skip_special, no_trim = _parse_generate(body)
+        request, skip_special, no_trim = parse_generate(body)
         fault = self._abort_fault()
         if fault is not None:
-            return {"text": "", "output_ids": [], "meta_info": _abort_meta(fault)}
+            return {"text": "", "output_ids": [], "meta_info": fault.abort_meta()}
         result, scheduled, overridden = self._run(request)
         text, finish = shape_output(result, scheduled, self.engine, skip_special, no_trim, overridden)
-        return {"text": text, "output_ids": result.output_ids, "meta_info": _meta_info(result, finish)}
+        return {"text": text, "output_ids": result.output_ids, "meta_info": meta_info(result, finish)}
 
     def handle_completions(self, body: Any) -> dict:
-        request, skip_special, no_trim = _parse_completion(body, self.served_model_name)
+        request, skip_special, no_trim = parse_completion(body, self.served_model_name)
         fault = self._abort_fault()
         if fault is not None:
             choice_finish = "abort"
@@ -482,16 +278,11 @@ class SGLangTestServer(LocalHTTPServer):
         }
 
     def _abort_fault(self) -> Fault | None:
-        """An ``abort`` fault: 400 -> a ValueError, 5xx -> an HTTPException, no status -> the body says abort.
-
-        ``managers/tokenizer_manager.py: _handle_abort_finish_reason``.
-        """
-        with self._lock:
-            if not self._faults or self._faults[0].kind != "abort":
-                return None
-            fault = self._faults.popleft()
-        if fault.status is not None:
-            raise Refusal(fault.status, fault.message, kind="value" if fault.status == 400 else "http")
+        """A queued ``abort``: raised as its :meth:`~Fault.abort_refusal`, or returned when the 200 body says abort."""
+        fault = self.faults.next_abort()
+        refusal = fault.abort_refusal() if fault is not None else None
+        if refusal is not None:
+            raise refusal
         return fault
 
     def _load(self, name: str, path: str) -> None:
@@ -506,7 +297,7 @@ class SGLangTestServer(LocalHTTPServer):
         self.adapters[name] = _Adapter(path, uuid.uuid4().hex)
 
     def handle_load_adapter(self, body: Any) -> dict:
-        name, path = _field(body, "lora_name", str), _field(body, "lora_path", str)
+        name, path = typed_field(body, "lora_name", str), typed_field(body, "lora_path", str)
         with self._lock:
             if name in self.adapters and self.adapters[name].loaded:
                 # lora/lora_manager.py: load_lora_adapter
@@ -516,7 +307,7 @@ class SGLangTestServer(LocalHTTPServer):
 
     def handle_unload_adapter(self, body: Any) -> dict:
         """``lora/lora_registry.py: unregister``; the name stays in ``lora_ref_cache`` for an implicit reload."""
-        name = _field(body, "lora_name", str)
+        name = typed_field(body, "lora_name", str)
         with self._lock:
             adapter = self.adapters.get(name)
             if adapter is None or not adapter.loaded:
@@ -593,182 +384,6 @@ def _launch_id(name: str, path: str) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{name}\0{path}").hex
 
 
-def _override(result: GenerateResult, text: str, engine: Engine) -> GenerateResult:
-    """The scripted adapter answer replaces the engine's (ids from the engine's own tokenizer, no eos)."""
-    ids = engine.encode(text)
-    return GenerateResult(
-        text=text, output_ids=ids, finish_reason="stop", prompt_tokens=result.prompt_tokens, completion_tokens=len(ids)
-    )
-
-
-def shape_output(
-    result: GenerateResult,
-    request: GenerateRequest,
-    engine: Engine,
-    skip_special: bool,
-    no_trim: bool,
-    overridden: bool = False,
-) -> tuple[str, dict[str, Any]]:
-    """``text`` and ``finish_reason`` as SGLang returns them; ``output_ids`` are never trimmed.
-
-    ``managers/schedule_batch.py``: a stop string found in the output finishes
-    with ``matched`` = that string (``FINISH_MATCHED_STR``), an eos with the
-    token id (``FINISH_MATCHED_TOKEN``), the budget with ``{"type": "length",
-    "length": max_new_tokens}``. ``managers/detokenizer_manager.py:
-    trim_matched_stop``: the text ends right after a matched stop string with
-    ``no_stop_trim`` (even when the last token runs past it) and before it
-    without; a matched stop token is dropped before decoding unless
-    ``no_stop_trim``. ``skip_special_tokens`` (default true) drops special tokens.
-    """
-    ids = result.output_ids
-    if result.finish_reason == "length":
-        return engine.decode(ids, skip_special_tokens=skip_special), {
-            "type": "length",
-            "length": request.max_new_tokens,
-        }
-    full = engine.decode(ids, skip_special_tokens=False)
-    matched = next((s for s in request.stop if s and s in full), None)
-    if matched is not None:
-        text = engine.decode(ids, skip_special_tokens=skip_special)
-        position = text.find(matched)
-        if position >= 0:
-            text = text[: position + len(matched)] if no_trim else text[:position]
-        return text, {"type": "stop", "matched": matched}
-    if overridden or not ids or engine.decode(ids[-1:], skip_special_tokens=True):
-        # no stop token at the end: a scripted override, or a test engine that stops without emitting one
-        return engine.decode(ids, skip_special_tokens=skip_special), {"type": "stop", "matched": None}
-    kept = ids if no_trim else ids[:-1]
-    return engine.decode(kept, skip_special_tokens=skip_special), {"type": "stop", "matched": ids[-1]}
-
-
-def _meta_info(result: GenerateResult, finish: dict[str, Any]) -> dict:
-    return {
-        "id": uuid.uuid4().hex,
-        "finish_reason": finish,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "cached_tokens": result.cached_tokens or 0,
-    }
-
-
-def _abort_meta(fault: Fault) -> dict:
-    """``managers/schedule_batch.py: FINISH_ABORT.to_json`` for an abort without an HTTP status."""
-    return {
-        "id": uuid.uuid4().hex,
-        "finish_reason": {"type": "abort", "message": fault.message, "status_code": None, "err_type": None},
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cached_tokens": 0,
-    }
-
-
-def _field(body: Any, key: str, kind: type, default: Any = ..., contract: bool = False) -> Any:
-    """One typed field; a wrong type is the schema check's 400 (serde's wording, ``sglang/api/v1/api_types.py``)."""
-    refusal = "contract" if contract else "value"
-    if not isinstance(body, dict):
-        raise Refusal(400, "invalid type: expected a JSON object", refusal)
-    if key not in body or body[key] is None:
-        if default is ...:
-            raise Refusal(400, f"missing field `{key}`", refusal)
-        return default
-    value = body[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise Refusal(400, f"invalid type: {type(value).__name__} for `{key}`, expected {kind.__name__}", refusal)
-    return value
-
-
-def _sampling(params: dict, max_tokens_key: str, default_max: int, contract: bool) -> tuple[dict, SamplingParams]:
-    """``sampling/sampling_params.py: SamplingParams.verify`` on the values SGLang reads."""
-    top_k = _field(params, "top_k", int, -1, contract)
-    sampling = SamplingParams(
-        temperature=_field(params, "temperature", float, 1.0, contract),
-        top_p=_field(params, "top_p", float, 1.0, contract),
-        top_k=-1 if top_k >= TOP_K_ALL else top_k,
-        min_p=_field(params, "min_p", float, 0.0, contract),
-    )
-    if sampling.temperature < 0:
-        raise Refusal(400, f"temperature must be non-negative, got {sampling.temperature}.")
-    if not 0 < sampling.top_p <= 1:
-        raise Refusal(400, f"top_p must be in (0, 1], got {sampling.top_p}.")
-    if not 0 <= sampling.min_p <= 1:
-        raise Refusal(400, f"min_p must be in [0, 1], got {sampling.min_p}.")
-    if sampling.top_k == 0 or sampling.top_k < -1:
-        raise Refusal(400, f"top_k must be -1 (disable) or at least 1, got {sampling.top_k}.")
-    stop = params.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise Refusal(
-            400, "invalid type: `stop` must be a string or a list of strings", "contract" if contract else "value"
-        )
-    max_new = _field(params, max_tokens_key, int, default_max, contract)
-    if max_new < 0:
-        raise Refusal(400, f"max_new_tokens must be at least 0, got {max_new}.")
-    extra = {"max_new_tokens": max(1, max_new), "stop": stop, "seed": params.get("sampling_seed", params.get("seed"))}
-    return extra, sampling
-
-
-def _parse_generate(body: Any) -> tuple[GenerateRequest, bool, bool]:
-    if not isinstance(body, dict):
-        raise Refusal(400, "invalid type: expected struct GenerateRequest", "contract")
-    params = _field(body, "sampling_params", dict, {}, contract=True)
-    unknown = [k for k in params if k not in SAMPLING_KEYS]
-    if unknown:  # sglang/api/v1/api_types.py: unknown keys inside sampling_params fail the contract
-        listed = ", ".join(f"`{k}`" for k in SAMPLING_KEYS)
-        raise Refusal(400, f"unknown field `{unknown[0]}`, expected one of {listed}", "contract")
-    has_text, has_ids = body.get("text") is not None, body.get("input_ids") is not None
-    if has_ids and not _is_id_list(body["input_ids"]) or has_text and not isinstance(body["text"], str):
-        raise Refusal(400, "this stand-in takes one prompt per request: `text` a string or `input_ids` a list of ints")
-    if not (has_text or has_ids):  # managers/io_struct.py: GenerateReqInput._validate_inputs
-        raise Refusal(400, "Either text, input_ids or input_embeds should be provided.")
-    extra, sampling = _sampling(params, "max_new_tokens", 128, contract=True)
-    adapter = _field(body, "lora_path", str, None, contract=True)
-    # managers/tokenizer_manager.py: _tokenize_one_request takes input_ids when both are given
-    prompt = {"input_ids": body["input_ids"]} if has_ids else {"text": body["text"]}
-    return (
-        GenerateRequest(sampling=sampling, adapter=adapter, **prompt, **extra),
-        _field(params, "skip_special_tokens", bool, True, True),
-        _field(params, "no_stop_trim", bool, False, True),
-    )
-
-
-def _parse_completion(body: Any, served: str) -> tuple[GenerateRequest, bool, bool]:
-    model = _field(body, "model", str)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) and prompt:
-        prompt_field = {"text": prompt}
-    elif _is_id_list(prompt) and prompt:
-        prompt_field = {"input_ids": prompt}
-    elif not prompt:  # entrypoints/openai/serving_completions.py: _validate_request
-        raise Refusal(400, "Prompt cannot be empty")
-    else:
-        raise Refusal(400, "this stand-in takes one prompt per request: `prompt` a string or a list of ints")
-    extra, sampling = _sampling(body, "max_tokens", 16, contract=False)
-    adapter = parse_model_adapter(model, served) or _field(body, "lora_path", str, None)
-    return (
-        GenerateRequest(sampling=sampling, adapter=adapter, **prompt_field, **extra),
-        _field(body, "skip_special_tokens", bool, True),
-        _field(body, "no_stop_trim", bool, False),
-    )
-
-
-def parse_model_adapter(model: str, served: str) -> str | None:
-    """``entrypoints/openai/serving_base.py: _parse_model_parameter``.
-
-    ``served`` or no colon -> base, ``served:NAME`` -> NAME, else split at the first colon.
-    """
-    if model == served or ":" not in model:
-        return None
-    if model.startswith(served + ":"):
-        return model[len(served) + 1 :].strip() or None
-    return model.split(":", 1)[1].strip() or None
-
-
-def _is_id_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 _FLUSHED = (
     "Cache flushed.\nPlease check backend logs for more details. "
     "(When there are running or waiting requests, the operation will not be performed.)\n"
@@ -822,16 +437,14 @@ class _Handler(QuietHandler):
         if path not in routes:
             return self._send(404, {"detail": "Not Found"})
         if path in ("/generate", "/v1/completions"):
-            fault = state._next_fault()
+            fault = state.faults.next_transport()
             if fault is not None and fault.kind == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return None
             if fault is not None and fault.kind == "status":
-                kind = "http" if fault.status is None or fault.status >= 500 else "value"
-                return self._send(
-                    fault.status or 500, Refusal(fault.status or 500, fault.message, kind).body(openai_route)
-                )
+                refusal = fault.status_refusal()
+                return self._send(refusal.status, refusal.body(openai_route))
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
         try:
@@ -869,14 +482,4 @@ class _Handler(QuietHandler):
 
 SGLangTestServer.handler_class = _Handler
 
-__all__ = [
-    "Engine",
-    "Fault",
-    "Refusal",
-    "SAMPLING_KEYS",
-    "SGLangTestServer",
-    "ScriptedEngine",
-    "ScriptedTokenizer",
-    "parse_model_adapter",
-    "shape_output",
-]
+__all__ = ["SGLangTestServer"]

@@ -18,10 +18,11 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from freelm.free import remove_spans
 from freelm.validation import build
 
 SCHEMA_VERSION = 1
@@ -144,6 +145,8 @@ class RolloutRecord:
         config_hash: str,
         prompt: str | None = None,
     ) -> RolloutRecord:
+        """The result's every field and derived total, with the problem's identity around them."""
+        carried = {f.name: getattr(result, f.name) for f in fields(result)}
         return cls(
             id=id,
             source=source,
@@ -152,19 +155,11 @@ class RolloutRecord:
             answer=answer,
             mode=mode,
             config_hash=config_hash,
-            response=result.response,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            generated_tokens=result.generated_tokens,
-            final_context_tokens=result.final_context_tokens,
-            peak_context_tokens=result.peak_context_tokens,
             cleaning_rounds=result.cleaning_rounds,
-            wall_time_s=result.wall_time_s,
             reasoning_time_s=result.reasoning_time_s,
             cleaning_time_s=result.cleaning_time_s,
-            rounds=result.rounds,
             prompt=prompt,
-            error=result.error,
+            **carried,
         )
 
     @property
@@ -181,18 +176,21 @@ class RolloutRecord:
         return build(cls, d)
 
     def replay(self) -> Iterator[tuple[RoundRecord, str]]:
-        """Yield ``(round, thinking_before_cleaning)`` for every round, in order."""
+        """Yield ``(round, thinking_before_cleaning)`` for every round, in order.
+
+        The recorded spans are removed by the executor's own :func:`~freelm.free.remove_spans`,
+        so the replayed text is the one the loop resumed on; a span outside its
+        round's text (a corrupt record) raises ``ValueError`` naming the rollout and round.
+        """
         thinking = ""
-        for rnd in self.rounds:
+        for number, rnd in enumerate(self.rounds):
             thinking = thinking[: len(thinking) - rnd.rewound_chars] + rnd.generated_text
             yield rnd, thinking
-            if rnd.clean is not None and rnd.clean.deleted_spans:
-                kept, pos = [], 0
-                for start, end in rnd.clean.deleted_spans:
-                    kept.append(thinking[pos:start])
-                    pos = end
-                kept.append(thinking[pos:])
-                thinking = "".join(kept)
+            if rnd.clean is not None:
+                try:
+                    thinking = remove_spans(thinking, rnd.clean.deleted_spans).text
+                except ValueError as exc:
+                    raise ValueError(f"rollout {self.key}: round {number}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- JSONL I/O

@@ -96,3 +96,9 @@ def test_expect_and_describe_primitives():
         expect([1, 1.5], list[int], "x")
     with pytest.raises(FieldError, match="expected object"):
         build(CleanRecord, "nope", "clean")
+
+
+def test_replay_names_the_rollout_and_round_of_a_span_outside_its_text():
+    record = RolloutRecord.from_dict(with_change(("rounds", 0, "clean", "deleted_spans"), [[0, 99]]))
+    with pytest.raises(ValueError, match=r"rollout \('s', '1', 0\): round 0: span \(0, 99\) outside text of length 7"):
+        list(record.replay())

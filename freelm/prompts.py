@@ -12,6 +12,10 @@ format it was trained on.
   placeholders rendered into the complete raw prompt, ending where the adapter
   writes its JSON. The upstream prompt is not public: point ``--clean-template``
   at a file to match another adapter's training format.
+* Template introspection: :func:`template_skeleton` (where each placeholder
+  lands in the rendered prompt) and its inverse :func:`recover_thinking` (the
+  thinking a rendered cleaning prompt holds), so the SFT check, synthesis and
+  ``freelm template infer`` read prompts with the same rules that write them.
 """
 
 from __future__ import annotations
@@ -72,11 +76,61 @@ def load_clean_template(path: str | Path | None = None) -> str:
     return template
 
 
-def render_cleaning_prompt(problem: str, thinking: str, template: str | Path | None = None) -> str:
-    """The cleaning-mode prompt for the current thinking (problem shown bare, without the suffix).
+def fill_template(text: str, problem: str, thinking: str) -> str:
+    """A cleaning template's text with its placeholders filled.
 
     Substitution is a single pass over the template, so braces inside the
     problem or the thinking are never treated as placeholders.
     """
     values = {"problem": problem, "thinking": thinking}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], load_clean_template(template))
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def render_cleaning_prompt(problem: str, thinking: str, template: str | Path | None = None) -> str:
+    """The cleaning-mode prompt for the current thinking (problem shown bare, without the suffix)."""
+    return fill_template(load_clean_template(template), problem, thinking)
+
+
+# --------------------------------------------------------------------------- template introspection
+
+# Sentinels rendered through the real template: the skeleton shows where each placeholder went.
+PROBLEM_MARK, THINKING_MARK = "\x00problem\x00", "\x00thinking\x00"
+MARKS = re.compile(f"({re.escape(PROBLEM_MARK)}|{re.escape(THINKING_MARK)})")
+
+
+def template_skeleton(template: str | Path | None = None) -> str:
+    """The cleaning template rendered with :data:`PROBLEM_MARK` / :data:`THINKING_MARK` in place of the values."""
+    return render_cleaning_prompt(PROBLEM_MARK, THINKING_MARK, template)
+
+
+def _template_regex(template: str | Path | None, problem: str | None, greedy: bool) -> re.Pattern[str]:
+    star = ".*" if greedy else ".*?"
+    pattern, seen = [], set()
+    for piece in MARKS.split(template_skeleton(template)):
+        if piece == THINKING_MARK or (piece == PROBLEM_MARK and problem is None):
+            name = "thinking" if piece == THINKING_MARK else "problem"
+            pattern.append(f"(?P={name})" if name in seen else f"(?P<{name}>{star})")
+            seen.add(name)
+        elif piece == PROBLEM_MARK:
+            pattern.append(re.escape(problem))
+        else:
+            pattern.append(re.escape(piece))
+    return re.compile("".join(pattern), re.DOTALL)
+
+
+def recover_thinking(prompt: str, template: str | Path | None = None, problem: str | None = None) -> str:
+    """The thinking that ``render_cleaning_prompt(problem, thinking, template)`` turned into ``prompt``.
+
+    With ``problem`` known the answer is unique. Without it, the template's
+    literal text between the problem and the thinking could also occur inside
+    either of them; the shortest and the longest problem reading are compared
+    and a disagreement raises instead of guessing.
+    """
+    first = _template_regex(template, problem, greedy=True).fullmatch(prompt)
+    if first is None:
+        raise ValueError("prompt does not match the cleaning template" + (" and its problem" if problem else ""))
+    if problem is None:
+        other = _template_regex(template, None, greedy=False).fullmatch(prompt)
+        if other is None or other.group("thinking") != first.group("thinking"):
+            raise ValueError("cannot split the prompt into problem and thinking unambiguously (add a 'problem' field)")
+    return first.group("thinking")

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from freelm.cli import main as freelm_main
 from freelm.free import Deletion
-from freelm.prompts import render_cleaning_prompt
+from freelm.prompts import recover_thinking, render_cleaning_prompt
 from freelm.records import append_jsonl
 from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
-from freelm.training.sft_data import build_row, check_file, percentile, recover_thinking
+from freelm.training.sft_data import build_row, check_file, percentile
 
 THINKING = "Try 7 * 6 = 43. No, that is wrong. 7 * 6 = 42. Done."
 

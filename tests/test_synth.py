@@ -11,14 +11,14 @@ import pytest
 from freelm.data import Problem
 from freelm.evaluation.grade import GraderPool
 from freelm.loop import LoopConfig, run_rollout
-from freelm.prompts import THINK_CLOSE, render_cleaning_prompt
+from freelm.prompts import THINK_CLOSE, recover_thinking, render_cleaning_prompt
 from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
 from freelm.tokenizer import Tokenizer
 from freelm.training.cuts import collect_cuts, cut_trajectory
 from freelm.training.reward import AnswerGrader, RewardFilter
-from freelm.training.sft_data import check_file, read_rows, recover_thinking
+from freelm.training.sft_data import check_file, read_rows
 from freelm.training.synth import Synthesizer, keeps_empty
 from freelm.training.teachers import FunctionTeacher, OpenAITeacher, TeacherError, teacher_messages
 

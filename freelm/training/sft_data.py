@@ -17,14 +17,13 @@ split is ambiguous.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from freelm.free import Deletion, apply_deletions, format_commands, parse_commands
-from freelm.prompts import render_cleaning_prompt
+from freelm.prompts import recover_thinking, render_cleaning_prompt
 from freelm.records import iter_jsonl
 
 #: Qwen3's end-of-turn token: the completion ends with it so the adapter stops after the list.
@@ -60,51 +59,6 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
-
-
-# --------------------------------------------------------------------------- thinking recovery
-
-# Sentinels rendered through the real template: the skeleton shows where each placeholder went.
-PROBLEM_MARK, THINKING_MARK = "\x00problem\x00", "\x00thinking\x00"
-MARKS = re.compile(f"({re.escape(PROBLEM_MARK)}|{re.escape(THINKING_MARK)})")
-
-
-def template_skeleton(template: str | Path | None = None) -> str:
-    """The cleaning template rendered with :data:`PROBLEM_MARK` / :data:`THINKING_MARK` in place of the values."""
-    return render_cleaning_prompt(PROBLEM_MARK, THINKING_MARK, template)
-
-
-def _template_regex(template: str | Path | None, problem: str | None, greedy: bool) -> re.Pattern[str]:
-    star = ".*" if greedy else ".*?"
-    pattern, seen = [], set()
-    for piece in MARKS.split(template_skeleton(template)):
-        if piece == THINKING_MARK or (piece == PROBLEM_MARK and problem is None):
-            name = "thinking" if piece == THINKING_MARK else "problem"
-            pattern.append(f"(?P={name})" if name in seen else f"(?P<{name}>{star})")
-            seen.add(name)
-        elif piece == PROBLEM_MARK:
-            pattern.append(re.escape(problem))
-        else:
-            pattern.append(re.escape(piece))
-    return re.compile("".join(pattern), re.DOTALL)
-
-
-def recover_thinking(prompt: str, template: str | Path | None = None, problem: str | None = None) -> str:
-    """The thinking that ``render_cleaning_prompt(problem, thinking, template)`` turned into ``prompt``.
-
-    With ``problem`` known the answer is unique. Without it, the template's
-    literal text between the problem and the thinking could also occur inside
-    either of them; the shortest and the longest problem reading are compared
-    and a disagreement raises instead of guessing.
-    """
-    first = _template_regex(template, problem, greedy=True).fullmatch(prompt)
-    if first is None:
-        raise ValueError("prompt does not match the cleaning template" + (" and its problem" if problem else ""))
-    if problem is None:
-        other = _template_regex(template, None, greedy=False).fullmatch(prompt)
-        if other is None or other.group("thinking") != first.group("thinking"):
-            raise ValueError("cannot split the prompt into problem and thinking unambiguously (add a 'problem' field)")
-    return first.group("thinking")
 
 
 # --------------------------------------------------------------------------- check

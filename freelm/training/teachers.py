@@ -17,8 +17,8 @@ from typing import Protocol
 
 from freelm.cleaners.base import Cleaner
 from freelm.data import Problem
+from freelm.prompts import MARKS, PROBLEM_MARK, template_skeleton
 from freelm.redact import redact
-from freelm.training.sft_data import MARKS, PROBLEM_MARK, template_skeleton
 
 
 @dataclass

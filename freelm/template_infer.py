@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from freelm.free import parse_commands
+from freelm.prompts import fill_template
 from freelm.records import iter_jsonl
 
 _SLOTS = ("{problem}", "{thinking}")
@@ -166,7 +167,9 @@ def infer_template(rows: list[dict[str, Any]]) -> InferredTemplate:
     for prompt in prompts:
         middle = prompt[len(before) : len(prompt) - len(after)]
         first, sep, second = (middle.rpartition if thinking_first else middle.partition)(between)
-        explained += bool(sep) and prompt == before + first + between + second + after and bool(first and second)
+        problem, thinking = (second, first) if thinking_first else (first, second)
+        # rendered by the loop's own substitution, so "explained" means the runner would send this prompt
+        explained += bool(sep and first and second) and fill_template(template, problem, thinking) == prompt
     unparsed = [c for c in completions if parse_commands(c).error is not None]
     return InferredTemplate(
         template=template,

@@ -7,15 +7,9 @@ import os
 
 import pytest
 
+from freelm.model_facts import ARCHITECTURES, arch_mismatches
 from freelm.training.cluster_data import read_sft_layout, write_sft_layout
-from freelm.training.megatron_plan import (
-    ARCHITECTURES,
-    PRESETS,
-    PROMPT_COMPLETION_KWARGS,
-    PlanError,
-    arch_mismatches,
-    build_plan,
-)
+from freelm.training.megatron_plan import PRESETS, PROMPT_COMPLETION_KWARGS, PlanError, build_plan
 
 PATHS = {"model_path": "/m", "nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run_name": "free-1"}
 

@@ -106,7 +106,8 @@ TRAIN_ENV = {"nemo_path": "/n", "train_fp": "/t.jsonl", "output_dir": "/o", "run
 
 def hf_dir(root: Path, preset: str) -> str:
     """A local HF directory of the preset's shape: the dry run builds the plan from it."""
-    from freelm.training.megatron_plan import ARCHITECTURES, PRESETS
+    from freelm.model_facts import ARCHITECTURES
+    from freelm.training.megatron_plan import PRESETS
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(ARCHITECTURES[PRESETS[preset].arch_key].hf_config()))

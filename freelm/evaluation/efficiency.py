@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from freelm.model_facts import ARCHITECTURES
 from freelm.records import RolloutRecord
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
@@ -40,11 +41,12 @@ class KVSpec:
         return self.layers * (per_layer + self.indexer_dim * self.indexer_bytes)
 
 
-#: From the models' config.json (bf16 KV cache). The *-Thinking-2507 variants share the shapes.
+#: The Qwen3 shapes from :data:`freelm.model_facts.ARCHITECTURES` (bf16 KV cache), plus DeepSeek-V3.2.
 PRESETS = {
-    "qwen3-8b": KVSpec("Qwen3-8B", layers=36, kv_heads=8, head_dim=128),
-    "qwen3-30b-a3b": KVSpec("Qwen3-30B-A3B", layers=48, kv_heads=4, head_dim=128),
-    "qwen3-235b-a22b": KVSpec("Qwen3-235B-A22B", layers=94, kv_heads=4, head_dim=128),
+    **{
+        key: KVSpec(arch.name, layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim)
+        for key, arch in ARCHITECTURES.items()
+    },
     # MLA: kv_lora_rank 512 + qk_rope_head_dim 64 per layer; DSA indexer: index_head_dim 128.
     "deepseek-v3.2": KVSpec("DeepSeek-V3.2", layers=61, mla_latent_dim=512 + 64, indexer_dim=128),
 }

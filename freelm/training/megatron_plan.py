@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from freelm.model_facts import ARCHITECTURES, ModelArch, arch_mismatches
+
 
 class PlanError(ValueError):
     """A plan Megatron would reject; the message lists every problem at once."""
@@ -52,110 +54,9 @@ class PlanError(ValueError):
 
 # --------------------------------------------------------------------------- architectures
 
-
-@dataclass(frozen=True)
-class ModelArch:
-    """The architecture facts the plan checks parallel sizes against (from each model's HF ``config.json``)."""
-
-    hf_id: str
-    num_layers: int  # num_hidden_layers
-    hidden_size: int
-    ffn_hidden_size: int  # intermediate_size
-    num_attention_heads: int
-    num_kv_heads: int  # num_key_value_heads (Megatron: num_query_groups)
-    head_dim: int  # (Megatron: kv_channels)
-    vocab_size: int
-    max_position_embeddings: int
-    num_experts: int = 0  # 0 = dense
-    moe_router_topk: int = 0  # num_experts_per_tok
-    moe_ffn_hidden_size: int = 0  # moe_intermediate_size
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    def hf_config(self) -> dict[str, Any]:
-        """The ``config.json`` fields :func:`arch_mismatches` compares (a checkpoint of this shape has them)."""
-        moe_only = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
-        config = {key: getattr(self, name) for name, key in _HF_KEYS.items() if self.is_moe or name not in moe_only}
-        return {"architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"], **config}
-
-
-#: THE table of architectures. Values from the models' Hugging Face ``config.json``
-#: (Qwen3-8B: 36 layers, 32 Q / 8 KV heads; the Thinking-2507 MoE checkpoints keep
-#: the Qwen3-30B-A3B / Qwen3-235B-A22B shapes with a 262,144-token native context).
-#: The entry point re-reads ``config.json`` at ``model_path`` and refuses a mismatch
-#: (:func:`arch_mismatches`), so a wrong directory cannot train with a wrong layout.
-ARCHITECTURES: dict[str, ModelArch] = {
-    "qwen3-8b": ModelArch(
-        hf_id="Qwen/Qwen3-8B",
-        num_layers=36,
-        hidden_size=4096,
-        ffn_hidden_size=12288,
-        num_attention_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-    ),
-    "qwen3-30b-a3b": ModelArch(
-        hf_id="Qwen/Qwen3-30B-A3B-Thinking-2507",
-        num_layers=48,
-        hidden_size=2048,
-        ffn_hidden_size=6144,
-        num_attention_heads=32,
-        num_kv_heads=4,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=262144,
-        num_experts=128,
-        moe_router_topk=8,
-        moe_ffn_hidden_size=768,
-    ),
-    "qwen3-235b-a22b": ModelArch(
-        hf_id="Qwen/Qwen3-235B-A22B-Thinking-2507",
-        num_layers=94,
-        hidden_size=4096,
-        ffn_hidden_size=12288,
-        num_attention_heads=64,
-        num_kv_heads=4,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=262144,
-        num_experts=128,
-        moe_router_topk=8,
-        moe_ffn_hidden_size=1536,
-    ),
-}
-
-#: HF ``config.json`` key for each :class:`ModelArch` field (MoE keys only for MoE models).
-_HF_KEYS = {
-    "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "vocab_size": "vocab_size",
-    "num_experts": "num_experts",
-    "moe_router_topk": "num_experts_per_tok",
-    "moe_ffn_hidden_size": "moe_intermediate_size",
-}
-
-
-def arch_mismatches(arch: ModelArch, hf_config: dict[str, Any]) -> list[str]:
-    """Fields where a checkpoint's ``config.json`` disagrees with the table (empty = same model shape)."""
-    problems = []
-    for name, key in _HF_KEYS.items():
-        expected = getattr(arch, name)
-        if not arch.is_moe and name in ("num_experts", "moe_router_topk", "moe_ffn_hidden_size"):
-            if hf_config.get(key):
-                problems.append(f"{key}: checkpoint is MoE ({hf_config[key]}) but the plan's model is dense")
-            continue
-        if hf_config.get(key) != expected:
-            problems.append(f"{key}: checkpoint has {hf_config.get(key)!r}, plan expects {expected!r}")
-    return problems
-
+# The architectures are freelm.model_facts' table (shared with the efficiency report). The
+# entry point re-reads ``config.json`` at ``model_path`` and refuses a mismatch
+# (:func:`~freelm.model_facts.arch_mismatches`), so a wrong directory cannot train with a wrong layout.
 
 #: Megatron module names LoRA can wrap in a Qwen3 decoder layer
 #: (``megatron/bridge/peft/lora.py`` default targets). On MoE models ``linear_fc1``/``linear_fc2``

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -38,7 +38,10 @@ _DEFAULT_CORPUS = [
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """Shape of a tiny Qwen3. The defaults build in well under a second (~95k parameters)."""
+    """Shape of a tiny Qwen3, in ``Qwen3Config``'s field names. The defaults build in well under a second (~95k params).
+
+    ``vocab_size`` is the tokenizer's to train; the model takes the trained tokenizer's length.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -99,15 +102,7 @@ def new_tiny_qwen3(config: TinyConfig, tokenizer, seed: int = 0):
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.pad_token_id
     qcfg = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_theta=config.rope_theta,
+        **{**asdict(config), "vocab_size": len(tokenizer)},
         tie_word_embeddings=True,
         eos_token_id=eos_id,
         pad_token_id=pad_id,

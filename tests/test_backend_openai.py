@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import traceback
+from functools import partial
 
 import pytest
+from backend_calls import call, scripted_server_fixture
 
 from freelm.backends.base import BackendError, ContextWindow, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.openai_compat import OpenAIBackend
-from freelm.testing.engines import ScriptedEngine
 from freelm.testing.openai_chat_server import OpenAIChatTestServer
-from freelm.testing.sglang_server import SGLangTestServer
 
 GREEDY = SamplingParams.greedy()
 SECRET = "sk-test-0123456789-do-not-leak"
 
 
-def run(coro_fn, *args, **kwargs):
-    async def main():
-        backend = OpenAIBackend(*args, **kwargs)
-        try:
-            return await coro_fn(backend)
-        finally:
-            await backend.aclose()
-
-    return asyncio.run(main())
+run = partial(call, OpenAIBackend)
 
 
-@pytest.fixture(scope="module")
-def scripted_server():
-    with SGLangTestServer(ScriptedEngine({None: "thinking...", "free": "[]"}), served_model_name="m") as server:
-        yield server
+scripted_server = scripted_server_fixture({None: "thinking...", "free": "[]"}, served_model_name="m")
 
 
 @pytest.fixture

@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from functools import partial
 
 import pytest
+from backend_calls import call, scripted_server_fixture
 
 import freelm.backends.sglang as sglang_mod
 from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
 from freelm.backends.sglang import TOP_K_ALL, SGLangBackend, generate_payload, parse_generate_response
-from freelm.testing.engines import ScriptedEngine
 from freelm.testing.sglang_protocol import SAMPLING_KEYS
-from freelm.testing.sglang_server import SGLangTestServer
 
 GREEDY = SamplingParams.greedy()
 
 
-def run(coro_fn, *args, **kwargs):
-    """Run ``coro_fn(backend)`` against a fresh backend and close it (one event loop per test)."""
-
-    async def main():
-        backend = SGLangBackend(*args, **kwargs)
-        try:
-            return await coro_fn(backend)
-        finally:
-            await backend.aclose()
-
-    return asyncio.run(main())
+run = partial(call, SGLangBackend)
 
 
-@pytest.fixture(scope="module")
-def scripted_server():
-    engine = ScriptedEngine({None: "step 1\nstep 2\n", "free": "[]"})
-    with SGLangTestServer(engine) as server:
-        yield server
+scripted_server = scripted_server_fixture({None: "step 1\nstep 2\n", "free": "[]"})
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ def run(coro):
 
 
 def rollout(tokenizer, backend, cleaner, **config):
-    return run(
-        run_rollout("Count to 60.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=LoopConfig(**config))
-    )
+    """One rollout counting to 60; ``context_limit`` and ``max_tokens`` default to a roomy 4000."""
+    config = LoopConfig(**{"context_limit": 4000, "max_tokens": 4000, **config})
+    return run(run_rollout("Count to 60.", reasoner=backend, tokenizer=tokenizer, cleaner=cleaner, config=config))
 
 
 def as_record(result) -> RolloutRecord:
@@ -45,7 +45,7 @@ def as_record(result) -> RolloutRecord:
 
 def test_vanilla_with_room_finishes_in_one_call(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    result = rollout(tokenizer, backend, None, context_limit=4000, max_tokens=4000, clean_every=50)
+    result = rollout(tokenizer, backend, None, clean_every=50)
     assert result.finish_reason == "stop"
     assert backend.calls == 1 and result.cleaning_rounds == 0
     assert result.response.endswith(counting_answer(TARGET))
@@ -99,7 +99,7 @@ def test_malformed_and_unresolvable_cleaner_output_never_crashes(tokenizer):
             "[]",
         ]
     )
-    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=4000, clean_every=30)
+    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=30)
     assert result.finish_reason == "stop"
     cleans = [r.clean for r in result.rounds if r.clean is not None]
     assert cleans[0].parse_error == "no_json_list" and cleans[0].raw_output == "this is not json"
@@ -112,15 +112,7 @@ def test_deleting_needed_state_costs_tokens_not_the_run(tokenizer):
     backend = CountingBackend(tokenizer, target=20)
     # delete everything including the last step: the counting model restarts from 0
     backend.clean_responses = deque(['[{"prefix": "step 1\\n", "suffix": "step 8\\n"}]'])
-    result = rollout(
-        tokenizer,
-        backend,
-        LoRACleaner(backend),
-        context_limit=4000,
-        max_tokens=4000,
-        clean_every=24,
-        max_clean_rounds=1,
-    )
+    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=24, max_clean_rounds=1)
     assert result.finish_reason == "stop"
     assert result.generated_tokens > 20 * 2
 
@@ -134,37 +126,27 @@ def test_max_tokens_ends_as_length(tokenizer):
 def test_reasoner_failure_ends_rollout_as_error_cleaner_failure_does_not(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
     backend.fail_next = deque([BackendError("boom")])
-    result = rollout(tokenizer, backend, None, context_limit=4000, max_tokens=4000)
+    result = rollout(tokenizer, backend, None)
     assert result.finish_reason == "error" and "boom" in result.error
 
     reasoner = CountingBackend(tokenizer, target=TARGET)
     dead_cleaner = CountingBackend(tokenizer, target=TARGET)
     dead_cleaner.fail_next = deque([TransientBackendError("cleaner down")])
-    result = rollout(
-        tokenizer, reasoner, LoRACleaner(dead_cleaner), context_limit=4000, max_tokens=4000, clean_every=40
-    )
+    result = rollout(tokenizer, reasoner, LoRACleaner(dead_cleaner), clean_every=40)
     assert result.finish_reason == "stop"
     assert result.rounds[0].clean.error == "cleaner down"
 
 
 def test_max_clean_rounds_caps_cleaning(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    result = rollout(
-        tokenizer,
-        backend,
-        LoRACleaner(backend),
-        context_limit=4000,
-        max_tokens=4000,
-        clean_every=20,
-        max_clean_rounds=2,
-    )
+    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=20, max_clean_rounds=2)
     assert result.cleaning_rounds == 2 and result.finish_reason == "stop"
 
 
 def test_headtail_baseline_keeps_head_and_tail(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
     cleaner = HeadTailCleaner(tokenizer, head_tokens=10, tail_tokens=20)
-    result = rollout(tokenizer, backend, cleaner, context_limit=4000, max_tokens=4000, clean_every=60)
+    result = rollout(tokenizer, backend, cleaner, clean_every=60)
     assert result.finish_reason == "stop"
     first = result.rounds[0].clean
     assert first.deleted_spans and first.tokens_deleted > 0
@@ -204,7 +186,7 @@ def test_chunk_boundary_inside_a_multibyte_character(tokenizer):
     text = "ééé≤≤ step 1\n" * 6 + counting_answer(1)
     backend = _ByteStream(tokenizer, text)
     assert tokenizer.decode(backend.ids[:1]).endswith("\ufffd")  # "é" really is split over tokens
-    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=4000, clean_every=3)
+    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=3)
     assert result.finish_reason == "stop"
     assert result.response == text
     *_, (_, before) = as_record(result).replay()
@@ -272,9 +254,7 @@ def test_no_cleaning_once_the_thinking_is_closed(tokenizer):
         return await backend_generate(request)
 
     backend.generate = recording_generate
-    result = rollout(
-        tokenizer, backend, DeleteEverything(), context_limit=4000, max_tokens=4000, clean_every=clean_every
-    )
+    result = rollout(tokenizer, backend, DeleteEverything(), clean_every=clean_every)
     assert result.finish_reason == "stop" and result.response == text
     assert calls == [] and result.cleaning_rounds == 0
     assert [r.max_new_tokens for r in requests][0] == clean_every and len(requests) == 2

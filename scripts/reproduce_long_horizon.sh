@@ -21,23 +21,22 @@ usage() { sed -n '2,15p' "$0"; exit "${1:-2}"; }
 config=$1 vanilla=$2 out=$3
 shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-data_dir="$repo/data/benchmarks"
+data_dir="$repo/data/benchmarks" taken=0
 python=${PYTHON:-python3}
 threshold="" rule=mean
-endpoint_args=() extra_args=()
+# shellcheck disable=SC1091  # scripts/lib/reproduce.bash: run_option, require_run_options, run_runner
+source "$repo/scripts/lib/reproduce.bash"
 while [[ $# -gt 0 ]]; do
+  run_option "$@"
+  if ((taken)); then shift "$taken"; continue; fi
   case $1 in
-    --endpoint | --cleaner-endpoint) endpoint_args+=("$1" "$2"); shift 2 ;;
-    --tokenizer) extra_args+=("$1" "$2"); shift 2 ;;
-    --data-dir) data_dir=$2; shift 2 ;;
     --threshold) threshold=$2; shift 2 ;;
     --rule) rule=$2; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
-[[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
-[[ ${#extra_args[@]} -gt 0 ]] || { echo "--tokenizer DIR is required (the runner sends token ids)" >&2; exit 2; }
+require_run_options
 [[ -f $config && -f $vanilla ]] || { echo "config or vanilla run not found" >&2; exit 2; }
 
 # shellcheck source=/dev/null
@@ -55,11 +54,7 @@ if ! "$python" -m freelm.evaluation.long_horizon --vanilla "$vanilla" --data "${
   exit 1
 fi
 
-"$python" "$repo/runner.py" --data "$out/subset/problems.jsonl" --output "$out/freelm.jsonl" \
-  --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
-  --mode freelm --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
-  --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
-  --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
+run_runner freelm --data "$out/subset/problems.jsonl" --output "$out/freelm.jsonl"
 
 "$python" "$repo/eval_passk.py" --input "Free()LM=$out/freelm.jsonl" --baseline "Vanilla=$out/subset/vanilla.jsonl" \
   --output "$out/metrics.json" --markdown "$out/table.md" --plots-dir "$out"

@@ -22,20 +22,19 @@ usage() { sed -n '2,16p' "$0"; exit "${1:-2}"; }
 config=$1 out=$2
 shift 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
-data_dir="$repo/data/benchmarks"
+data_dir="$repo/data/benchmarks" taken=0
 python=${PYTHON:-python3}
-endpoint_args=() extra_args=()
+# shellcheck disable=SC1091  # scripts/lib/reproduce.bash: run_option, require_run_options, run_runner
+source "$repo/scripts/lib/reproduce.bash"
 while [[ $# -gt 0 ]]; do
+  run_option "$@"
+  if ((taken)); then shift "$taken"; continue; fi
   case $1 in
-    --endpoint | --cleaner-endpoint) endpoint_args+=("$1" "$2"); shift 2 ;;
-    --tokenizer) extra_args+=("$1" "$2"); shift 2 ;;
-    --data-dir) data_dir=$2; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
-[[ ${#endpoint_args[@]} -gt 0 ]] || { echo "at least one --endpoint is required" >&2; exit 2; }
-[[ ${#extra_args[@]} -gt 0 ]] || { echo "--tokenizer DIR is required (the runner sends token ids)" >&2; exit 2; }
+require_run_options
 [[ -f $config ]] || { echo "config not found: $config" >&2; exit 2; }
 
 # shellcheck source=/dev/null
@@ -52,11 +51,7 @@ done
 
 for mode in vanilla freelm; do
   echo "== $MODEL_NAME $mode: $BENCHMARKS" >&2
-  "$python" "$repo/runner.py" "${data_args[@]}" --output "$out/$mode.jsonl" \
-    --n-rollouts "$N_ROLLOUTS" --seed "$SEED" --backend sglang "${endpoint_args[@]}" "${extra_args[@]}" \
-    --mode "$mode" --adapter-name "$ADAPTER_NAME" --clean-every "$CLEAN_EVERY" \
-    --max-tokens "$MAX_TOKENS" --context-limit "$CONTEXT_LIMIT" \
-    --temperature "$TEMPERATURE" --top-p "$TOP_P" --top-k "$TOP_K" --concurrency "$CONCURRENCY"
+  run_runner "$mode" "${data_args[@]}" --output "$out/$mode.jsonl"
 done
 
 # shellcheck disable=SC2086  # BENCHMARKS is a word list

@@ -39,7 +39,11 @@ class Fault:
     seconds: float = 0.0
 
     def status_refusal(self) -> Refusal:
-        """A ``status`` fault's answer: 5xx (or no status) as an HTTPException, 4xx as a ValueError."""
+        """A ``status`` fault's answer: 5xx (or no status) as an HTTPException, 4xx as a ValueError.
+
+        The bodies are :class:`Refusal`'s (``entrypoints/http_server.py``: ``validation_exception_handler``,
+        ``_create_error_response``).
+        """
         status = self.status or 500
         return Refusal(status, self.message, "http" if status >= 500 else "value")
 

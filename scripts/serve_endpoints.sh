@@ -29,15 +29,10 @@ Options:
 EOF_USAGE
 }
 
+# shellcheck disable=SC1091  # scripts/lib/options.bash: parse_options
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/options.bash"
 dry_run=0
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) dry_run=1 ;;
-    --deterministic) export DETERMINISTIC=1 ;;
-    *) echo "error: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
-  esac
-done
+parse_options "--dry-run --deterministic" "$@"
 
 : "${MODEL_PATH:?MODEL_PATH is not set: the base model directory}"
 : "${ADAPTER_PATH:?ADAPTER_PATH is not set: the Free-Module adapter directory}"

@@ -35,17 +35,10 @@ Options:
 EOF_USAGE
 }
 
-dry_run=0
-extra=()
-while (( $# )); do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) dry_run=1 ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+# shellcheck disable=SC1091  # scripts/lib/options.bash: parse_options
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/options.bash"
+dry_run=0 extra=()
+parse_options "--dry-run --" "$@"
 
 : "${WORKERS_FILE:?WORKERS_FILE is not set: the SGLang servers (HOST:PORT per line, from serve_endpoints.sh)}"
 : "${ENDPOINTS_FILE:?ENDPOINTS_FILE is not set: where to write the gateway endpoint for runner.py --endpoints-file}"

@@ -28,17 +28,10 @@ Options:
 EOF_USAGE
 }
 
-dry_run=0
-extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift ;;
-    --deterministic) DETERMINISTIC=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-done
+# shellcheck disable=SC1091  # scripts/lib/options.bash: parse_options
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/options.bash"
+dry_run=0 extra=()
+parse_options "--dry-run --deterministic --" "$@"
 
 : "${MODEL_PATH:?MODEL_PATH is not set: the base model directory}"
 : "${ADAPTER_PATH:?ADAPTER_PATH is not set: the Free-Module adapter directory}"

@@ -36,16 +36,10 @@ One node without Megatron (freelm train: TRL SFTTrainer + PEFT; same SFT JSONL, 
 EOF
 }
 
-dry_run=0
-extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-done
+# shellcheck disable=SC1091  # scripts/lib/options.bash: parse_options
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/options.bash"
+dry_run=0 extra=()
+parse_options "--dry-run --" "$@"
 
 : "${PRESET:?PRESET is not set (qwen3-8b, qwen3-30b-a3b or qwen3-235b-a22b)}"
 : "${model_path:?model_path is not set: local HF directory of the base model}"

@@ -12,6 +12,7 @@ from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams
 from freelm.backends.sglang import SGLangBackend
 from freelm.testing.engines import ScriptedEngine
 from freelm.testing.radix_cache import RadixCache
+from freelm.testing.sglang_faults import Fault, FaultQueue
 from freelm.testing.sglang_protocol import parse_model_adapter, shape_output
 from freelm.testing.sglang_server import SGLangTestServer
 
@@ -300,3 +301,16 @@ def test_256_concurrent_requests_are_all_in_flight_at_once(server):
     results = asyncio.run(main())
     assert len(results) == 256 and all(r.finish_reason == "stop" for r in results)
     assert server.max_in_flight == 256
+
+
+def test_fault_queue_keeps_order_and_an_abort_waits_for_its_parsed_request():
+    queue = FaultQueue()
+    queue.add(Fault("abort", status=None, message="stop"), 1)
+    queue.add(Fault("status", status=429), 1)
+    assert queue.next_transport() is None  # the abort is first: the transport layer lets the request through
+    abort = queue.next_abort()
+    assert abort.abort_refusal() is None and abort.abort_meta()["finish_reason"]["type"] == "abort"
+    refusal = queue.next_transport().status_refusal()
+    assert (refusal.status, refusal.body(openai_route=False)) == (429, {"error": {"message": "scripted server error"}})
+    assert queue.next_transport() is None and queue.next_abort() is None
+    assert Fault("status", status=None).status_refusal().body(openai_route=False)["type"] == "500"

@@ -377,3 +377,25 @@ def test_failover_moves_the_rollout_and_its_affinity():
 
     names = asyncio.run(rollout())
     assert names[1] != names[0] and names[1:] == [names[1]] * 3  # it stays where it failed over to
+
+
+def test_cancelling_a_request_cancels_its_attempt_and_is_not_read_as_a_hang():
+    hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
+    pool = EndpointPool([hanging], hang_samples=1, hang_factor=1, min_hang_s=0.05)
+
+    async def go():
+        await pool.generate(request(0))  # history: the hang deadline is the 0.05 s floor
+        call = asyncio.ensure_future(pool.generate(request(99)))
+        await asyncio.sleep(0.02)
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            cancelled = True
+        else:
+            cancelled = False
+        await asyncio.sleep(0.1)  # past the deadline: the cancelled attempt's timer must not fire a retry
+        await pool.aclose()
+        return cancelled
+
+    assert asyncio.run(go()) and pool.hangs == 0 and pool.retries == 0 and hanging.calls == 2  # no retry was sent

@@ -152,6 +152,8 @@ class EndpointPool:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+        if min_hang_s <= 0:
+            raise ValueError(f"min_hang_s must be > 0, got {min_hang_s}")
         self.endpoints = [EndpointState(b, cooldown=probe_interval) for b in backends]
         self.max_retries = max_retries
         self.failure_threshold = failure_threshold
@@ -239,25 +241,44 @@ class EndpointPool:
     async def _call(self, endpoint: EndpointState, request: GenerateRequest, hangs: int) -> GenerateResult:
         """One attempt, abandoned (:class:`_Hung`) once it outlives its hang deadline.
 
-        The deadline is re-read while the attempt runs: requests sent before any
-        history existed (a run's first wave) are still caught once it exists.
+        A timer watches the attempt, so a request that is answered costs one
+        timer and one task, not a wait loop. No deadline is shorter than
+        ``min_hang_s``, so the history is first scanned that long after the
+        send (most answers come sooner and never pay for the scan), and then
+        again at each deadline it finds: requests sent before any history
+        existed (a run's first wave) are still caught once it exists.
         """
+        if getattr(endpoint.backend, "health", None) is None:  # in-process engine: never presumed hung
+            return await endpoint.backend.generate(request)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        attempt = asyncio.ensure_future(endpoint.backend.generate(request))
+        attempt = loop.create_task(endpoint.backend.generate(request))
+        hung: list[_Hung] = []
+
+        def check() -> None:
+            nonlocal timer
+            deadline = self._hang_deadline(endpoint, request, hangs)
+            wait = self.min_hang_s if deadline is None else deadline - (loop.time() - started)
+            if wait > 0:
+                timer = loop.call_later(wait, check)
+                return
+            hung.append(
+                _Hung(
+                    f"{endpoint.backend.name}: no answer within {deadline:.1f}s "
+                    f"({self.hang_factor:g}x the slowest recent request of this size): presumed hung"
+                )
+            )
+            attempt.cancel()
+
+        timer = loop.call_later(self.min_hang_s, check)
         try:
-            while True:
-                deadline = self._hang_deadline(endpoint, request, hangs)
-                wait = self.min_hang_s if deadline is None else deadline - (loop.time() - started)
-                if wait <= 0:
-                    raise _Hung(
-                        f"{endpoint.backend.name}: no answer within {deadline:.1f}s "
-                        f"({self.hang_factor:g}x the slowest recent request of this size): presumed hung"
-                    )
-                done, _ = await asyncio.wait({attempt}, timeout=wait)
-                if done:
-                    return attempt.result()
+            return await attempt
+        except asyncio.CancelledError:
+            if hung and not _cancelling():  # our timer cancelled the attempt, nobody cancelled this request
+                raise hung[0] from None
+            raise
         finally:
+            timer.cancel()
             if not attempt.done():
                 attempt.cancel()
 
@@ -293,23 +314,15 @@ class EndpointPool:
 
     async def _acquire(self, avoid: set[int] = frozenset()) -> EndpointState:
         """The least-loaded healthy endpoint, waiting up to ``down_wait`` seconds for one to come back."""
-        event = self._event()
-        deadline = asyncio.get_running_loop().time() + self.down_wait
-        while not event.is_set():  # a loop: an endpoint may go down again before this request runs
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                await asyncio.wait_for(event.wait(), timeout=max(remaining, 0.0))
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                errors = "; ".join(f"{e.backend.name}: {e.last_error}" for e in self.endpoints)
-                raise TransientBackendError(
-                    f"{self.name}: no healthy endpoint for {self.down_wait:g}s ({errors})"
-                ) from None
+        if not self._event().is_set():
+            await self._wait_for_endpoint()
         up = [e for e in self.endpoints if e.up]
-        up = [e for e in up if not (e.half_open and e.in_flight)] or up  # one trial at a time while others serve
-        up = [e for e in up if id(e) not in avoid] or up
+        if len(up) > 1:  # (with one endpoint up, the filters below could only fall back to it)
+            up = [e for e in up if not (e.half_open and e.in_flight)] or up  # one trial at a time while others serve
+            up = [e for e in up if id(e) not in avoid] or up
         self._turn += 1
         n = len(up)
-        least = min((up[(self._turn + i) % n] for i in range(n)), key=lambda e: e.in_flight)
+        least = up[0] if n == 1 else min((up[(self._turn + i) % n] for i in range(n)), key=lambda e: e.in_flight)
         affinity = _affinity.get() if self.affinity else None
         if affinity is None:
             return least
@@ -318,6 +331,20 @@ class EndpointPool:
             return home
         affinity.homes[self] = least  # first request, or failover: the rollout moves, its affinity with it
         return least
+
+    async def _wait_for_endpoint(self) -> None:
+        """Wait up to ``down_wait`` seconds for an endpoint to come back (a loop: it may go down again at once)."""
+        event = self._event()
+        deadline = asyncio.get_running_loop().time() + self.down_wait
+        while not event.is_set():
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(event.wait(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                errors = "; ".join(f"{e.backend.name}: {e.last_error}" for e in self.endpoints)
+                raise TransientBackendError(
+                    f"{self.name}: no healthy endpoint for {self.down_wait:g}s ({errors})"
+                ) from None
 
     def _overloaded(self, home: EndpointState, least: EndpointState) -> bool:
         """Clearly above the least-loaded endpoint: worth a cold prefix elsewhere."""
@@ -362,6 +389,12 @@ class EndpointPool:
 
 class _Hung(TransientBackendError):
     """An attempt abandoned at its hang deadline (retried like any transient failure)."""
+
+
+def _cancelling() -> bool:
+    """Whether the running task was asked to cancel (Python 3.11+; on 3.10 a cancellation racing a hang reads as the hang)."""
+    task = asyncio.current_task()
+    return bool(getattr(task, "cancelling", lambda: 0)())
 
 
 async def _healthy(backend: Backend) -> bool:

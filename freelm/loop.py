@@ -197,7 +197,9 @@ async def run_rollout(
             counted = result.completion_tokens or len(new_ids)  # its own tokenization may differ from ours
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
-        kept = len(os.path.commonprefix([text, new_text]))  # < len(text) only if a split character completed
+        # < len(text) only if a split character completed; commonprefix is a Python loop over the characters
+        # (14 ms for 95k), so the usual case is one startswith
+        kept = len(text) if new_text.startswith(text) else len(os.path.commonprefix([text, new_text]))
         generated += counted
         since_clean += len(new_ids)
         context = len(prompt_ids) + len(ids)

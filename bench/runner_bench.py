@@ -1,7 +1,7 @@
 """Runner throughput against a model-free SGLang-protocol endpoint that answers every request after a fixed delay.
 
 What it measures: the client side of ``freelm run`` (asyncio loop, EndpointPool,
-the SGLang httpx client, the reasoning/cleaning loop with its deletions and
+the SGLang aiohttp client, the reasoning/cleaning loop with its deletions and
 re-tokenization, JSONL writes). The server (``freelm.testing.sglang_server``
 with a ``ScriptedEngine``: sleep, then answer) runs in its own process so the
 two do not share a GIL. Every rollout runs in Free()LM mode: ``--max-tokens /
@@ -20,16 +20,27 @@ the difference in client CPU per request.
 With every request taking ``delay`` seconds and ``concurrency`` rollouts in
 flight, the ideal rate is ``concurrency / delay`` requests/s; the ratio
 achieved/ideal is the fraction of time the client keeps every slot busy. Beside
-the runner, a minimal aiohttp client (``concurrency`` workers posting the same
-``/generate`` body in a loop, nothing else) is measured against the same server
-in the same invocation: what any Python client reaches on this machine.
+the runner, a minimal aiohttp client (``concurrency`` workers, each posting the
+next of the very request bodies the runner sent, in the runner's order, and
+parsing the answer; nothing else) is measured against the same server in the
+same invocation: what any Python client reaches on this machine with the same
+server work per request. Both are one client process against one server process.
 
-Default delays 2.0, 0.5 and 0.1 s: 128, 512 and 2560 requests/s ideal. Why not 50 ms (5120/s): on
-this shared 2-core machine one request costs the client ~1.5-2 ms of CPU, almost
-all inside httpx/httpcore/anyio, and the test server ~1 ms; 128/s keeps client +
-server well under one core even when other jobs take the rest. A real SGLang
-call (thousands of tokens) takes seconds to minutes, so real ideal rates are far
-lower still.
+The server is the stand-in as the tests run it (``http.server``, a thread per
+connection, one GIL), with a KV budget that holds the whole run: with the
+default 2**17 tokens every insert after the first few hundred requests evicted, and
+each eviction scans every leaf of the tree under the cache's lock. The
+scripted reasoner reads only the tail of its context and writes only what a
+chunk takes. Each run prints the server's CPU per request (from ``/proc``)
+beside the client's, so which side is the limit shows. (An asyncio front end
+for the same handler, tried in place of the threads, did no better on this
+shared machine: its one process gets less CPU than 256 runnable threads.)
+
+Default delays 2.0, 0.5 and 0.1 s: 128, 512 and 2560 requests/s ideal. At
+2560/s a client needing 0.4 ms per request and a server needing 0.3 ms already
+want 1.8 cores: on this shared 2-core machine 0.1 s is where both saturate. A
+real SGLang call (thousands of tokens) takes seconds to minutes, so real ideal
+rates are far lower.
 
     .venv/bin/python bench/runner_bench.py                        # 256 in flight, 512 rollouts, at 2.0, 0.5, 0.1 s
     .venv/bin/python bench/runner_bench.py --delay 0.5 --keep-reference   # also the [] cleaner at 0.5 s
@@ -40,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,10 +77,16 @@ _DECODE = ScriptedEngine()
 
 
 def reasoning(request) -> str:
-    """The next numbered sentences after the last complete one in the context (more than any chunk takes)."""
-    numbers = [int(n) for n in _CASE.findall(_DECODE.decode(request.input_ids))]
-    last = numbers[-1] if numbers else 0
-    return "".join(f"Case {n} is checked. " for n in range(last + 1, last + 40))
+    """The next numbered sentences after the last complete one in the context, enough to fill the chunk.
+
+    Only the context's tail is read (the last complete sentence is within one
+    chunk of the end) and only what the chunk takes is written: the server's
+    CPU per request then stays that of the protocol, not of this script.
+    """
+    tail = request.input_ids[-(request.max_new_tokens + 64) :]
+    numbers = _CASE.findall(_DECODE.decode(tail))
+    last = int(numbers[-1]) if numbers else 0
+    return "".join(f"Case {n} is checked. " for n in range(last + 1, last + 2 + request.max_new_tokens // 19))
 
 
 def cleaning(request) -> str:
@@ -80,16 +98,48 @@ def cleaning(request) -> str:
     return json.dumps([{"prefix": f"Case {numbers[0]} is", "suffix": f"Case {numbers[-2]} is checked. "}])
 
 
+#: KV tokens of the bench server: more than a run inserts (4096 requests of < 2k tokens), so nothing is evicted.
+_KV_TOKENS = 1 << 23
+
+
 def serve(delay: float, deleting: bool) -> None:
     """Child process: the scripted endpoint; prints its URL, serves until killed."""
     engine = ScriptedEngine({None: reasoning, "free": cleaning if deleting else "[]"}, delay=delay)
-    with SGLangTestServer(engine) as server:
+    with SGLangTestServer(engine, kv_capacity=_KV_TOKENS) as server:
         print(server.url, flush=True)
         while True:
             time.sleep(3600)
 
 
-async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
+class Recorder:
+    """An endpoint's backend that keeps every request it sends, for the minimal client to replay."""
+
+    def __init__(self, backend, sent: list[GenerateRequest]):
+        self.backend, self.sent = backend, sent
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    async def generate(self, request: GenerateRequest):
+        self.sent.append(request)
+        return await self.backend.generate(request)
+
+
+def server_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _per_request_ms(before: float | None, after: float | None, requests: int) -> float | None:
+    return None if before is None or after is None else round(1000 * (after - before) / max(requests, 1), 3)
+
+
+async def bench(url: str, args: argparse.Namespace, out: Path, sent: list[GenerateRequest]) -> dict:
+    """One runner batch against ``url``; every request it sends is appended to ``sent``."""
     spec = RunSpec.from_argv(
         [
             "--data", "unused", "--output", str(out), "--endpoint", url, "--n-rollouts", "1", "--no-progress",
@@ -98,6 +148,9 @@ async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
         ]
     )  # fmt: skip
     components = build_components(spec, tokenizer=Tokenizer(ScriptedTokenizer()))
+    for pool in components.pools:
+        for endpoint in pool.endpoints:
+            endpoint.backend = Recorder(endpoint.backend, sent)
     problems = [
         Problem(id=str(i), source="bench", prompt=f"Problem {i}: how many cases?", answer="0")
         for i in range(args.problems)
@@ -130,15 +183,12 @@ async def bench(url: str, args: argparse.Namespace, out: Path) -> dict:
     }
 
 
-async def minimal(url: str, concurrency: int, total: int) -> dict:
-    """``total`` requests from ``concurrency`` aiohttp workers, each posting and parsing in a loop: the reference."""
-    body = generate_payload(GenerateRequest(input_ids=_DECODE.encode("Problem 0: how many cases?"), max_new_tokens=64))
-    left = total
+async def minimal(url: str, concurrency: int, sent: list[GenerateRequest]) -> dict:
+    """The runner's requests again, in its order, from ``concurrency`` aiohttp workers posting and parsing: the reference."""
+    bodies = iter([generate_payload(request) for request in sent])
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
+        for body in bodies:  # shared: each worker takes the next body
             async with session.post(f"{url}/generate", json=body) as response:
                 response.raise_for_status()
                 await response.json()
@@ -148,22 +198,30 @@ async def minimal(url: str, concurrency: int, total: int) -> dict:
         started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    total = len(sent)
     return {"requests": total, "wall_s": round(wall, 3), "client_cpu_ms_per_request": round(1000 * cpu / total, 3)}
 
 
 def measure(delay: float, cleaner: str, args: argparse.Namespace) -> dict:
     """The runner (and, for the deleting cleaner, the minimal client) against a fresh server of ``delay`` seconds."""
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", cleaner, "--delay", str(delay)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve", cleaner, "--delay", str(delay)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         url = server.stdout.readline().strip()
+        sent: list[GenerateRequest] = []
         with tempfile.TemporaryDirectory() as tmp:
+            cpu_before = server_cpu_s(server.pid)
             result = asyncio.run(
-                bench(url, argparse.Namespace(**{**vars(args), "delay": delay}), Path(tmp) / "o.jsonl")
+                bench(url, argparse.Namespace(**{**vars(args), "delay": delay}), Path(tmp) / "o.jsonl", sent)
             )
+            cpu_between = server_cpu_s(server.pid)
+        result["server_cpu_ms_per_request"] = _per_request_ms(cpu_before, cpu_between, result["requests"])
         if cleaner == "delete":
-            ref = asyncio.run(minimal(url, args.concurrency, result["requests"]))
+            ref = asyncio.run(minimal(url, args.concurrency, sent))
+            ref["server_cpu_ms_per_request"] = _per_request_ms(cpu_between, server_cpu_s(server.pid), len(sent))
             ref["ratio"] = round(ref["requests"] / ref["wall_s"] / result["ideal_rps"], 3)
             result["minimal_aiohttp"] = ref
         return result
@@ -197,10 +255,11 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         d, m = results["delete"], results["delete"]["minimal_aiohttp"]
         print(
-            f"delay {delay}s, {args.concurrency} in flight, ideal {d['ideal_rps']} requests/s: runner {d['achieved_rps']} "
-            f"(ratio {d['ratio']:.3f}, client CPU {d['client_cpu_ms_per_request']} ms/request, "
-            f"{d['rounds_with_deletions']}/{d['cleaning_rounds']} rounds deleted {d['tokens_deleted']} tokens); "
-            f"minimal aiohttp client ratio {m['ratio']:.3f} ({m['client_cpu_ms_per_request']} ms/request); "
+            f"delay {delay}s, {args.concurrency} in flight, ideal {d['ideal_rps']} requests/s: "
+            f"runner {d['achieved_rps']} (ratio {d['ratio']:.3f}, CPU ms/request client {d['client_cpu_ms_per_request']} "
+            f"server {d['server_cpu_ms_per_request']}, {d['rounds_with_deletions']}/{d['cleaning_rounds']} rounds "
+            f"deleted {d['tokens_deleted']} tokens); minimal aiohttp client ratio {m['ratio']:.3f} (client "
+            f"{m['client_cpu_ms_per_request']}, server {m['server_cpu_ms_per_request']}); "
             f"runner / minimal {d['ratio'] / m['ratio']:.3f}",
             flush=True,
         )

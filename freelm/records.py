@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -26,6 +26,22 @@ from freelm.free import remove_spans
 from freelm.validation import build
 
 SCHEMA_VERSION = 1
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` without its deep copy of every leaf (1 ms per 8-round record, in the writer).
+
+    Records hold only immutable leaves (str, int, float, None), so rebuilding
+    the containers is the whole copy.
+    """
+    if hasattr(type(value), "__dataclass_fields__"):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
 
 RolloutFinish = Literal["stop", "length", "context_overflow", "error"]
 
@@ -168,7 +184,7 @@ class RolloutRecord:
         return (self.source, self.id, self.rollout)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolloutRecord:
@@ -198,7 +214,14 @@ class RolloutRecord:
 
 def append_jsonl(handle, obj: dict[str, Any]) -> None:
     """Append one line and push it to disk: a kill can lose only what is in flight."""
-    handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    append_jsonl_lines(handle, [obj])
+
+
+def append_jsonl_lines(handle, objs: Iterable[dict[str, Any]]) -> None:
+    """Append lines and push them to disk with ONE fsync (about 5 ms on a busy disk: per line, a burst of
+    finished rollouts queued behind it); a kill before it returns loses lines still in flight, and a torn
+    last line is repaired on resume (:func:`repair_torn_tail`)."""
+    handle.write("".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objs))
     handle.flush()
     os.fsync(handle.fileno())
 

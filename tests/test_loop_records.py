@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import json
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -16,6 +18,7 @@ from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams
 from freelm.cleaners import LoRACleaner
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import render_reasoning_prompt
+from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.tokenizer import Tokenizer
 
@@ -168,3 +171,19 @@ def test_the_reasoning_prompt_is_rendered_with_the_tokenizers_chat_template():
     expected = templated.encode(render_reasoning_prompt("Count to 30.", templated))
     assert first[: len(expected)] == expected
     assert "TEMPLATED" in templated.decode(first)
+
+
+def test_a_record_serializes_as_dataclasses_asdict_would_and_reads_back_equal():
+    backend = Recording()
+    result = rollout(backend, LoRACleaner(backend.inner))
+    assert any(r.clean is not None and r.clean.deleted_spans for r in result.rounds)
+    record = RolloutRecord.from_result(
+        result, id="7", source="count", rollout=1, seed=3, answer="30", mode="freelm", config_hash="h", prompt="p"
+    )
+    assert record.to_dict() == dataclasses.asdict(record)
+    line = json.dumps(record.to_dict())
+    assert (
+        json.dumps(RolloutRecord.from_dict(json.loads(line)).to_dict())
+        == line
+        == json.dumps(dataclasses.asdict(record))
+    )

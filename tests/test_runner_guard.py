@@ -17,7 +17,7 @@ from freelm.backends.pool import EndpointPool
 from freelm.cleaners import LoRACleaner
 from freelm.data import Problem
 from freelm.loop import LoopConfig, run_rollout
-from freelm.manifest import lock_path, manifest_path
+from freelm.manifest import errors_path, lock_path, manifest_path
 from freelm.output_guard import OutputLock, OutputWriteError
 from freelm.records import iter_jsonl, read_rollouts
 from freelm.run import batch as batch_module
@@ -25,7 +25,7 @@ from freelm.run.batch import RunSummary, run_batch
 from freelm.run.cli import run
 from freelm.run.components import Components
 from freelm.run.flags import build_parser
-from freelm.run.plan import record_start
+from freelm.run.plan import Job, record_start
 from freelm.run.spec import RunSpec
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 
@@ -116,16 +116,17 @@ def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, mo
 
 def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out.jsonl"
-    real_append, calls = batch_module.append_jsonl, []
+    real_append, calls = batch_module.append_jsonl_lines, []
 
-    def disk_fills_after_two(handle, obj):
-        calls.append(obj)
-        if len(calls) > 2:
-            handle.write('{"half": ')  # what a full disk leaves: part of a line
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_append(handle, obj)
+    def disk_fills_after_two(handle, objs):
+        for obj in objs:
+            calls.append(obj)
+            if len(calls) > 2:
+                handle.write('{"half": ')  # what a full disk leaves: part of a line
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_append(handle, [obj])
 
-    monkeypatch.setattr(batch_module, "append_jsonl", disk_fills_after_two)
+    monkeypatch.setattr(batch_module, "append_jsonl_lines", disk_fills_after_two)
     with pytest.raises(OutputWriteError) as caught:
         batch(out, tokenizer)
     message = str(caught.value)
@@ -133,7 +134,7 @@ def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, t
     assert len(read_rollouts(out)) == 2  # the torn third line is dropped by readers
     assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
 
-    monkeypatch.setattr(batch_module, "append_jsonl", real_append)
+    monkeypatch.setattr(batch_module, "append_jsonl_lines", real_append)
     summary = batch(out, tokenizer)
     assert summary.done == 4 and summary.present_at_start == 2
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
@@ -185,3 +186,26 @@ def test_a_long_prompt_that_fits_is_tokenized_exactly(tokenizer):
     assert _encode_prompt(tokenizer, prompt, 5000) == whole
     prefix = _encode_prompt(tokenizer, prompt, 100)  # cannot fit a 100-token window: a prefix that fills it
     assert 100 + 64 <= len(prefix) < len(whole) and whole[: len(prefix) - 1] == prefix[:-1]
+
+
+def test_a_batch_of_finished_rollouts_is_written_with_one_fsync_per_file(tmp_path, tokenizer, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    settings = RunSpec.from_argv(["--data", "x", "--output", str(out), *FLAGS]).settings
+    result = asyncio.run(
+        run_rollout("Count to 3.", reasoner=CountingBackend(tokenizer, target=3), tokenizer=tokenizer, cleaner=None)
+    )
+    jobs = [Job(Problem(str(i), "count", "Count to 3.", "3"), 0, i) for i in range(3)]
+    finished = [batch_module._Finished(jobs[0], result, None), batch_module._Finished(jobs[1], None, "boom"),
+                batch_module._Finished(jobs[2], result, None)]  # fmt: skip
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    with out.open("a", encoding="utf-8") as handle:
+        batch_module._append_finished(handle, out, finished, settings)
+    assert [(r.id, r.config_hash) for r in read_rollouts(out)] == [
+        ("0", settings.config_hash),
+        ("2", settings.config_hash),
+    ]
+    errors = [row for _, row in iter_jsonl(errors_path(out), tolerate_torn_tail=False)]
+    assert [(e["id"], e["error"]) for e in errors] == [("1", "boom")]
+    assert len(synced) == 2  # one per file, not one per line

@@ -6,7 +6,8 @@ on one asyncio loop, each a :func:`freelm.loop.run_rollout` over an
 failed request retried elsewhere without losing the rollout's state).
 
 Why the output is safe to kill at any moment: each finished rollout is one JSONL
-line written, flushed and fsynced on its own (``records.append_jsonl``), so a
+line, written, flushed and fsynced with the rest of its batch before it counts as
+done (``records.append_jsonl_lines``), so a
 SIGKILL loses at most the rollouts in flight and can only tear the last line,
 which the next start truncates (``records.repair_torn_tail``). Failed rollouts
 (``finish_reason == "error"``: a server that stayed down, a 4xx) are not written
@@ -30,7 +31,7 @@ from freelm.data import Problem
 from freelm.loop import run_rollout
 from freelm.manifest import errors_path, now_iso, package_versions, write_manifest
 from freelm.output_guard import OutputWriteError
-from freelm.records import RolloutRecord, RolloutResult, append_jsonl, repair_torn_tail
+from freelm.records import RolloutRecord, RolloutResult, append_jsonl_lines, repair_torn_tail
 from freelm.run.components import Components
 from freelm.run.plan import ExistingOutput, Job, history, inspect_output, move_aside, plan_jobs
 from freelm.run.settings import RunSettings
@@ -231,7 +232,8 @@ async def _write_finished(
     pools: tuple[EndpointPool, ...],
     started: float,
 ) -> None:
-    """Drain the queue in batches; each line is fsynced (``append_jsonl``) in a thread, off the event loop."""
+    """Drain the queue in batches; each batch is written and fsynced once (``append_jsonl_lines``) in a thread,
+    off the event loop: one fsync per line (about 5 ms here) queued a burst of finished rollouts behind the disk."""
     with output.open("a", encoding="utf-8") as out:
         while True:
             batch = [await queue.get()]
@@ -259,23 +261,23 @@ async def _write_finished(
 
 
 def _append_finished(out, output: Path, finished: list[_Finished], settings: RunSettings) -> None:
-    errors = None
-    try:
-        for item in finished:
-            job = item.job
-            if item.error is None:
-                record = RolloutRecord.from_result(
-                    item.result, id=job.problem.id, source=job.problem.source, rollout=job.rollout, seed=job.seed,
-                    answer=job.problem.answer, mode=settings.mode, config_hash=settings.config_hash,
-                    prompt=job.problem.prompt,
-                )  # fmt: skip
-                append_jsonl(out, record.to_dict())
-                continue
-            errors = errors or errors_path(output).open("a", encoding="utf-8")
-            append_jsonl(errors, _error_entry(item, settings.config_hash))
-    finally:
-        if errors is not None:
-            errors.close()
+    """One batch: its records, then its errors, each file with one fsync for the batch."""
+    config_hash = settings.config_hash  # a property that hashes the settings: once per batch, not per record
+    records = [
+        RolloutRecord.from_result(
+            item.result, id=item.job.problem.id, source=item.job.problem.source, rollout=item.job.rollout,
+            seed=item.job.seed, answer=item.job.problem.answer, mode=settings.mode, config_hash=config_hash,
+            prompt=item.job.problem.prompt,
+        ).to_dict()
+        for item in finished
+        if item.error is None
+    ]  # fmt: skip
+    if records:
+        append_jsonl_lines(out, records)
+    errors = [_error_entry(item, config_hash) for item in finished if item.error is not None]
+    if errors:
+        with errors_path(output).open("a", encoding="utf-8") as handle:
+            append_jsonl_lines(handle, errors)
 
 
 def _error_entry(item: _Finished, config_hash: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import json
 import os
 from pathlib import Path
@@ -209,3 +210,17 @@ def test_a_batch_of_finished_rollouts_is_written_with_one_fsync_per_file(tmp_pat
     errors = [row for _, row in iter_jsonl(errors_path(out), tolerate_torn_tail=False)]
     assert [(e["id"], e["error"]) for e in errors] == [("1", "boom")]
     assert len(synced) == 2  # one per file, not one per line
+
+
+def test_the_run_collects_garbage_less_often_and_restores_the_collector(tmp_path, tokenizer, monkeypatch):
+    before, seen = gc.get_threshold(), []
+    real_rollout = batch_module.run_rollout
+
+    async def recording(*args, **kwargs):
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count() > 0))
+        return await real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run_rollout", recording)
+    assert batch(tmp_path / "out.jsonl", tokenizer).done == 6
+    assert seen == [(20_000, True)] * 6  # during the run: young collections every 20k allocations, old heap frozen
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

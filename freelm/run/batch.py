@@ -18,9 +18,12 @@ exactly them and the rest is skipped.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +145,8 @@ async def run_batch(
     save("running")
     started = time.perf_counter()
     try:
-        await _execute(jobs, spec, components, summary=summary, started=started, window=window)
+        with _few_collections():
+            await _execute(jobs, spec, components, summary=summary, started=started, window=window)
     except BaseException:
         summary.wall_time_s = time.perf_counter() - started
         try:
@@ -221,6 +225,27 @@ async def _execute(
             await writer
         finally:
             bar.close()
+
+
+@contextmanager
+def _few_collections() -> Iterator[None]:
+    """Garbage collection sized for hundreds of rollouts in flight, for the run's duration.
+
+    The collector stops the event loop, so every rollout, at once: measured at
+    256 in flight it took ~3.5% of the run, in pauses up to ~100 ms, mostly
+    rescanning the heap built before the run (modules, the tokenizer) and
+    collecting every 700 allocations of an asyncio + aiohttp loop. That heap is
+    frozen (never garbage) and the youngest generation collected every 20,000
+    allocations instead: ~1% of the run.
+    """
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(20_000, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 async def _write_finished(

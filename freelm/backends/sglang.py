@@ -33,9 +33,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from freelm.backends import BackendKind, register_backend
 from freelm.backends.base import (
@@ -47,6 +45,9 @@ from freelm.backends.base import (
     TransientBackendError,
     refused,
 )
+
+if TYPE_CHECKING:
+    import aiohttp  # imported where a backend is built: discovering the kinds (the runner's --help) does not pay for it
 
 #: SGLang's "top_k off" in the API contract (``TOP_K_ALL = 1 << 30``).
 TOP_K_ALL = 1 << 30
@@ -200,6 +201,8 @@ class SGLangBackend:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_connections = max(1, max_connections)
+        import aiohttp
+
         # A long generation is one request: the total timeout is the whole call, connect fails fast.
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         self._session: aiohttp.ClientSession | None = None
@@ -208,6 +211,8 @@ class SGLangBackend:
 
     def _client(self) -> aiohttp.ClientSession:
         """The session of the running event loop (a session is bound to the loop it was made in)."""
+        import aiohttp
+
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
@@ -231,6 +236,8 @@ class SGLangBackend:
         ``GET /readiness`` (503 when none is healthy), which a plain server does
         not have (404): so ``/readiness`` is asked first, once, and used when it exists.
         """
+        import aiohttp
+
         try:
             if self._readiness is not False:
                 response = await self._send("GET", "/readiness")
@@ -273,6 +280,8 @@ class SGLangBackend:
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
         """One call with retries; 4xx fails at once with the server's message."""
+        import aiohttp
+
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "freelm" / "assets" / "embedded"
 VARIANTS = (
-    ("vanilla", "vanilla", None),
-    ("freelm, fresh KV per wave", "freelm", 0),
-    ("freelm, KV kept", "freelm", None),
+    ("vanilla", "vanilla", "continuous"),
+    ("vanilla, waves", "vanilla", "waves"),
+    ("freelm, waves", "freelm", "waves"),
+    ("freelm, continuous", "freelm", "continuous"),
 )
 
 
-def run_variant(assets: Path, out: Path, mode: str, cache_bytes: int | None, problems: int, limit: int) -> dict:
+def run_variant(assets: Path, out: Path, mode: str, scheduling: str, problems: int, limit: int) -> dict:
     from freelm.data import load_problem_sources
     from freelm.demo.run import runner_args
     from freelm.records import read_rollouts
@@ -42,8 +43,7 @@ def run_variant(assets: Path, out: Path, mode: str, cache_bytes: int | None, pro
     spec = RunSpec.from_argv([*argv, "--no-progress"])
     components = build_components(spec)
     backend = components.reasoner.endpoints[0].backend
-    if cache_bytes is not None:
-        backend.cache_bytes = cache_bytes
+    backend.scheduling = scheduling
 
     async def go():
         try:
@@ -55,7 +55,13 @@ def run_variant(assets: Path, out: Path, mode: str, cache_bytes: int | None, pro
     summary = asyncio.run(go())
     wall = time.perf_counter() - started
     records = sorted(read_rollouts(out), key=lambda r: r.key)
-    return {"wall": wall, "tokens": summary.generated_tokens, "stats": dict(backend.stats), "records": records}
+    return {
+        "wall": wall,
+        "tokens": summary.generated_tokens,
+        "stats": dict(backend.stats),
+        "steps": backend.step_stats,
+        "records": records,
+    }
 
 
 def main() -> None:
@@ -72,9 +78,9 @@ def main() -> None:
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for name, mode, cache_bytes in VARIANTS:
-                out = Path(tmp) / f"{repeat}-{mode}-{cache_bytes}.jsonl"
-                got = run_variant(args.assets, out, mode, cache_bytes, args.problems, args.limit)
+            for name, mode, scheduling in VARIANTS:
+                out = Path(tmp) / f"{repeat}-{mode}-{scheduling}.jsonl"
+                got = run_variant(args.assets, out, mode, scheduling, args.problems, args.limit)
                 print(f"round {repeat + 1}: {name:26s} {got['wall']:6.2f} s  {got['tokens']} tokens", flush=True)
                 if name not in best or got["wall"] < best[name]["wall"]:
                     best[name] = got
@@ -88,7 +94,7 @@ def main() -> None:
         print(
             f"{name:26s} {got['wall']:7.2f} {got['tokens']:7d} {1000 * got['wall'] / got['tokens']:9.2f} {ratio:9.2f}x"
         )
-    fresh, kept = best["freelm, fresh KV per wave"], best["freelm, KV kept"]
+    fresh, kept = best["freelm, waves"], best["freelm, continuous"]
     same = sum(
         a.response == b.response and [r.generated_text for r in a.rounds] == [r.generated_text for r in b.rounds]
         for a, b in zip(fresh["records"], kept["records"], strict=True)
@@ -106,9 +112,17 @@ def main() -> None:
                     f"decode {s.decode_s:.2f} ({s.decode_tokens} tokens in {s.decode_steps} steps)"
                 )
         model = sum(s.prefill_s + s.decode_s for s in got["stats"].values())
+        steps = got["steps"]
         print(f"  {name}: " + "; ".join(parts) + f"; rest {got['wall'] - model:.2f}")
+        if steps.decode_steps:
+            print(
+                f"    batch engine: {steps.decode_steps} decode steps (mean batch "
+                f"{steps.rows_decoded / steps.decode_steps:.1f}) + {steps.prefill_forwards} prefill forwards "
+                f"({steps.joined_prefilled} requests prefilled, {steps.joined_direct} joined a decode step directly), "
+                f"model {steps.forward_s:.2f} s + engine bookkeeping {steps.step_s - steps.forward_s:.2f} s"
+            )
     base = vanilla["stats"][None]
-    for name in ("freelm, fresh KV per wave", "freelm, KV kept"):
+    for name in ("freelm, waves", "freelm, continuous"):
         got = best[name]
         reasoning, cleaning = got["stats"][None], got["stats"].get("free")
         extra = got["wall"] * vanilla["tokens"] / got["tokens"] - vanilla["wall"]  # at equal generated tokens

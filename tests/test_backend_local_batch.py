@@ -121,24 +121,107 @@ def test_the_cache_is_bounded_in_sequences_and_bytes(backend, requests):
         backend.flush_cache()
 
 
-def test_concurrent_calls_are_batched_per_adapter(backend, requests, monkeypatch):
+def test_concurrent_calls_share_decode_steps_across_adapters(backend, requests):
+    """Continuous batching: reasoning and cleaning rows decode in the same forward steps, outputs unchanged."""
     expected = one_by_one(backend, requests)
-    waves: list[list[str | None]] = []
-    real = backend.generate_batch_blocking
 
-    def spy(batch):
-        waves.append([r.adapter for r in batch])
-        return real(batch)
+    def concurrently(scheduling: str) -> tuple[list, int]:
+        backend.flush_cache()
+        backend.scheduling, backend.stats, backend.max_batch = scheduling, {}, len(requests)
+        before = backend.step_stats.decode_steps
 
-    monkeypatch.setattr(backend, "generate_batch_blocking", spy)
+        async def main():
+            return await asyncio.gather(*(backend.generate(r) for r in requests))
 
+        try:
+            return asyncio.run(main()), backend.step_stats.decode_steps - before
+        finally:
+            backend.scheduling, backend.max_batch = "continuous", 8
+
+    waves, wave_steps = concurrently("waves")
+    got, steps = concurrently("continuous")
+    assert [g.output_ids for g in got] == [g.output_ids for g in waves] == [e.output_ids for e in expected]
+    # each namespace counts the steps it took part in: together more than the steps run, so they shared steps
+    assert backend.stats[None].decode_steps + backend.stats["free"].decode_steps > steps
+    # all rows in flight at once: about the longest output's steps, where waves run one adapter after the other
+    assert steps <= max(len(e.output_ids) for e in expected) + 1 < wave_steps
+
+
+def run_staggered(backend, schedule: dict[int, list[GenerateRequest]]) -> list:
+    """Drive the batch engine by hand: ``schedule[k]`` joins at step k. Returns the results in schedule order."""
+    import torch
+
+    from freelm.backends.local_batch import RunningBatch
+
+    order = [r for k in sorted(schedule) for r in schedule[k]]
+    results: list = [None] * len(order)
+    batch = RunningBatch(backend)
+    step = 0
+    with backend._lock, torch.inference_mode():
+        while step <= max(schedule) or batch.members:
+            joiners = [backend._row(r, 0.0, order.index(r)) for r in schedule.get(step, [])]
+            for row in batch.step(joiners):
+                results[row.ticket] = row.output
+            step += 1
+    return results
+
+
+def test_rows_joining_at_different_steps_with_mixed_adapters_equal_one_by_one(backend, requests):
+    """Base and adapter rows join a running batch at different steps, some stop early, some continue a cached
+    sequence (joining the decode step directly, or feeding a short changed suffix through it): greedy outputs
+    equal one-by-one decoding."""
+    backend.flush_cache()
+    first = backend.generate_blocking(requests[0])
+    assert first.output_ids[-1] not in backend.eos_token_ids
+    context = requests[0].input_ids + first.output_ids
+    continued = GenerateRequest(max_new_tokens=16, input_ids=context, sampling=GREEDY)  # 1 uncached token
+    edited = GenerateRequest(max_new_tokens=16, input_ids=context[:-4] + context[-2:] + [5], sampling=GREEDY)
+    schedule = {
+        0: [requests[0], requests[1]],
+        2: [requests[2], requests[3]],  # requests[2] ends on a stop string
+        3: [continued],
+        5: [requests[5], edited, requests[4]],
+        9: [requests[6], requests[7]],
+    }
+    order = [r for k in sorted(schedule) for r in schedule[k]]
+    expected = [r.output_ids for r in one_by_one(backend, order)]
+    backend.flush_cache()
+    backend.generate_blocking(requests[0])  # the cached sequence the continuations join from
+    stats = backend.step_stats
+    direct, prefills = stats.joined_direct, stats.prefill_forwards
+    assert run_staggered(backend, schedule) == expected
+    assert stats.joined_direct - direct >= 2  # the continuation (and the short edit) joined without a prefill forward
+    assert stats.prefill_forwards - prefills >= 2
+    finishes = {r.finish_reason for r in one_by_one(backend, order)}
+    assert finishes == {"stop", "length"}
+
+
+def test_seeded_sampling_joining_at_different_steps_is_reproducible(backend, requests):
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
+    sampled = [
+        GenerateRequest(max_new_tokens=20, input_ids=r.input_ids, sampling=sampling, seed=s, adapter=r.adapter)
+        for s, r in enumerate(requests[:6])
+    ]
+    schedule = {0: sampled[:2], 1: sampled[2:3], 4: sampled[3:5], 6: sampled[5:]}
+    expected = [r.output_ids for r in one_by_one(backend, [r for k in sorted(schedule) for r in schedule[k]])]
+    backend.flush_cache()
+    assert run_staggered(backend, schedule) == expected
+    backend.flush_cache()
+    assert run_staggered(backend, schedule) == expected
+
+
+def test_a_cancelled_caller_leaves_the_batch(backend, requests):
     async def main():
-        return await asyncio.gather(*(backend.generate(r) for r in requests))
+        tasks = [asyncio.create_task(backend.generate(r)) for r in requests[:4]]
+        await asyncio.sleep(0.05)
+        tasks[1].cancel()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
 
     got = asyncio.run(main())
-    assert [g.output_ids for g in got] == [e.output_ids for e in expected]
-    assert all(len(set(w)) == 1 for w in waves)  # base and adapter never share a wave
-    assert sorted(len(w) for w in waves) == [6, 6]  # everything waiting was served in one wave per adapter
+    assert isinstance(got[1], asyncio.CancelledError)
+    assert [g.output_ids for i, g in enumerate(got) if i != 1] == [
+        r.output_ids for r in one_by_one(backend, [requests[0], requests[2], requests[3]])
+    ]
 
 
 def test_a_bad_request_fails_alone(backend, requests):
@@ -167,9 +250,10 @@ def test_seeded_sampling_in_a_batch_matches_one_by_one(backend, requests):
     ]
 
 
-def test_a_wave_with_two_adapters_is_refused(backend, requests):
-    with pytest.raises(ValueError, match="one adapter"):
-        backend.generate_batch_blocking(requests[:2])
+def test_a_batch_may_mix_adapters(backend, requests):
+    assert [g.output_ids for g in backend.generate_batch_blocking(requests)] == [
+        r.output_ids for r in one_by_one(backend, requests)
+    ]
 
 
 def test_the_same_request_sent_three_times_gets_three_answers(backend, requests):

@@ -237,7 +237,7 @@ class RunningBatch:
         """
         backend = self.backend
         started = time.perf_counter()
-        with backend.row_adapters.rows([row.namespace or BASE_ADAPTER for row in rows]):
+        with backend.row_adapters.rows([row.namespace or BASE_ADAPTER for row in rows], backend.model.device):
             logits = backend.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         elapsed = time.perf_counter() - started
         backend.step_stats.forward_s += elapsed
@@ -323,15 +323,22 @@ class RowAdapters:
 
     peft's own mixed batch (``model(..., adapter_names=[...])``) registers a
     pre-forward hook on every LoRA layer for each call, walking all modules
-    each time: on the embedded model that was a quarter of a decode step. The
-    same hook, kept registered, passes the row adapters of the current forward
-    (``rows``) to each LoRA layer's ``forward(x, adapter_names=...)``, the
-    argument peft's hook sets; outside ``rows`` the layers run as peft's
-    ``set_adapter`` / ``disable_adapter`` left them.
+    each time (a quarter of a decode step on the embedded model), and each
+    layer then splits the batch by adapter with Python index lists. Here the
+    hooks stay registered: before a plain LoRA ``Linear`` (no DoRA-style
+    variant) runs, it is told every row is ``"__base__"`` (peft computes the
+    base layer only), and after it, each adapter's rows get that adapter's
+    ``lora_B(lora_A(dropout(x))) * scaling`` added (``index_add_`` with one
+    index tensor per adapter, made once per forward): the same sum peft
+    computes. Other LoRA layers get the real ``adapter_names``, peft's mixed
+    path. Outside ``rows`` the layers run as ``set_adapter`` /
+    ``disable_adapter`` left them.
     """
 
     def __init__(self) -> None:
         self._names: list[str] | None = None
+        self._base: list[str] = []
+        self._groups: list[tuple[str, Any]] = []  # (adapter, row index tensor)
         self._hooked: weakref.WeakSet = weakref.WeakSet()
 
     def attach(self, model: Any) -> None:
@@ -343,21 +350,48 @@ class RowAdapters:
         for module in model.modules():
             if isinstance(module, LoraLayer) and module not in self._hooked:
                 module.register_forward_pre_hook(self._inject, with_kwargs=True)
+                module.register_forward_hook(self._add_deltas, with_kwargs=True)
                 self._hooked.add(module)
 
     @contextmanager
-    def rows(self, names: list[str]) -> Iterator[None]:
+    def rows(self, names: list[str], device: Any) -> Iterator[None]:
         """Run the forwards inside with ``names[i]`` as row i's adapter (a model without LoRA ignores them)."""
-        self._names = names if len(self._hooked) else None
+        import torch
+
+        if len(self._hooked):
+            groups: dict[str, list[int]] = {}
+            for i, name in enumerate(names):
+                if name != BASE_ADAPTER:
+                    groups.setdefault(name, []).append(i)
+            self._names, self._base = names, [BASE_ADAPTER] * len(names)
+            self._groups = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
         try:
             yield
         finally:
-            self._names = None
+            self._names, self._groups = None, []
+
+    def _own_delta(self, module: Any) -> bool:
+        from peft.tuners.lora import Linear
+
+        return isinstance(module, Linear) and not module.lora_variant and not module.merged
 
     def _inject(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._names is not None:
-            kwargs["adapter_names"] = self._names
+            kwargs["adapter_names"] = self._base if self._own_delta(module) else self._names
         return args, kwargs
+
+    def _add_deltas(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._groups or module.disable_adapters or not self._own_delta(module):
+            return output
+        x = args[0] if args else kwargs["x"]
+        for name, rows in self._groups:
+            if name not in module.lora_A:
+                continue
+            lora_a = module.lora_A[name]
+            sub = x.index_select(0, rows).to(lora_a.weight.dtype)
+            delta = module.lora_B[name](lora_a(module.lora_dropout[name](sub))) * module.scaling[name]
+            output.index_add_(0, rows, delta.to(output.dtype))
+        return output
 
 
 def _fed(row: Row) -> list[int]:

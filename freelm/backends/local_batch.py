@@ -27,6 +27,7 @@ are cut when rows leave.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -274,7 +275,7 @@ class RunningBatch:
         from torch.nn.functional import pad
 
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
+            self.rows, self.cache, self.mask, self.positions = rows, _growing(cache), mask, positions
             return
         width = max(self.mask.shape[1], mask.shape[1])
         merged = _empty_cache(self.backend.model.config)
@@ -286,7 +287,7 @@ class RunningBatch:
                     torch.cat([pad(a, (0, 0, width - a.shape[2], 0)), pad(b, (0, 0, width - b.shape[2], 0))], dim=0)
                 )
             merged.update(*parts, layer)
-        self.cache = merged
+        self.cache = _growing(merged)
         self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
         self.positions = torch.cat([self.positions, positions])
         self.rows = self.rows + rows
@@ -397,6 +398,59 @@ class RowAdapters:
 def _fed(row: Row) -> list[int]:
     """The tokens a row's KV holds: its prompt and output minus the last sampled token (never fed)."""
     return row.prompt + row.output[:-1]
+
+
+def _growing(cache: Any) -> Any:
+    """``cache`` with its plain dynamic layers appending into spare room instead of concatenating.
+
+    A ``DynamicLayer`` concatenates, copying the whole batch KV at every decode
+    step; on the embedded model, with rows of different lengths left-padded to
+    the longest, that copy was a fifth of a step. Only the running batch's
+    cache grows this way; cut-out rows and stored sequences are plain copies.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _growing_layer_class()
+    return cache
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """Keys and values are views of buffers with spare room; an update writes the new columns into it."""
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.keys, self._key_room = _appended(self.keys, getattr(self, "_key_room", None), key_states)
+            self.values, self._value_room = _appended(self.values, getattr(self, "_value_room", None), value_states)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def _appended(view: Any, buffer: Any, new: Any) -> tuple[Any, Any]:
+    """``cat([view, new], dim=-2)`` as a view of ``buffer`` if ``view`` is its start and it has room, else of a new one.
+
+    ``view`` stops being the buffer's start when the batch replaces it (rows
+    leave, leading columns are cut): the next update then copies it once.
+    """
+    used, n = view.shape[-2], new.shape[-2]
+    if (
+        buffer is None
+        or view.data_ptr() != buffer.data_ptr()
+        or view.shape[:2] != buffer.shape[:2]
+        or view.stride() != buffer.stride()
+        or used + n > buffer.shape[-2]
+    ):
+        buffer = view.new_empty((*view.shape[:2], 2 * (used + n) + 64, view.shape[-1]))
+        buffer[:, :, :used] = view
+    buffer[:, :, used : used + n] = new
+    return buffer[:, :, : used + n], buffer
 
 
 def _left_padded_mask(lengths: list[int], width: int, device: Any) -> Any:

@@ -125,6 +125,8 @@ def test_concurrent_calls_share_decode_steps_across_adapters(backend, requests):
     """Continuous batching: reasoning and cleaning rows decode in the same forward steps, outputs unchanged."""
     expected = one_by_one(backend, requests)
 
+    default = backend.scheduling
+
     def concurrently(scheduling: str) -> tuple[list, int]:
         backend.flush_cache()
         backend.scheduling, backend.stats, backend.max_batch = scheduling, {}, len(requests)
@@ -136,7 +138,7 @@ def test_concurrent_calls_share_decode_steps_across_adapters(backend, requests):
         try:
             return asyncio.run(main()), backend.step_stats.decode_steps - before
         finally:
-            backend.scheduling, backend.max_batch = "continuous", 8
+            backend.scheduling, backend.max_batch = default, 8
 
     waves, wave_steps = concurrently("waves")
     got, steps = concurrently("continuous")
@@ -264,8 +266,8 @@ def test_the_same_request_sent_three_times_gets_three_answers(backend, requests)
     assert len({tuple(g.output_ids) for g in got}) == 1 and len(got) == 3
 
 
-def test_free_lm_rollouts_are_identical_with_kv_kept_across_waves(backend):
-    """The demo's loop (greedy, clean every 32 tokens): keeping KV across waves changes the time, not one token."""
+def test_free_lm_rollouts_are_identical_with_kv_kept_and_with_continuous_batching(backend):
+    """The demo's loop (greedy, clean every 32 tokens): KV reuse and continuous batching change the time, not one token."""
     from freelm.cleaners import LoRACleaner
     from freelm.loop import LoopConfig, run_rollout
 
@@ -273,9 +275,9 @@ def test_free_lm_rollouts_are_identical_with_kv_kept_across_waves(backend):
     cleaner = LoRACleaner(backend, adapter="free", template=TEMPLATE, max_new_tokens=48)
     config = LoopConfig(clean_every=32, max_tokens=256, context_limit=512, sampling=GREEDY)
 
-    def rollouts(cache_bytes: int):
+    def rollouts(cache_bytes: int, scheduling: str = "waves"):
         backend.flush_cache()
-        backend.cache_bytes, backend.stats = cache_bytes, {}
+        backend.cache_bytes, backend.stats, backend.scheduling = cache_bytes, {}, scheduling
 
         async def main():
             return await asyncio.gather(
@@ -289,8 +291,12 @@ def test_free_lm_rollouts_are_identical_with_kv_kept_across_waves(backend):
     try:
         fresh, fresh_stats = rollouts(0)  # every wave prefilled from scratch: the backend without KV reuse
         kept, kept_stats = rollouts(limit)
+        continuous, _ = rollouts(limit, "continuous")  # cleaning rows decode in the reasoning rows' steps
     finally:
-        backend.cache_bytes = limit
+        backend.cache_bytes, backend.scheduling = limit, "waves"
+    assert [[x.generated_text for x in r.rounds] for r in continuous] == [
+        [x.generated_text for x in r.rounds] for r in kept
+    ]
     assert [r.response for r in kept] == [r.response for r in fresh]
     assert [[x.generated_text for x in r.rounds] for r in kept] == [[x.generated_text for x in r.rounds] for r in fresh]
     assert sum(r.cleaning_rounds for r in kept) >= len(problems)  # cleaning did happen

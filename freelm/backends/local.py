@@ -11,13 +11,14 @@ It behaves like a one-GPU SGLang server with ``--lora-paths free=...``:
 * output semantics match ``SGLangBackend`` (``skip_special_tokens=false``,
   ``no_stop_trim=true``): ``output_ids`` include a final eos token and ``text``
   is their decoding, stop string included;
-* with ``max_batch > 1``, requests that are waiting at the same time and use the
-  same adapter are decoded together in one left-padded batch (what SGLang's
-  scheduler does for concurrent rollouts). On a small model a batch of 16 costs
-  about as much per step as one sequence, so concurrent rollouts, synthesis and
-  the demo run several times faster. Each row of a wave starts from its own
-  cached prefix (the same LRU), so a rollout's context is prefilled once across
-  waves and, after a deletion, only the changed suffix is;
+* with ``max_batch > 1``, concurrent requests decode together in one running
+  batch (:mod:`freelm.backends.local_batch`), admitted per adapter in waves
+  (the default) or at every step with mixed adapters (``scheduling=
+  "continuous"``, what SGLang's scheduler does). On a small model a batch of 16
+  costs about as much per step as one sequence, so concurrent rollouts,
+  synthesis and the demo run several times faster. Each row starts from its
+  own cached prefix (the same LRU), so a rollout's context is prefilled once
+  across calls and, after a deletion, only the changed suffix is;
 * the cache is bounded: ``cache_size`` sequences per namespace and
   ``cache_bytes`` of KV in all (least recently stored evicted first), and a
   reasoning sequence that ended on eos (its rollout is over) is not kept.
@@ -71,7 +72,10 @@ class DecodeStats:
     """Where the model's time went, per namespace (``None`` = base): prompt prefill vs token-by-token decoding.
 
     ``prefill_tokens`` counts tokens actually computed (a reused prefix is not);
-    ``cached_tokens`` the prompt tokens served from the cache instead.
+    ``cached_tokens`` the prompt tokens served from the cache instead. In a
+    batch shared by namespaces a forward's time is booked to each row's
+    namespace by its share of the rows, and ``decode_steps`` counts the steps
+    the namespace took part in.
     """
 
     prefill_s: float = 0.0
@@ -79,7 +83,7 @@ class DecodeStats:
     cached_tokens: int = 0
     decode_s: float = 0.0
     decode_tokens: int = 0
-    decode_steps: int = 0  # decode_tokens / decode_steps = the mean batch
+    decode_steps: int = 0  # steps with a row of this namespace (decode_tokens / decode_steps: its mean rows)
 
 
 class LocalBackend:
@@ -87,9 +91,9 @@ class LocalBackend:
 
     Model calls are serialised by a lock and run in a worker thread. With
     ``max_batch`` 1 concurrent rollouts interleave request by request; above 1,
-    :meth:`generate` gathers the requests waiting at that moment into waves
-    (:meth:`generate_batch_blocking`). The blocking entry points also serve the
-    threaded SGLang test server.
+    :meth:`generate` feeds a running batch stepped in the worker thread
+    (:meth:`_schedule`, ``scheduling`` decides who joins when). The blocking
+    entry points also serve the threaded SGLang test server.
     """
 
     def __init__(

@@ -304,3 +304,21 @@ def test_free_lm_rollouts_are_identical_with_kv_kept_and_with_continuous_batchin
         assert fresh_stats[namespace].cached_tokens == 0
         assert kept_stats[namespace].prefill_tokens < fresh_stats[namespace].prefill_tokens
     assert kept_stats[None].cached_tokens > 2 * kept_stats[None].prefill_tokens  # most of the context is reused
+
+
+def test_a_request_the_sampler_refuses_fails_alone_and_the_scheduler_goes_on(backend, requests):
+    """top_p < 0 makes HF's warper raise ValueError while the row is built: that caller gets a BackendError, the
+    batch (continuous or waves) finishes everyone else instead of the scheduler task dying and stalling them."""
+    bad = GenerateRequest(
+        max_new_tokens=4, input_ids=requests[0].input_ids, sampling=SamplingParams(temperature=1.0, top_p=-0.5)
+    )
+    got = backend.generate_batch_blocking([requests[0], bad])
+    assert isinstance(got[1], BackendError) and "top_p" in str(got[1])
+
+    async def main():
+        calls = [backend.generate(requests[0]), backend.generate(bad), backend.generate(requests[2])]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+
+    ok, failed, other = asyncio.run(main())
+    assert isinstance(failed, BackendError) and "top_p" in str(failed)
+    assert [ok.output_ids, other.output_ids] == [r.output_ids for r in one_by_one(backend, [requests[0], requests[2]])]

@@ -270,8 +270,8 @@ class LocalBackend:
                 continue
             try:
                 joiners.append(self._row(request, started, future))
-            except BackendError as exc:
-                future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. top_p < 0: fails this caller, not the scheduler
+                future.set_exception(_request_error(exc))
         return joiners
 
     def _step_locked(self, batch: RunningBatch, joiners: list[Row]) -> list[Row]:
@@ -339,8 +339,8 @@ class LocalBackend:
         for i, request in enumerate(requests):
             try:
                 joiners.append(self._row(request, start, i))
-            except BackendError as exc:
-                outcomes[i] = exc
+            except Exception as exc:  # noqa: BLE001 - a bad request is returned as its error, not raised
+                outcomes[i] = _request_error(exc)
         batch = RunningBatch(self)
         try:
             with self._lock, torch.inference_mode():
@@ -478,6 +478,11 @@ class LocalBackend:
         ):
             return "length"
         return ""
+
+
+def _request_error(exc: Exception) -> BackendError:
+    """A request the batch cannot take, as the do-not-retry error its caller gets (a bad sampler setting included)."""
+    return exc if isinstance(exc, BackendError) else BackendError(f"bad request: {type(exc).__name__}: {exc}")
 
 
 def _argmax(logits: Any) -> int:

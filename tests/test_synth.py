@@ -99,6 +99,30 @@ def test_openai_teacher_retries_429_and_5xx_then_answers():
             asyncio.run(OpenAITeacher(server.base_url, "other-model", "key", max_retries=0).suggest(problem, "t"))
 
 
+def test_openai_teacher_survives_replies_with_fields_missing_or_null():
+    """The openai client does not validate a reply: a choice without a message is a TeacherError (the cut stays
+    undecided), null content or token counts read as "" and 0, never an AttributeError/TypeError that ends synthesis."""
+    problem = Problem(id="1", source="s", prompt="P?", answer="1")
+    head = '{"id": "x", "object": "chat.completion", '
+    with OpenAIChatTestServer("[]") as server:
+
+        def ask():  # a client per event loop
+            return asyncio.run(OpenAITeacher(server.base_url, "teacher", "key", max_retries=0).suggest(problem, "t"))
+
+        server.script(ChatFault(200, body=head + '"choices": [{"index": 0}]}'))
+        with pytest.raises(TeacherError, match="without choices"):
+            ask()
+        server.script(
+            ChatFault(
+                200,
+                body=head + '"choices": [{"index": 0, "message": {"role": "assistant", "content": null}}], '
+                '"usage": {"prompt_tokens": null, "completion_tokens": "7"}}',
+            )
+        )
+        reply = ask()
+        assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("", 0, 0)
+
+
 def test_keeps_empty_is_deterministic_and_near_the_share():
     keys = [("s", str(i), 0, 40) for i in range(2000)]
     kept = [keeps_empty(k, 0.25) for k in keys]

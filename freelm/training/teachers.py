@@ -137,15 +137,23 @@ class OpenAITeacher:
             )
         except openai.OpenAIError as exc:
             raise TeacherError(redact(f"{type(exc).__name__}: {exc}", [self._secret])[:500]) from None
+        # the client does not validate replies: any field may be missing or null
         choices = getattr(response, "choices", None)
-        if not choices:
-            raise TeacherError(f"response without choices: {str(response)[:200]}")
-        usage = response.usage
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None:
+            raise TeacherError(f"response without choices[0].message: {str(response)[:200]}")
+        content = getattr(message, "content", None)
+        usage = getattr(response, "usage", None)
         return TeacherReply(
-            text=choices[0].message.content or "",
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            text=content if isinstance(content, str) else "",
+            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
         )
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _count(value: object) -> int:
+    """A token count from a server's usage block; anything but a non-negative int (null, a string) counts 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

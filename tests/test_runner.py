@@ -274,6 +274,9 @@ def test_missing_data_file_and_bad_flags_are_clear_errors(tmp_path, capsys):
         (["--data", "x.jsonl", "--endpoint", "localhost"], "bad endpoint 'localhost'"),
         (["--data", "x.jsonl", "--backend", "local"], "--backend local needs --model DIR"),
         (["--data", "x.jsonl", "--endpoint", "h:1", "--n-rollouts", "0"], "--n-rollouts must be >= 1"),
+        (["--data", "x.jsonl", "--endpoint", "h:1", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--data", "x.jsonl", "--endpoint", "h:1", "--min-p", "1.5"], "--min-p must be in [0, 1], got 1.5"),
+        (["--data", "x.jsonl", "--endpoint", "h:1", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
         (
             ["--data", "x.jsonl", "--endpoint", "h:1", "--clean-template", str(tmp_path / "t.txt")],
             "cannot read cleaning template",

@@ -279,6 +279,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.timeout <= 0 or args.down_wait <= 0:
         raise ValueError("--timeout and --down-wait must be > 0")
+    # the ranges SGLang's sampling/sampling_params.py verify() accepts: outside them every request is refused
+    # (HTTP 400, or the local sampler's ValueError), so the run would end with every rollout failed
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
     if not get_backend_kind(args.backend).remote:
         if args.model is None:
             raise ValueError(f"--backend {args.backend} needs --model DIR")

@@ -322,3 +322,25 @@ def test_a_request_the_sampler_refuses_fails_alone_and_the_scheduler_goes_on(bac
     ok, failed, other = asyncio.run(main())
     assert isinstance(failed, BackendError) and "top_p" in str(failed)
     assert [ok.output_ids, other.output_ids] == [r.output_ids for r in one_by_one(backend, [requests[0], requests[2]])]
+
+
+def test_a_row_whose_result_cannot_be_built_fails_alone(backend, requests, monkeypatch):
+    """An error while turning one finished row into its result (e.g. decoding its ids) reaches that caller only;
+    the scheduler task goes on and the other callers get their answers instead of waiting forever."""
+    real = backend._result
+    bad_prompt = requests[2].input_ids
+
+    def result(ids, *args):
+        if ids == bad_prompt:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return real(ids, *args)
+
+    monkeypatch.setattr(backend, "_result", result)
+
+    async def main():
+        calls = [backend.generate(r) for r in requests[:4]]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+
+    got = asyncio.run(main())
+    assert isinstance(got[2], UnicodeDecodeError)
+    assert all(not isinstance(g, BaseException) for i, g in enumerate(got) if i != 2)

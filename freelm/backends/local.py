@@ -240,7 +240,10 @@ class LocalBackend:
                 if row.ticket.done():
                     continue
                 if row.outcome is None:
-                    row.outcome = self._result(row.prompt, row.output, row.finish, row.reused, row.started)
+                    try:
+                        row.outcome = self._result(row.prompt, row.output, row.finish, row.reused, row.started)
+                    except Exception as exc:  # noqa: BLE001 - this caller's error: the scheduler must go on
+                        row.outcome = exc
                 if isinstance(row.outcome, BaseException):
                     row.ticket.set_exception(row.outcome)
                 else:

@@ -152,6 +152,17 @@ def test_failed_rollouts_go_to_the_errors_file_and_are_retried_next_run(tmp_path
     assert sorted(keys(out)) == [("count", str(i), r) for i in range(3) for r in range(2)]
 
 
+def test_a_torn_errors_file_is_repaired_before_the_next_failures_are_appended(tmp_path, tokenizer):
+    out = tmp_path / "out.jsonl"
+    errors_path(out).write_text('{"error": "first"}\n{"error": "killed mid-wri')
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.fail_next = deque([BackendError("HTTP 400: bad request")])
+    summary, _ = batch(tmp_path, tokenizer, n_rollouts=2, backend=backend)
+    assert summary.failed == 1
+    errors = [obj["error"] for _, obj in iter_jsonl(errors_path(out), tolerate_torn_tail=False)]
+    assert errors[0] == "first" and len(errors) == 2 and "HTTP 400" in errors[1]
+
+
 def test_transient_failures_are_retried_without_losing_the_rollout(tmp_path, tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
     backend.fail_next = deque([TransientBackendError("connection reset")] * 3)

@@ -112,6 +112,7 @@ async def run_batch(
         print(f"--force: moved the old output aside to {move_aside(output)}", file=sys.stderr)
     else:
         repair_torn_tail(output)
+        repair_torn_tail(errors_path(output))  # a kill tears its last line too: the next batch must not extend it
         previous = history(output, settings, run_id)
 
     jobs, owned = plan_jobs(problems, spec.n_rollouts, settings.seed, existing.keys, spec.shard)

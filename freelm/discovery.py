@@ -18,7 +18,9 @@ def import_submodules(package: str, skip: Collection[str] = ()) -> None:
     """Import every module of ``package`` except those named in ``skip``; once per package (later calls are free)."""
     if package in _imported:
         return
-    _imported.add(package)
     for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
         if module.name not in skip:
             importlib.import_module(f"{package}.{module.name}")
+    # Marked only once every module imported: a module that fails to import raises its own error
+    # at every lookup, instead of the lookup reporting its kind as unknown.
+    _imported.add(package)

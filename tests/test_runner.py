@@ -334,3 +334,26 @@ def test_help_documents_every_flag():
                  "--concurrency", "--timeout", "--max-retries", "--problem-suffix", "exit codes"):  # fmt: skip
         assert flag in result.stdout, flag
     assert "(default: 0.6)" in result.stdout and "(default: 8)" in result.stdout
+
+
+def test_components_close_every_pool_even_when_one_fails():
+    import asyncio
+
+    from freelm.run.components import Components
+
+    closed = []
+
+    class Pool:
+        def __init__(self, name: str, fails: bool):
+            self.name, self.fails = name, fails
+
+        async def aclose(self) -> None:
+            closed.append(self.name)
+            if self.fails:
+                raise OSError(f"{self.name}: close failed")
+
+    pools = (Pool("reasoner", True), Pool("cleaner", False))
+    components = Components(reasoner=pools[0], tokenizer=None, cleaner=None, pools=pools)
+    with pytest.raises(OSError, match="reasoner: close failed"):
+        asyncio.run(components.aclose())
+    assert closed == ["reasoner", "cleaner"]

@@ -8,6 +8,7 @@ handling, served models) is read here too, before the first rollout.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,11 @@ class Components:
     pools: tuple[EndpointPool, ...]
 
     async def aclose(self) -> None:
-        for pool in self.pools:
-            await pool.aclose()
+        """Close every pool, even when closing one fails (the first failure is raised after)."""
+        results = await asyncio.gather(*(pool.aclose() for pool in self.pools), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def _remote_backends(kind: str, endpoints: tuple[str, ...], spec: RunSpec, tokenizer: Tokenizer) -> list[Backend]:

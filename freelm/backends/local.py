@@ -257,7 +257,7 @@ class LocalBackend:
         still leave as they finish. ``continuous``: any waiting request, any
         adapter, at every step while there is room, as SGLang's scheduler does.
         """
-        room = self.max_batch - len(batch.members)
+        room = max(0, self.max_batch - len(batch.members))  # max_batch may be lowered while a batch runs
         if self.scheduling == "waves":
             if batch.members or not self._waiting:
                 return []

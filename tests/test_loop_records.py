@@ -16,6 +16,8 @@ import pytest
 
 from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams, TransientBackendError
 from freelm.cleaners import LoRACleaner
+from freelm.cleaners.base import CleanOutcome
+from freelm.free import apply_deletions
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import render_reasoning_prompt
 from freelm.records import RolloutRecord
@@ -68,6 +70,77 @@ def test_each_call_gets_its_own_reproducible_integer_seed():
     assert all(isinstance(s, int) and 0 <= s < 2**31 - 1 for s in five)
     assert seeds(5) == five and seeds(6) != five
     assert set(seeds(None)) == {None}
+
+
+def test_no_two_calls_share_a_seed_across_rollouts_and_every_seed_fits_an_int32():
+    """Rollout seeds span [0, 2**31 - 1) (``rollout_seed``): a call's seed must stay a distinct int32 even at the top."""
+    seeds = []
+    for base in (*range(25), 2**31 - 2, 2**31 - 3):
+        backend = Recording()
+        rollout(backend, LoRACleaner(backend.inner), seed=base)
+        seeds += [r.seed for r in backend.requests]
+    assert len(seeds) > 61 and len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**31 - 1 for s in seeds)
+
+
+@dataclass
+class Scripted:
+    """A cleaner that deletes nothing and answers with every telemetry field set (or raises ``fail``).
+
+    ``window`` makes it one that knows its window (as ``LoRACleaner`` does): its
+    headroom is ``window - thinking_tokens``; each ``headroom`` call is kept in ``asked``.
+    """
+
+    fail: BaseException | None = None
+    window: int | None = None
+    asked: list[tuple[str, int]] = field(default_factory=list)
+    name: str = "scripted"
+
+    async def clean(self, problem: str, thinking: str) -> CleanOutcome:
+        await asyncio.sleep(0.01)  # the latency the record must report
+        if self.fail is not None:
+            raise self.fail
+        return CleanOutcome(
+            edit=apply_deletions(thinking, []), raw_output="[]", dropped=["bad entry"], prompt_tokens=11,
+            completion_tokens=3, cached_tokens=5, max_new_tokens=77, no_room="tight", endpoint="http://e:1",
+        )  # fmt: skip
+
+    def __getattr__(self, name: str):
+        if name == "headroom" and self.window is not None:
+            return self._headroom
+        raise AttributeError(name)
+
+    def _headroom(self, problem: str, thinking_tokens: int) -> int:
+        self.asked.append((problem, thinking_tokens))
+        return self.window - thinking_tokens
+
+
+def test_every_field_of_the_cleaners_answer_reaches_the_round_record():
+    result = rollout(Recording(), Scripted(), max_clean_rounds=1)
+    clean = result.rounds[0].clean
+    assert (clean.cleaner, clean.raw_output, clean.dropped, clean.prompt_tokens, clean.completion_tokens) == (
+        "scripted", "[]", ["bad entry"], 11, 3
+    )  # fmt: skip
+    assert (clean.cached_tokens, clean.max_new_tokens, clean.no_room, clean.endpoint) == (5, 77, "tight", "http://e:1")
+    assert 0.01 <= clean.latency_s <= result.wall_time_s
+
+
+def test_a_failed_cleaning_call_is_recorded_with_its_error_and_latency():
+    """A backend's error reads as it is; any other exception (a cleaner bug) is named by its type."""
+    for fail, error in ((TransientBackendError("down"), "down"), (KeyError("x"), "KeyError: 'x'")):
+        result = rollout(Recording(), Scripted(fail=fail), max_clean_rounds=1)
+        clean = result.rounds[0].clean
+        assert clean.error == error and result.finish_reason == "stop"
+        assert 0.01 <= clean.latency_s <= result.wall_time_s
+
+
+def test_a_cleaner_that_knows_its_window_is_called_before_its_headroom_runs_out():
+    """Early cleaning: with 25 tokens of headroom left the chunk ends there, not at --clean-every 40."""
+    backend, cleaner = Recording(), Scripted(window=25)
+    result = rollout(backend, cleaner, max_clean_rounds=1)
+    assert backend.requests[0].max_new_tokens == 25 and result.rounds[0].clean is not None
+    assert cleaner.asked[0] == ("Count to 30.", 0)  # the problem and the thinking so far (none yet)
+    assert rollout(Recording(), Scripted(), max_clean_rounds=1).rounds[0].generated_tokens == 40  # no window: no bound
 
 
 def test_round_records_match_the_requests_and_answers():

@@ -189,6 +189,19 @@ def test_a_long_prompt_that_fits_is_tokenized_exactly(tokenizer):
     assert 100 + 64 <= len(prefix) < len(whole) and whole[: len(prefix) - 1] == prefix[:-1]
 
 
+def test_a_prompt_that_fits_is_never_cut_however_many_characters_a_token_holds():
+    """Runs of ``=`` or spaces are single long tokens in real vocabularies: the 8-characters-per-token probe of
+    such a prompt can land just under the window, and the prompt must then be tokenized whole, not cut there."""
+    from freelm.loop import _encode_prompt
+
+    class TenCharTokens:
+        def encode(self, text):
+            return [len(text[i : i + 10]) for i in range(0, len(text), 10)]
+
+    prompt = "=" * 850  # 85 tokens for a 100-token window; its 800-character probe is 80 tokens
+    assert _encode_prompt(TenCharTokens(), prompt, 100) == TenCharTokens().encode(prompt)
+
+
 def test_a_batch_of_finished_rollouts_is_written_with_one_fsync_per_file(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out.jsonl"
     settings = RunSpec.from_argv(["--data", "x", "--output", str(out), *FLAGS]).settings

@@ -33,6 +33,7 @@ def test_boundaries_are_every_n_tokens_below_the_end():
     assert list(schedule.points(4)) == []
     with pytest.raises(ValueError, match="interval must be >= 1"):
         CleaningSchedule(0)
+    assert list(CleaningSchedule(1).points(4)) == [1, 2, 3]  # --clean-every 1 is the smallest interval, not refused
 
 
 def test_chunks_stop_at_the_boundary_and_go_past_it_only_to_finish_a_character():
@@ -45,6 +46,7 @@ def test_early_cleaning_needs_a_quarter_chunk_of_headroom():
     schedule = CleaningSchedule(32)
     assert [schedule.early(h) for h in (None, 0, 7, 8, 100)] == [None, None, None, 8, 100]
     assert CleaningSchedule(3).early(1) == 1  # a quarter of a tiny chunk is still one token
+    assert CleaningSchedule(10).early(2) == 2  # a quarter is counted in whole tokens: 10 // 4 = 2
 
 
 def test_cleaning_is_due_after_a_full_chunk_or_one_the_window_or_the_headroom_cut_short():

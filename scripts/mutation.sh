@@ -30,8 +30,8 @@ export OMP_NUM_THREADS=1
 # group -> "files to mutate|mutant-name globs (functions in scope)|test files"
 declare -A GROUPS_SPEC=(
     [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
-    [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/test_loop.py tests/test_loop_cleaning.py tests/test_loop_records.py tests/test_schedule.py"
-    [hash]="freelm/run/settings.py freelm/run/spec.py|freelm.run.settings.x_run_settings__mutmut_* freelm.run.settings.x_settings_hash__mutmut_* freelm.run.settings.xǁRunSettingsǁ* freelm.run.spec.xǁRunSpecǁfrom_args__mutmut_*|tests/test_settings_hash.py tests/test_runner.py::test_execution_settings_do_not_change_the_hash_results_settings_do"
+    [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/test_loop.py tests/test_loop_cleaning.py tests/test_loop_records.py tests/test_schedule.py tests/test_runner_guard.py::test_a_prompt_far_beyond_the_window_ends_after_tokenizing_only_a_prefix tests/test_runner_guard.py::test_a_long_prompt_that_fits_is_tokenized_exactly tests/test_runner_guard.py::test_a_prompt_that_fits_is_never_cut_however_many_characters_a_token_holds"
+    [hash]="freelm/run/settings.py freelm/run/spec.py|freelm.run.settings.* freelm.run.spec.*|tests/test_settings_hash.py tests/test_runner.py tests/test_runner_shards.py tests/test_backends_registry.py tests/test_cleaners_registry.py"
     [reward]="freelm/training/reward.py freelm/training/synth.py|freelm.training.reward.xǁRewardFilterǁ* freelm.training.synth.xǁSynthesizerǁdecide__mutmut_*|tests/test_reward_filter.py tests/test_synth.py"
 )
 SELECTED=("$@")

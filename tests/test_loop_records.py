@@ -83,6 +83,14 @@ def test_no_two_calls_share_a_seed_across_rollouts_and_every_seed_fits_an_int32(
     assert all(0 <= s < 2**31 - 1 for s in seeds)
 
 
+def test_the_call_seeds_of_a_rollout_seed_are_those_of_earlier_runs():
+    """A record keeps its rollout seed: re-running it after an upgrade must send the calls the same seeds."""
+    for base, first_three in ((5, [5000015, 5000016, 5000017]), (2**31 - 2, [2146483644, 2146483645, 2146483646])):
+        backend = Recording()
+        rollout(backend, LoRACleaner(backend.inner), seed=base)
+        assert [r.seed for r in backend.requests[:3]] == first_three
+
+
 @dataclass
 class Scripted:
     """A cleaner that deletes nothing and answers with every telemetry field set (or raises ``fail``).

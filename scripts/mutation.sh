@@ -53,6 +53,7 @@ for group in "${SELECTED[@]}"; do
         echo "source_paths = freelm"
         echo "only_mutate ="; list $files
         echo "pytest_add_cli_args_test_selection ="; list $tests
+        echo "also_copy ="; list runner.py eval_passk.py llm_judge.py scripts configs  # for tests that run them
         echo "pytest_add_cli_args ="; list -p no:cacheprovider --hypothesis-seed=0
     } >"$dir/setup.cfg"
     sed -i '/^\[tool.mutmut\]/,$d' "$dir/pyproject.toml"  # setup.cfg is read only without a [tool.mutmut]

@@ -24,7 +24,7 @@ from freelm.run.cli import run
 from freelm.run.components import Components
 from freelm.run.flags import build_parser, normalize_endpoint, read_endpoints_file
 from freelm.run.plan import ConfigMismatch
-from freelm.run.settings import rollout_seed
+from freelm.run.settings import rollout_seed, settings_differences
 from freelm.run.spec import RunSpec
 from freelm.testing.counting import CountingBackend, counting_answer, counting_tokenizer
 from freelm.tokenizer import Tokenizer
@@ -231,6 +231,20 @@ def test_rollout_seed_is_stable_and_distinct():
     assert rollout_seed(0, "s", "1", 0) == rollout_seed(0, "s", "1", 0)
     seeds = {rollout_seed(s, src, i, r) for s in (0, 1) for src in ("a", "b") for i in ("1", "2") for r in range(4)}
     assert len(seeds) == 32 and all(0 <= s < 2**31 - 1 for s in seeds)
+    # pinned, as config hashes are: a rollout re-run after an upgrade must get its recorded seed
+    assert [rollout_seed(0, "aime24", "7", r) for r in range(2)] == [423533282, 105328059]
+
+
+def test_a_refused_resume_names_keys_that_appear_vanish_or_change_kind():
+    """Switching mode or backend turns a settings block into null (or back); a key can be new or gone."""
+    old = {"cleaner": {"adapter": "free"}, "loop": {"clean_every": 5}, "model": None}
+    new = {"cleaner": None, "loop": {"clean_every": 5, "max_tokens": 9}, "model": {"model": "/m"}}
+    assert settings_differences(old, new) == [
+        'cleaner: {"adapter": "free"} -> null',
+        "loop.max_tokens: null -> 9",
+        'model: null -> {"model": "/m"}',
+    ]
+    assert settings_differences({"loop": {"clean_every": 5}}, {"loop": {}}) == ["loop.clean_every: 5 -> null"]
 
 
 def test_endpoints_parsing(tmp_path):
@@ -245,6 +259,36 @@ def test_endpoints_parsing(tmp_path):
         read_endpoints_file(path)
     path.write_text("# cluster A\nnode1:30000\n\nnode2:30000  # second\n")
     assert read_endpoints_file(path) == ["http://node1:30000", "http://node2:30000"]
+
+
+def test_the_spec_takes_every_endpoint_and_the_cleaners_backend_follows_the_reasoners(tmp_path):
+    path = tmp_path / "endpoints.txt"
+    path.write_text("node1:30000\n")
+    spec = parse("--endpoint", "h:1", "--endpoints-file", str(path), "--endpoint", "node1:30000",
+                 "--cleaner-endpoint", "c:2", "--cleaner-endpoint", "c:2")  # fmt: skip
+    assert spec.endpoints == ("http://h:1", "http://node1:30000")  # the flags and the file, each server once
+    assert spec.cleaner_endpoints == ("http://c:2",)
+    with pytest.raises(ValueError, match="--cleaner-endpoint"):  # the flag that holds the bad value
+        parse("--cleaner-endpoint", "nohost")
+    # a remote reasoner's kind cleans too; an in-process one cleans on SGLang unless told
+    assert parse("--backend", "openai", "--served-model", "m").cleaner_backend == "openai"
+    assert parse("--backend", "local", "--model", str(tmp_path)).cleaner_backend == "sglang"
+    assert parse("--backend", "local", "--cleaner-backend", "openai").cleaner_backend == "openai"
+
+
+def test_the_spec_keeps_the_split_the_retry_wait_and_the_progress_choice():
+    spec = parse("--split", "test", "--down-wait", "7", "--no-progress")
+    assert (spec.split, spec.down_wait, spec.progress) == ("test", 7.0, False)
+    assert parse().progress is None  # a bar only on a terminal
+
+
+def test_the_manifest_records_the_shards_own_output_and_paths_as_text(tmp_path, tokenizer):
+    flags = ("--num-shards", "2", "--shard-index", "1", "--tokenizer", str(tmp_path))
+    batch(tmp_path, tokenizer, *flags, n_rollouts=1)
+    output = tmp_path / "out.shard-1-of-2.jsonl"
+    config = json.loads(manifest_path(output).read_text())["config"]
+    assert config["output"] == str(output)
+    assert config["tokenizer"] == str(tmp_path)
 
 
 # --------------------------------------------------------------------------- CLI: bad input, nothing written

@@ -92,8 +92,10 @@ class LocalBackend:
     Model calls are serialised by a lock and run in a worker thread. With
     ``max_batch`` 1 concurrent rollouts interleave request by request; above 1,
     :meth:`generate` feeds a running batch stepped in the worker thread
-    (:meth:`_schedule`, ``scheduling`` decides who joins when). The blocking
-    entry points also serve the threaded SGLang test server.
+    (:meth:`_schedule`, ``scheduling`` decides who joins when).
+    :meth:`generate_blocking` serves the threaded SGLang test server;
+    :meth:`generate_batch_blocking` decodes a given list together, for offline
+    callers and for checking batched outputs against one-by-one outputs.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ rollout's calls scatter over servers that have none of its prefix
 endpoint fails or goes down, the request goes elsewhere and the rollout's
 affinity moves with it.
 
-Failover: a :class:`TransientBackendError` (connection error, timeout, 5xx)
+Failover: a :class:`~freelm.backends.base.TransientBackendError` (connection error, timeout, 5xx)
 is retried at once on the least-loaded healthy endpoint (possibly the same
 one). Each endpoint has a circuit breaker: only ``failure_threshold``
 CONSECUTIVE failures, plus one per request still in flight on it (errors come
@@ -32,7 +32,7 @@ with exponential backoff and jitter; when it answers it is HALF-OPEN: back in
 rotation with at most one request in flight while a closed endpoint exists, a
 success closes it, a failure opens it again at once with a doubled cool-down.
 When no endpoint is up, requests wait (up to ``down_wait`` seconds) for one to
-come back. A plain :class:`BackendError` (4xx: bad request, unknown adapter)
+come back. A plain :class:`~freelm.backends.base.BackendError` (4xx: bad request, unknown adapter)
 would fail the same way everywhere, so it is raised at once.
 
 Hangs: a server that accepts a request and never answers would hold a rollout

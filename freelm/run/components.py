@@ -170,8 +170,8 @@ async def startup_checks(components: Components) -> dict[str, Any]:
     probe_ids = components.tokenizer.encode("Hello")
     for pool in components.pools:
         adapters: list[str | None] = [None] if pool is components.reasoner else []
-        if isinstance(cleaner, LoRACleaner) and cleaner.backend is pool:
-            adapters.append(cleaner.adapter)
+        if isinstance(cleaner, LoRACleaner) and cleaner.backend is pool and cleaner.adapter not in adapters:
+            adapters.append(cleaner.adapter)  # the ICL cleaner's base model is the reasoner's: checked once
         for endpoint in pool.endpoints:
             check = getattr(endpoint.backend, "startup_check", None)
             if check is None or not endpoint.up:

@@ -35,7 +35,7 @@ A prompt that cannot fit ends as ``context_overflow`` at once, after tokenizing
 only a prefix that already fills the window (``prompt_tokens`` then counts it).
 
 The cleaning call obeys its server's window too: its prompt is the thinking
-plus the template. A cleaner that knows its window (``LoRACleaner.headroom``)
+plus the template. A cleaner that knows its window (``PromptedCleaner.headroom``)
 makes the loop end a reasoning chunk early and clean while the call still has
 its reserve to answer in; the call asks for at most the room left, and one that
 cannot fit at all is recorded (``clean.no_room``) instead of sent.
@@ -248,7 +248,7 @@ async def run_rollout(
 def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int) -> int | None:
     """Tokens the next chunk may add before a cleaning call would lose its reserve; None: no bound applies.
 
-    Only a cleaner that knows its window has one (``LoRACleaner.headroom``);
+    Only a cleaner that knows its window has one (``PromptedCleaner.headroom``);
     whether it is worth an early call is the schedule's rule
     (:meth:`~freelm.schedule.CleaningSchedule.early`). A cleaning call that
     cannot fit is recorded as ``no_room``.

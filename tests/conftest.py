@@ -13,6 +13,10 @@ Reusable names:
   (target JSON + ``<|im_end|>``); with the adapter off the output differs.
 * ``local_backend``: ``LocalBackend`` with the adapter loaded as "free" (session-wide; tests flush its cache).
 * ``local_sglang_server``: an ``SGLangTestServer`` over ``local_backend``, counters/faults reset per test.
+* ``drop_module``: ``drop_module(package, registry, name, source)`` puts ``source`` in as one more module of a
+  registry's package (freelm/backends/, freelm/cleaners/), discovered like any file of it, for this test only.
+* ``counting_kind``: a whole in-process backend kind in one dropped file (``--backend counting``, the counting
+  model of :mod:`freelm.testing.counting`, with a flag of its own), as a contributor would add it.
 
 Test tiers: every test is marked ``torch`` and/or ``server`` (a subprocess or an
 HTTP server) from what it uses, read off its source, the sources of its
@@ -31,6 +35,7 @@ import platform
 import re
 import socketserver
 import sys
+import textwrap
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,3 +276,55 @@ def local_sglang_server(_local_sglang_server_session, local_backend):
     _local_sglang_server_session.reset()
     local_backend.flush_cache()
     return _local_sglang_server_session
+
+
+@pytest.fixture
+def drop_module(tmp_path, monkeypatch):
+    """See the module docstring: the registry and the discovery state are restored after the test."""
+    from freelm import discovery
+
+    added: list[str] = []
+
+    def drop(package: types.ModuleType, registry: types.ModuleType, name: str, source: str) -> None:
+        folder = tmp_path / f"more_{package.__name__.rsplit('.', 1)[-1]}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.py").write_text(textwrap.dedent(source))
+        if str(folder) not in package.__path__:
+            monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+        monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+        monkeypatch.setattr(discovery, "_imported", set())  # walk the package's path again
+        added.append(f"{package.__name__}.{name}")
+        sys.modules.pop(added[-1], None)
+
+    yield drop
+    for module in added:
+        sys.modules.pop(module, None)
+
+
+#: A whole backend kind in one file, with a flag of its own, as a contributor would add it to freelm/backends/.
+COUNTING_KIND = '''
+"""A throwaway in-process kind: the counting model of freelm.testing.counting."""
+
+from freelm.backends import BackendFlag, BackendKind, register_backend
+from freelm.testing.counting import CountingBackend, counting_tokenizer
+
+
+def _options(args):
+    target = args.flags["count_target"]
+    return {"tokenizer": counting_tokenizer(target), "target": target}
+
+
+register_backend(
+    BackendKind(
+        "counting", CountingBackend, remote=False, options=_options, help="the counting model",
+        flags=(BackendFlag("--count-target", "--backend counting: the number it counts to", {"type": int, "default": 30, "metavar": "N"}),),
+    )
+)
+'''
+
+
+@pytest.fixture
+def counting_kind(drop_module):
+    import freelm.backends as backends
+
+    drop_module(backends, backends, "counting_kind", COUNTING_KIND)

@@ -268,11 +268,11 @@ def test_the_same_request_sent_three_times_gets_three_answers(backend, requests)
 
 def test_free_lm_rollouts_are_identical_with_kv_kept_and_with_continuous_batching(backend):
     """The demo's loop (greedy, clean every 32 tokens): KV reuse and continuous batching change the time, not one token."""
-    from freelm.cleaners import LoRACleaner
+    from freelm.cleaners import FreeModuleCleaner
     from freelm.loop import LoopConfig, run_rollout
 
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=8)
-    cleaner = LoRACleaner(backend, adapter="free", template=TEMPLATE, max_new_tokens=48)
+    cleaner = FreeModuleCleaner(backend, adapter="free", template=TEMPLATE, max_new_tokens=48)
     config = LoopConfig(clean_every=32, max_tokens=256, context_limit=512, sampling=GREEDY)
 
     def rollouts(cache_bytes: int, scheduling: str = "waves"):

@@ -76,8 +76,8 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_p
 
 
 def test_cleaning_states_are_what_the_oracle_cleans_and_quoting_spans_all_complete_lines():
+    from freelm.cleaners.oracle import oracle_deletions
     from freelm.demo.corpus import cleaning_states, quote_command
-    from freelm.demo.oracle import oracle_deletions
     from freelm.demo.pretrain import build_tokenizer
     from freelm.free import apply_deletions, parse_commands
 

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freelm.cleaners.oracle import OracleCleaner
-from freelm.demo.oracle import oracle_deletions, oracle_output
+from freelm.cleaners.oracle import OracleCleaner, oracle_deletions, oracle_output
 from freelm.demo.task import continuation, generate_problems, held_out, parse_problem, solution
 from freelm.free import apply_deletions, parse_commands
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.backends.pool import EndpointPool
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.data import Problem
 from freelm.free import MAX_COMMANDS, MAX_DEPTH, Deletion, apply_deletions, format_commands, parse_commands
 from freelm.records import read_rollouts
@@ -137,7 +137,7 @@ def _run(tmp_path, backend, cleaner_for):
         ["--data", "x.jsonl", "--output", str(tmp_path / "out.jsonl"), "--clean-every", "20", "--context-limit", "400",
          "--max-tokens", "600", "--n-rollouts", "2", "--concurrency", "4", "--no-progress"]
     )  # fmt: skip
-    pool = EndpointPool([backend], probe_interval=0.01)
+    pool = EndpointPool([backend], remote=False, probe_interval=0.01)
     problems = [Problem(id=str(i), source="count", prompt=f"Count to 30, puzzle {i}.", answer="30") for i in range(3)]
     components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=cleaner_for(pool), pools=(pool,))
 
@@ -152,7 +152,7 @@ def _run(tmp_path, backend, cleaner_for):
 
 def test_a_cleaner_answering_3000_brackets_keeps_every_rollout(tmp_path):
     backend = BracketCleanerBackend(counting_tokenizer(30), target=30)
-    summary, records = _run(tmp_path, backend, LoRACleaner)
+    summary, records = _run(tmp_path, backend, FreeModuleCleaner)
     assert summary.done == 6 and summary.failed == 0 and len(records) == 6
     assert all(r.finish_reason == "stop" for r in records)
     cleans = [rnd.clean for r in records for rnd in r.rounds if rnd.clean is not None]

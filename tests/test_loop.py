@@ -10,7 +10,7 @@ import pytest
 
 from freelm.backends.base import BackendError, TransientBackendError
 from freelm.backends.sglang import SGLangBackend
-from freelm.cleaners import HeadTailCleaner, LoRACleaner
+from freelm.cleaners import FreeModuleCleaner, HeadTailCleaner
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import THINK_CLOSE, render_reasoning_prompt
 from freelm.records import RolloutRecord
@@ -63,7 +63,7 @@ def test_vanilla_small_context_overflows(tokenizer):
 
 def test_freelm_small_context_finishes_and_stays_small(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    cleaner = LoRACleaner(backend)
+    cleaner = FreeModuleCleaner(backend)
     result = rollout(tokenizer, backend, cleaner, context_limit=200, max_tokens=4000, clean_every=40)
     assert result.finish_reason == "stop", result.error
     assert result.response.endswith(counting_answer(TARGET))
@@ -80,7 +80,7 @@ def test_freelm_small_context_finishes_and_stays_small(tokenizer):
 
 def test_replay_reproduces_the_final_response(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=300, max_tokens=4000, clean_every=30)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), context_limit=300, max_tokens=4000, clean_every=30)
     record = as_record(result)
     *_, (last, before) = record.replay()
     assert before == result.response
@@ -99,7 +99,7 @@ def test_malformed_and_unresolvable_cleaner_output_never_crashes(tokenizer):
             "[]",
         ]
     )
-    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=30)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), clean_every=30)
     assert result.finish_reason == "stop"
     cleans = [r.clean for r in result.rounds if r.clean is not None]
     assert cleans[0].parse_error == "no_json_list" and cleans[0].raw_output == "this is not json"
@@ -112,14 +112,14 @@ def test_deleting_needed_state_costs_tokens_not_the_run(tokenizer):
     backend = CountingBackend(tokenizer, target=20)
     # delete everything including the last step: the counting model restarts from 0
     backend.clean_responses = deque(['[{"prefix": "step 1\\n", "suffix": "step 8\\n"}]'])
-    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=24, max_clean_rounds=1)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), clean_every=24, max_clean_rounds=1)
     assert result.finish_reason == "stop"
     assert result.generated_tokens > 20 * 2
 
 
 def test_max_tokens_ends_as_length(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    result = rollout(tokenizer, backend, LoRACleaner(backend), context_limit=4000, max_tokens=100, clean_every=40)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), context_limit=4000, max_tokens=100, clean_every=40)
     assert result.finish_reason == "length" and result.generated_tokens == 100
 
 
@@ -132,14 +132,14 @@ def test_reasoner_failure_ends_rollout_as_error_cleaner_failure_does_not(tokeniz
     reasoner = CountingBackend(tokenizer, target=TARGET)
     dead_cleaner = CountingBackend(tokenizer, target=TARGET)
     dead_cleaner.fail_next = deque([TransientBackendError("cleaner down")])
-    result = rollout(tokenizer, reasoner, LoRACleaner(dead_cleaner), clean_every=40)
+    result = rollout(tokenizer, reasoner, FreeModuleCleaner(dead_cleaner), clean_every=40)
     assert result.finish_reason == "stop"
     assert result.rounds[0].clean.error == "cleaner down"
 
 
 def test_max_clean_rounds_caps_cleaning(tokenizer):
     backend = CountingBackend(tokenizer, target=TARGET)
-    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=20, max_clean_rounds=2)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), clean_every=20, max_clean_rounds=2)
     assert result.cleaning_rounds == 2 and result.finish_reason == "stop"
 
 
@@ -186,7 +186,7 @@ def test_chunk_boundary_inside_a_multibyte_character(tokenizer):
     text = "ééé≤≤ step 1\n" * 6 + counting_answer(1)
     backend = _ByteStream(tokenizer, text)
     assert tokenizer.decode(backend.ids[:1]).endswith("\ufffd")  # "é" really is split over tokens
-    result = rollout(tokenizer, backend, LoRACleaner(backend), clean_every=3)
+    result = rollout(tokenizer, backend, FreeModuleCleaner(backend), clean_every=3)
     assert result.finish_reason == "stop"
     assert result.response == text
     *_, (_, before) = as_record(result).replay()

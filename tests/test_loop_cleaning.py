@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freelm.backends.base import GenerateRequest, GenerateResult
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.cleaners.base import CleanOutcome
 from freelm.free import Deletion, apply_deletions
 from freelm.loop import LoopConfig, run_rollout
@@ -114,7 +114,7 @@ def test_cleaning_never_touches_the_prompt(data):
     config = LoopConfig(clean_every=30, max_tokens=400, context_limit=2000, max_clean_rounds=3)
     result = asyncio.run(
         run_rollout(
-            PROBLEM, reasoner=reasoner, tokenizer=TOKENIZER, cleaner=LoRACleaner(cleaner_backend), config=config
+            PROBLEM, reasoner=reasoner, tokenizer=TOKENIZER, cleaner=FreeModuleCleaner(cleaner_backend), config=config
         )
     )
     prompt_ids = TOKENIZER.encode(prompt_text)

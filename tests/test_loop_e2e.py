@@ -8,7 +8,7 @@ import json
 from freelm.backends.base import SamplingParams
 from freelm.backends.local import LocalBackend
 from freelm.backends.sglang import SGLangBackend
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.loop import LoopConfig, run_rollout
 
 PROBLEM = "What is 12 + 30?"
@@ -21,9 +21,11 @@ def rollout(reasoner, tokenizer, cleaner, config=CONFIG):
 
 def test_local_loop_cleans_with_the_adapter_and_reasons_without_it(local_backend, tiny_tokenizer):
     local_backend.flush_cache()
-    with_adapter = rollout(local_backend, tiny_tokenizer, LoRACleaner(local_backend, max_new_tokens=24))
+    with_adapter = rollout(local_backend, tiny_tokenizer, FreeModuleCleaner(local_backend, max_new_tokens=24))
     assert with_adapter.finish_reason in ("stop", "length") and with_adapter.cleaning_rounds >= 2
-    base_cleaner = rollout(local_backend, tiny_tokenizer, LoRACleaner(local_backend, adapter=None, max_new_tokens=24))
+    base_cleaner = rollout(
+        local_backend, tiny_tokenizer, FreeModuleCleaner(local_backend, adapter=None, max_new_tokens=24)
+    )
     raw_on = [r.clean.raw_output for r in with_adapter.rounds if r.clean]
     raw_off = [r.clean.raw_output for r in base_cleaner.rounds if r.clean]
     assert raw_on[0] != raw_off[0]  # the Free-Module LoRA really changes the cleaner
@@ -34,10 +36,10 @@ def test_local_loop_cleans_with_the_adapter_and_reasons_without_it(local_backend
 
 def test_kv_reuse_across_rounds_gives_the_same_rollout_as_full_prefill(tiny_model_dir, local_backend, tiny_tokenizer):
     local_backend.flush_cache()
-    reused = rollout(local_backend, tiny_tokenizer, LoRACleaner(local_backend, max_new_tokens=24))
+    reused = rollout(local_backend, tiny_tokenizer, FreeModuleCleaner(local_backend, max_new_tokens=24))
     assert any((r.cached_tokens or 0) > 0 for r in reused.rounds[1:])
     no_cache = LocalBackend(local_backend.model, tiny_tokenizer, cache_size=0)
-    fresh = rollout(no_cache, tiny_tokenizer, LoRACleaner(no_cache, max_new_tokens=24))
+    fresh = rollout(no_cache, tiny_tokenizer, FreeModuleCleaner(no_cache, max_new_tokens=24))
     assert all(not r.cached_tokens for r in fresh.rounds)
     assert fresh.response == reused.response
     assert [r.generated_text for r in fresh.rounds] == [r.generated_text for r in reused.rounds]
@@ -64,13 +66,13 @@ def test_http_faults_cost_retries_not_results(local_sglang_server, local_backend
     server = local_sglang_server
 
     async def scenario(backend):
-        clean = await arollout(backend, tiny_tokenizer, LoRACleaner(backend, max_new_tokens=24))
+        clean = await arollout(backend, tiny_tokenizer, FreeModuleCleaner(backend, max_new_tokens=24))
         server.reset()
         local_backend.flush_cache()
         server.fail_next(503)
         server.drop_next()
         server.delay_next(8.0)  # past the client's 5 s timeout: retried
-        faulty = await arollout(backend, tiny_tokenizer, LoRACleaner(backend, max_new_tokens=24))
+        faulty = await arollout(backend, tiny_tokenizer, FreeModuleCleaner(backend, max_new_tokens=24))
         return clean, faulty
 
     clean, faulty = over_http(server, scenario)
@@ -94,7 +96,7 @@ def test_http_bad_cleaner_output_is_recorded_and_reasoning_goes_on(local_sglang_
         server.override_next_adapter_output('```json\n[{"prefix": oops')  # malformed
         server.override_next_adapter_output('[{"prefix": "never written", "suffix": "."}]')  # anchor not found
         server.override_next_adapter_output(json.dumps([{"prefix": repeated, "suffix": repeated}]))  # ambiguous
-        return await arollout(backend, tiny_tokenizer, LoRACleaner(backend, max_new_tokens=24))
+        return await arollout(backend, tiny_tokenizer, FreeModuleCleaner(backend, max_new_tokens=24))
 
     result = over_http(server, scenario)
     assert result.finish_reason != "error"

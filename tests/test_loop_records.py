@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from freelm.backends.base import GenerateRequest, GenerateResult, SamplingParams, TransientBackendError
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.cleaners.base import CleanOutcome
 from freelm.free import apply_deletions
 from freelm.loop import LoopConfig, run_rollout
@@ -62,7 +62,7 @@ def rollout(backend, cleaner=None, seed=None, initial="", **config):
 def test_each_call_gets_its_own_reproducible_integer_seed():
     def seeds(seed):
         backend = Recording()
-        rollout(backend, LoRACleaner(backend.inner), seed=seed)
+        rollout(backend, FreeModuleCleaner(backend.inner), seed=seed)
         return [r.seed for r in backend.requests]
 
     five = seeds(5)
@@ -77,7 +77,7 @@ def test_no_two_calls_share_a_seed_across_rollouts_and_every_seed_fits_an_int32(
     seeds = []
     for base in (*range(25), 2**31 - 2, 2**31 - 3):
         backend = Recording()
-        rollout(backend, LoRACleaner(backend.inner), seed=base)
+        rollout(backend, FreeModuleCleaner(backend.inner), seed=base)
         seeds += [r.seed for r in backend.requests]
     assert len(seeds) > 61 and len(set(seeds)) == len(seeds)
     assert all(0 <= s < 2**31 - 1 for s in seeds)
@@ -87,7 +87,7 @@ def test_the_call_seeds_of_a_rollout_seed_are_those_of_earlier_runs():
     """A record keeps its rollout seed: re-running it after an upgrade must send the calls the same seeds."""
     for base, first_three in ((5, [5000015, 5000016, 5000017]), (2**31 - 2, [2146483644, 2146483645, 2146483646])):
         backend = Recording()
-        rollout(backend, LoRACleaner(backend.inner), seed=base)
+        rollout(backend, FreeModuleCleaner(backend.inner), seed=base)
         assert [r.seed for r in backend.requests[:3]] == first_three
 
 
@@ -95,7 +95,7 @@ def test_the_call_seeds_of_a_rollout_seed_are_those_of_earlier_runs():
 class Scripted:
     """A cleaner that deletes nothing and answers with every telemetry field set (or raises ``fail``).
 
-    ``window`` makes it one that knows its window (as ``LoRACleaner`` does): its
+    ``window`` makes it one that knows its window (as ``FreeModuleCleaner`` does): its
     headroom is ``window - thinking_tokens``; each ``headroom`` call is kept in ``asked``.
     """
 
@@ -153,7 +153,7 @@ def test_a_cleaner_that_knows_its_window_is_called_before_its_headroom_runs_out(
 
 def test_round_records_match_the_requests_and_answers():
     backend = Recording()
-    result = rollout(backend, LoRACleaner(backend.inner))
+    result = rollout(backend, FreeModuleCleaner(backend.inner))
     assert len(result.rounds) == len(backend.requests) >= 3
     for i, (rnd, req, res) in enumerate(zip(result.rounds, backend.requests, backend.results, strict=True)):
         assert rnd.index == i and rnd.prompt_tokens == len(req.input_ids)
@@ -175,14 +175,14 @@ def test_round_records_match_the_requests_and_answers():
 def test_a_cleaning_round_that_deletes_nothing_keeps_the_whole_context_reusable():
     backend = Recording()
     backend.inner.clean_responses.extend(["[]", "[]"])
-    result = rollout(backend, LoRACleaner(backend.inner), max_clean_rounds=2)
+    result = rollout(backend, FreeModuleCleaner(backend.inner), max_clean_rounds=2)
     assert [r.reused_tokens for r in result.rounds[1:3]] == [r.context_tokens for r in result.rounds[:2]]
 
 
 def test_a_dead_cleaner_round_is_recorded_with_the_context_unchanged():
     backend, dead = Recording(), CountingBackend(TOKENIZER)
     dead.fail_next.append(TransientBackendError("down"))
-    result = rollout(backend, LoRACleaner(dead), max_clean_rounds=1)
+    result = rollout(backend, FreeModuleCleaner(dead), max_clean_rounds=1)
     clean = result.rounds[0].clean
     assert clean.error == "down" and clean.cleaner == "free"
     assert clean.context_tokens_before == clean.context_tokens_after == result.rounds[0].context_tokens
@@ -191,10 +191,10 @@ def test_a_dead_cleaner_round_is_recorded_with_the_context_unchanged():
 
 def test_budgets_are_used_to_the_last_token():
     backend = Recording()
-    assert rollout(backend, LoRACleaner(backend.inner), max_tokens=41, max_clean_rounds=0).generated_tokens == 41
+    assert rollout(backend, FreeModuleCleaner(backend.inner), max_tokens=41, max_clean_rounds=0).generated_tokens == 41
     result = rollout(Recording(), None)
     limit = result.prompt_tokens + 42
-    result = rollout(Recording(), LoRACleaner(CountingBackend(TOKENIZER)), context_limit=limit, clean_every=40,
+    result = rollout(Recording(), FreeModuleCleaner(CountingBackend(TOKENIZER)), context_limit=limit, clean_every=40,
                      max_clean_rounds=0)  # fmt: skip
     assert result.finish_reason == "context_overflow" and result.final_context_tokens == limit - 1
 
@@ -236,7 +236,7 @@ def test_the_configured_sampling_reaches_every_reasoning_request():
     """Non-default sampling (the tests' default equals the request's default, which would hide a dropped setting)."""
     sampling = SamplingParams(temperature=0.9, top_p=0.8, top_k=7, min_p=0.05)
     backend = Recording()
-    result = rollout(backend, LoRACleaner(backend.inner), seed=3, sampling=sampling)
+    result = rollout(backend, FreeModuleCleaner(backend.inner), seed=3, sampling=sampling)
     assert result.finish_reason == "stop" and len(backend.requests) > 1
     assert all(r.sampling == sampling for r in backend.requests)
 
@@ -256,7 +256,7 @@ def test_the_reasoning_prompt_is_rendered_with_the_tokenizers_chat_template():
 
 def test_a_record_serializes_as_dataclasses_asdict_would_and_reads_back_equal():
     backend = Recording()
-    result = rollout(backend, LoRACleaner(backend.inner))
+    result = rollout(backend, FreeModuleCleaner(backend.inner))
     assert any(r.clean is not None and r.clean.deleted_spans for r in result.rounds)
     record = RolloutRecord.from_result(
         result, id="7", source="count", rollout=1, seed=3, answer="30", mode="freelm", config_hash="h", prompt="p"

@@ -25,6 +25,7 @@ class FakeEndpoint:
     in_flight: int = 0
     max_in_flight: int = 0
     closed: bool = False
+    health_error: str | None = None
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         self.calls += 1
@@ -70,7 +71,7 @@ def gather(pool: EndpointPool, n: int) -> list[GenerateResult]:
 
 def test_least_loaded_routing_spreads_concurrent_requests():
     a, b, c = FakeEndpoint("a"), FakeEndpoint("b"), FakeEndpoint("c")
-    results = gather(EndpointPool([a, b, c]), 30)
+    results = gather(EndpointPool([a, b, c], remote=True), 30)
     assert [r.output_ids for r in results] == [[i] for i in range(30)]
     assert (a.calls, b.calls, c.calls) == (10, 10, 10)
     assert a.closed and b.closed and c.closed
@@ -78,7 +79,7 @@ def test_least_loaded_routing_spreads_concurrent_requests():
 
 def test_least_loaded_prefers_the_idle_endpoint():
     a, b = FakeEndpoint("a", delay=0.5), FakeEndpoint("b", delay=0.5)
-    pool = EndpointPool([a, b])
+    pool = EndpointPool([a, b], remote=True)
 
     async def go():
         first = asyncio.create_task(pool.generate(request()))  # occupies one endpoint for 0.5 s
@@ -96,7 +97,7 @@ def test_least_loaded_prefers_the_idle_endpoint():
 
 def test_transient_failure_retries_the_same_request_elsewhere_and_reprobes():
     dead, alive = FakeEndpoint("dead", healthy=False), FakeEndpoint("alive")
-    pool = EndpointPool([dead, alive], probe_interval=0.05)
+    pool = EndpointPool([dead, alive], probe_interval=0.05, remote=True)
 
     async def go():
         results = await asyncio.gather(*(pool.generate(request(i)) for i in range(8)))
@@ -121,7 +122,7 @@ def test_backend_error_is_not_retried():
     a, b = FakeEndpoint("a"), FakeEndpoint("b")
     a.fail.append(BackendError("HTTP 400: unknown adapter"))
     b.fail.append(BackendError("HTTP 400: unknown adapter"))
-    pool = EndpointPool([a, b])
+    pool = EndpointPool([a, b], remote=True)
 
     async def go():
         with pytest.raises(BackendError, match="unknown adapter") as info:
@@ -137,7 +138,7 @@ def test_backend_error_is_not_retried():
 def test_gives_up_after_max_retries():
     flaky = FakeEndpoint("flaky")
     flaky.fail.extend(TransientBackendError(f"HTTP 503 #{i}") for i in range(10))
-    pool = EndpointPool([flaky], max_retries=2, probe_interval=0.01)
+    pool = EndpointPool([flaky], max_retries=2, probe_interval=0.01, remote=True)
 
     async def go():
         with pytest.raises(TransientBackendError, match="gave up after 3 failed attempts; last: HTTP 503 #2"):
@@ -150,7 +151,7 @@ def test_gives_up_after_max_retries():
 
 def test_all_down_waits_for_a_probe_then_succeeds():
     only = FakeEndpoint("only", healthy=False)
-    pool = EndpointPool([only], max_retries=5, probe_interval=0.05)
+    pool = EndpointPool([only], max_retries=5, probe_interval=0.05, remote=True)
 
     async def go():
         task = asyncio.create_task(pool.generate(request(7)))
@@ -166,7 +167,7 @@ def test_all_down_waits_for_a_probe_then_succeeds():
 
 def test_no_endpoint_up_for_down_wait_fails_clearly():
     only = FakeEndpoint("only", healthy=False)
-    pool = EndpointPool([only], max_retries=5, probe_interval=0.05, down_wait=0.2)
+    pool = EndpointPool([only], max_retries=5, probe_interval=0.05, down_wait=0.2, remote=True)
 
     async def go():
         with pytest.raises(
@@ -180,7 +181,7 @@ def test_no_endpoint_up_for_down_wait_fails_clearly():
 
 def test_check_health_takes_out_unhealthy_endpoints():
     up, down = FakeEndpoint("up"), FakeEndpoint("down", healthy=False)
-    pool = EndpointPool([up, down], probe_interval=10)
+    pool = EndpointPool([up, down], probe_interval=10, remote=True)
 
     async def go():
         n = await pool.check_health()
@@ -197,7 +198,7 @@ def test_check_health_takes_out_unhealthy_endpoints():
 
 def test_empty_pool_is_an_error():
     with pytest.raises(ValueError, match="at least one backend"):
-        EndpointPool([])
+        EndpointPool([], remote=True)
 
 
 # --------------------------------------------------------------------------- circuit breaker and hangs
@@ -206,7 +207,7 @@ def test_empty_pool_is_an_error():
 def test_a_single_5xx_keeps_the_endpoint_in_rotation_consecutive_ones_open_the_breaker():
     a = FakeEndpoint("a")
     a.fail.append(TransientBackendError("HTTP 503"))
-    pool = EndpointPool([a], probe_interval=10)
+    pool = EndpointPool([a], probe_interval=10, remote=True)
 
     async def go():
         first = await pool.generate(request(1))  # failed once, retried on the same endpoint: still up
@@ -224,7 +225,7 @@ def test_a_single_5xx_keeps_the_endpoint_in_rotation_consecutive_ones_open_the_b
 
 def test_half_open_admits_one_trial_a_failed_trial_reopens_with_a_longer_cooldown():
     flaky, steady = FakeEndpoint("flaky", delay=0.02), FakeEndpoint("steady", delay=0.02)
-    pool = EndpointPool([flaky, steady], probe_interval=0.3, failure_threshold=1)
+    pool = EndpointPool([flaky, steady], probe_interval=0.3, failure_threshold=1, remote=True)
 
     async def go():
         flaky.fail.append(TransientBackendError("HTTP 500"))
@@ -269,7 +270,7 @@ class HangingEndpoint(FakeEndpoint):
 
 def test_a_hung_request_is_abandoned_after_hang_factor_times_the_slowest_recent_and_retried():
     hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
-    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2)
+    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2, remote=True)
 
     async def go():
         for i in range(4):
@@ -288,7 +289,7 @@ def test_a_hung_request_is_abandoned_after_hang_factor_times_the_slowest_recent_
 
 
 def test_no_hang_deadline_without_history_or_for_in_process_engines():
-    pool = EndpointPool([FakeEndpoint("remote")], hang_samples=2)
+    pool = EndpointPool([FakeEndpoint("remote")], hang_samples=2, remote=True)
     state = pool.endpoints[0]
     assert pool._hang_deadline(state, request(), 0) is None
     pool._recent.extend([(4, 1.0), (4, 3.0), (1, 50.0)])  # only budgets >= half of 4 count
@@ -297,14 +298,26 @@ def test_no_hang_deadline_without_history_or_for_in_process_engines():
     class Local:
         name = "local"
 
-    local = EndpointPool([Local()], hang_samples=2)
+    local = EndpointPool([Local()], remote=False, hang_samples=2)
     local._recent.extend([(4, 1.0), (4, 3.0)])
     assert local._hang_deadline(local.endpoints[0], request(), 0) is None
+    # the pool's flag decides, not whether a backend happens to have a health() method
+    engine = EndpointPool([FakeEndpoint("engine")], remote=False, hang_samples=2)
+    engine._recent.extend([(4, 1.0), (4, 3.0)])
+    assert engine._hang_deadline(engine.endpoints[0], request(), 0) is None
+
+
+def test_a_remote_pool_refuses_an_endpoint_it_could_not_probe():
+    class NoHealth:
+        name = "forgetful"
+
+    with pytest.raises(TypeError, match=r"forgetful: a remote endpoint is probed, and lacks health\(\), health_error"):
+        EndpointPool([NoHealth()], remote=True)
 
 
 def test_a_request_hung_before_any_history_is_caught_once_history_exists():
     hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
-    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2)
+    pool = EndpointPool([hanging], hang_samples=4, hang_factor=4, min_hang_s=0.2, remote=True)
 
     async def go():
         first_wave = asyncio.gather(pool.generate(request(99)), *(pool.generate(request(i)) for i in range(4)))
@@ -337,15 +350,17 @@ def rollouts(pool: EndpointPool, n: int, calls: int, affinity: bool = True) -> l
 
 def test_affinity_keeps_each_rollout_on_one_endpoint_where_ties_would_rotate():
     endpoints = [FakeEndpoint(name, delay=0.005) for name in "abcd"]
-    placed = rollouts(EndpointPool(endpoints), n=2, calls=6)
+    placed = rollouts(EndpointPool(endpoints, remote=True), n=2, calls=6)
     assert all(len(set(calls)) == 1 for calls in placed)  # every call of a rollout on its first endpoint
     assert placed[0][0] != placed[1][0]  # and the rollouts themselves spread
-    scattered = rollouts(EndpointPool([FakeEndpoint(name, delay=0.005) for name in "abcd"]), 2, 6, affinity=False)
+    scattered = rollouts(
+        EndpointPool([FakeEndpoint(name, delay=0.005) for name in "abcd"], remote=True), 2, 6, affinity=False
+    )
     assert any(len(set(calls)) > 1 for calls in scattered)  # the reference: least-loaded alone rotates ties
 
 
 def test_affinity_yields_to_a_clearly_less_loaded_endpoint():
-    pool = EndpointPool([FakeEndpoint("a"), FakeEndpoint("b")], affinity_slack=2, affinity_ratio=1.25)
+    pool = EndpointPool([FakeEndpoint("a"), FakeEndpoint("b")], affinity_slack=2, affinity_ratio=1.25, remote=True)
 
     @rollout_affinity
     async def rollout() -> list[str]:
@@ -365,7 +380,7 @@ def test_affinity_yields_to_a_clearly_less_loaded_endpoint():
 
 def test_failover_moves_the_rollout_and_its_affinity():
     a, b = FakeEndpoint("a"), FakeEndpoint("b")
-    pool = EndpointPool([a, b])
+    pool = EndpointPool([a, b], remote=True)
 
     @rollout_affinity
     async def rollout() -> list[str]:
@@ -381,7 +396,7 @@ def test_failover_moves_the_rollout_and_its_affinity():
 
 def test_cancelling_a_request_cancels_its_attempt_and_is_not_read_as_a_hang():
     hanging = HangingEndpoint("h", delay=0.01, hang_on={99})
-    pool = EndpointPool([hanging], hang_samples=1, hang_factor=1, min_hang_s=0.05)
+    pool = EndpointPool([hanging], hang_samples=1, hang_factor=1, min_hang_s=0.05, remote=True)
 
     async def go():
         await pool.generate(request(0))  # history: the hang deadline is the 0.05 s floor

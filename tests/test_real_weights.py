@@ -170,10 +170,10 @@ def free_adapter(backend, smollm2_dir, cleaning_row, tmp_path_factory, timings) 
 @pytest.fixture(scope="module")
 def free_rollout(backend, free_adapter, timings):
     """The real loop: base model reasons, the adapter cleans every CLEAN_EVERY tokens (two rounds at most)."""
-    from freelm.cleaners.lora import LoRACleaner
+    from freelm.cleaners.free_module import FreeModuleCleaner
 
     recorder = RecordingBackend(backend)
-    cleaner = LoRACleaner(recorder, adapter="free", max_new_tokens=32)
+    cleaner = FreeModuleCleaner(recorder, adapter="free", max_new_tokens=32)
     backend.flush_cache()
     started = time.perf_counter()
     result = _rollout(recorder, backend.tokenizer, cleaner, MAX_TOKENS, max_clean_rounds=2)

@@ -178,8 +178,8 @@ def test_each_decision_parses_and_applies_the_teachers_answer_once_for_its_log_l
 
 
 def test_a_registered_cleaner_teaches_through_its_command_text():
+    from freelm.cleaners.oracle import oracle_output
     from freelm.cleaners.registry import get_cleaner
-    from freelm.demo.oracle import oracle_output
 
     thinking = "#5 10\n#4 47\n#3 84\n#2 "
     problem = Problem(id="1", source="counter", prompt="Start at 10.", answer="0")

@@ -59,7 +59,7 @@ def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None):
          "--concurrency", "4", "--no-progress", *BATCH_FLAGS, *flags]
     )  # fmt: skip
     backend = backend or CountingBackend(tokenizer, target=TARGET)
-    pool = EndpointPool([backend], probe_interval=0.01)
+    pool = EndpointPool([backend], remote=False, probe_interval=0.01)
     cleaner = None
     if spec.mode == "freelm":
         cleaner = get_cleaner(spec.cleaner).build(spec.cleaner_options, backend=pool, tokenizer=tokenizer)

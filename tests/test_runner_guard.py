@@ -15,7 +15,7 @@ import pytest
 
 from freelm import output_guard
 from freelm.backends.pool import EndpointPool
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.data import Problem
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, lock_path, manifest_path
@@ -64,9 +64,9 @@ def batch(output: Path, tokenizer, *, run_id: str | None = None) -> RunSummary:
     spec = RunSpec.from_argv(
         ["--data", "x", "--output", str(output), "--n-rollouts", "2", "--concurrency", "2", "--no-progress", *FLAGS]
     )
-    pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], probe_interval=0.01)
+    pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], remote=False, probe_interval=0.01)
     problems = [Problem(str(i), "count", f"Count to {TARGET} ({i}).", "30") for i in range(3)]
-    components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=LoRACleaner(pool), pools=(pool,))
+    components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=FreeModuleCleaner(pool), pools=(pool,))
 
     async def go():
         try:

@@ -20,7 +20,7 @@ import pytest
 from test_synth import scripted_teacher
 
 from freelm.backends.base import SamplingParams
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.cli import main as freelm_main
 from freelm.data import Problem
 from freelm.evaluation.grade import GraderPool
@@ -125,7 +125,7 @@ def test_trajectories_to_served_adapter(tiny_model_dir, tiny_tokenizer, local_sg
     local = LocalBackend.from_pretrained(tiny_model_dir, adapters={"free": adapter}, threads=1)
 
     def clean(backend, adapter_name):
-        cleaner = LoRACleaner(backend, adapter=adapter_name, max_new_tokens=12, sampling=greedy)
+        cleaner = FreeModuleCleaner(backend, adapter=adapter_name, max_new_tokens=12, sampling=greedy)
         return asyncio.run(cleaner.clean(cut.problem.prompt, cut.thinking)).raw_output
 
     trained, base = clean(local, "free"), clean(local, None)

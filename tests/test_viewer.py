@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.cli import main as cli_main
 from freelm.loop import LoopConfig, run_rollout
 from freelm.records import RolloutRecord, append_jsonl
@@ -24,7 +24,7 @@ def records() -> dict[str, RolloutRecord]:
     out = {}
     for mode, limit in (("vanilla", 4000), ("freelm", 120)):
         backend = CountingBackend(tok, target=30)
-        cleaner = LoRACleaner(backend) if mode == "freelm" else None
+        cleaner = FreeModuleCleaner(backend) if mode == "freelm" else None
         result = asyncio.run(
             run_rollout(
                 "Count to 30.",

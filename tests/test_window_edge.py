@@ -17,7 +17,7 @@ import pytest
 
 from freelm.backends.base import ContextWindow
 from freelm.backends.sglang import SGLangBackend
-from freelm.cleaners import LoRACleaner
+from freelm.cleaners import FreeModuleCleaner
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, manifest_path
 from freelm.prompts import render_reasoning_prompt
@@ -127,7 +127,7 @@ def test_a_cleaning_prompt_with_no_room_is_recorded_not_sent():
         async def go():
             backend = SGLangBackend(server.url, max_retries=0)
             window = ContextWindow.sglang(300)  # max_input 293: the thinking below leaves no room
-            cleaner = LoRACleaner(backend, window=window, tokenizer=tokenizer)
+            cleaner = FreeModuleCleaner(backend, window=window, tokenizer=tokenizer)
             try:
                 return await cleaner.clean("Count.", "step 1\n" * 60), cleaner.headroom("Count.", 400)
             finally:

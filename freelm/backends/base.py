@@ -9,8 +9,12 @@ backend (see ``freelm.backends.pool``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from freelm.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -219,10 +223,74 @@ class TransientBackendError(BackendError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Anything that can generate. Implementations: sglang, openai, local, pool."""
+    """Anything that can generate: what the loop and the cleaners call. Implementations: sglang, openai, local, pool."""
 
     name: str
 
     async def generate(self, request: GenerateRequest) -> GenerateResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class RemoteBackend(Backend, Protocol):
+    """A client of a server (a registered kind with ``remote=True``): what the runner asks of every endpoint.
+
+    The endpoint pool probes :meth:`health` to take a dead server out of
+    rotation and to re-admit it, and presumes a request hung once it outlives
+    the recent ones (an in-process engine is never presumed hung); the runner
+    reads :meth:`server_limits` and runs :meth:`startup_check` before the first
+    rollout. A kind that lacks one of them is refused by the registry, by name
+    (docs/backends.md, "Writing a backend").
+    """
+
+    #: why the last :meth:`health` probe failed, for the operator (None: it passed, or says no more)
+    health_error: str | None
+
+    async def health(self) -> bool:
+        """True when the server can generate now; never raises for a server that is down."""
+        ...
+
+    async def server_limits(self) -> ServerLimits:
+        """What the server says about its window, seeds and cache report; ``ServerLimits()`` when it says nothing."""
+        ...
+
+    async def startup_check(self, adapters: Sequence[str | None], probe_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """Before the first rollout: each model name the run calls (``None`` = the base model) is served here.
+
+        ``probe_ids`` (a few token ids, given when the base model is among
+        ``adapters``) let a client learn how the server takes prompts. Raises
+        :class:`BackendError` naming the endpoint and what is missing; returns
+        what it found, for the manifest.
+        """
+        ...
+
+
+class InProcessBackend(Backend, Protocol):
+    """An engine in this process (a registered kind with ``remote=False``), built once from ``--model``.
+
+    It brings the run's tokenizer (the loop encodes with the model's own) and
+    reports its window like a server does; it has no health to probe and is
+    never presumed hung (a long batch is not a dead server).
+    """
+
+    tokenizer: Tokenizer
+
+    async def server_limits(self) -> ServerLimits:
+        """The model's window and seed handling (``ServerLimits()`` when it has none to report)."""
+        ...
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The methods (and, for an instance, the attributes) of ``protocol`` beyond :class:`Backend` that ``obj`` lacks.
+
+    ``obj`` is a class (its methods are checked, at registration) or a built
+    backend (its attributes too): the registry names what a kind forgot
+    instead of the pool or the runner finding out mid-run.
+    """
+    missing = []
+    for name, value in vars(protocol).items():
+        if callable(value) and not name.startswith("_") and not callable(getattr(obj, name, None)):
+            missing.append(f"{name}()")
+    if not isinstance(obj, type):
+        missing += [name for name in vars(protocol).get("__annotations__", {}) if not hasattr(obj, name)]
+    return missing

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freelm.backends import BackendKind, register_backend
+from freelm.backends import BackendArgs, BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -529,10 +529,9 @@ def _token_picker(sampling: SamplingParams, seed: int | None, device: Any):
     return pick
 
 
-def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
+def _runner_options(args: BackendArgs) -> dict[str, Any]:
     # concurrent rollouts' requests are decoded together, like a server's scheduler would
-    adapters = {spec.cleaner_options["adapter_name"]: spec.adapter} if spec.adapter else None
-    return {"model_dir": spec.model, "max_batch": spec.concurrency, "adapters": adapters}
+    return {"model_dir": args.model_dir, "max_batch": args.concurrency, "adapters": dict(args.adapters) or None}
 
 
 register_backend(

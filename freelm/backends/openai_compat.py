@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from freelm.backends import BackendFlag, BackendKind, register_backend
+from freelm.backends import BackendArgs, BackendFlag, BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -354,13 +354,12 @@ def _api_root(url: str) -> str:
     return url if url.split("://", 1)[1].partition("/")[2] else f"{url}/v1"
 
 
-def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
-    # fail fast (max_retries=0): the runner's endpoint pool retries elsewhere (freelm.backends.pool)
-    own = spec.backend_options
+def _runner_options(args: BackendArgs) -> dict[str, Any]:
     return {
-        "base_url": _api_root(url or ""), "model": own["served_model"], "api_key_env": own["api_key_env"],
-        "timeout": spec.timeout, "max_retries": 0, "text_prompts": own["text_prompts"],
-        "decode": tokenizer.decode if tokenizer is not None else None,
+        "base_url": _api_root(args.url or ""), "model": args.flags["served_model"],
+        "api_key_env": args.flags["api_key_env"], "timeout": args.timeout, "max_retries": args.max_retries,
+        "text_prompts": args.flags["text_prompts"],
+        "decode": args.tokenizer.decode if args.tokenizer is not None else None,
     }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ back at once while answers take seconds, so a busy server's errors arrive in
 bursts), open it (out of rotation), because a single 5xx from a busy but
 working server is noise, and taking it out for a second each time made a run
 at a 20% error rate 10x slower. An open endpoint is re-probed in the
-background (its ``health()`` when it has one, else simply after the cool-down)
+background (a remote one by its ``health()``, an in-process engine simply after the cool-down)
 with exponential backoff and jitter; when it answers it is HALF-OPEN: back in
 rotation with at most one request in flight while a closed endpoint exists, a
 success closes it, a failure opens it again at once with a doubled cool-down.
@@ -36,7 +36,8 @@ come back. A plain :class:`~freelm.backends.base.BackendError` (4xx: bad request
 would fail the same way everywhere, so it is raised at once.
 
 Hangs: a server that accepts a request and never answers would hold a rollout
-for the client's whole timeout (600 s by default). Once ``hang_samples``
+for the client's whole timeout (600 s by default). In a pool of remote
+endpoints (``remote=True``, the registry's flag of their kind), once ``hang_samples``
 requests of a similar budget (at least half this one's ``max_new_tokens``)
 have succeeded, a request running ``hang_factor`` (3) times longer than the
 slowest of the recent ones (and at least ``min_hang_s``) is abandoned as a
@@ -59,7 +60,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from freelm.backends.base import Backend, GenerateRequest, GenerateResult, TransientBackendError
+from freelm.backends.base import (
+    Backend,
+    GenerateRequest,
+    GenerateResult,
+    RemoteBackend,
+    TransientBackendError,
+    missing_members,
+)
+
+#: What the pool asks of a remote endpoint (:class:`~freelm.backends.base.RemoteBackend`), checked when it is built.
+_PROBED = ("health()", "health_error")
 
 
 @dataclass
@@ -123,6 +134,12 @@ def rollout_affinity(func: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitabl
 class EndpointPool:
     """Route requests over ``backends``; see the module docstring for the policy.
 
+    ``remote`` says what the endpoints are (the registry's ``BackendKind.remote``
+    of their kind): servers, whose ``health()`` is probed and whose requests may
+    be presumed hung (each must implement
+    :class:`~freelm.backends.base.RemoteBackend`'s ``health``), or in-process
+    engines, never probed nor presumed hung. It has no default: a pool that
+    guessed would silently lose hang detection, or cancel an engine's batch.
     ``max_retries`` bounds the failed attempts of ONE request before it fails
     for good with a TransientBackendError. The default (8) completes a run at
     20% 5xx, 5% dropped connections and 1% hangs per attempt (a request then
@@ -133,6 +150,7 @@ class EndpointPool:
         self,
         backends: Sequence[Backend],
         *,
+        remote: bool,
         max_retries: int = 8,
         failure_threshold: int = 3,
         probe_interval: float = 1.0,
@@ -154,6 +172,11 @@ class EndpointPool:
             raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
         if min_hang_s <= 0:
             raise ValueError(f"min_hang_s must be > 0, got {min_hang_s}")
+        for backend in backends if remote else ():
+            lacking = [m for m in missing_members(backend, RemoteBackend) if m in _PROBED]
+            if lacking:
+                raise TypeError(f"{backend.name}: a remote endpoint is probed, and lacks {', '.join(lacking)}")
+        self.remote = remote
         self.endpoints = [EndpointState(b, cooldown=probe_interval) for b in backends]
         self.max_retries = max_retries
         self.failure_threshold = failure_threshold
@@ -191,10 +214,10 @@ class EndpointPool:
 
     async def check_health(self) -> int:
         """Probe every endpoint once (e.g. before a run); unhealthy ones are taken out. Returns the number up."""
-        results = await asyncio.gather(*(_healthy(e.backend) for e in self.endpoints))
+        results = await asyncio.gather(*(self._healthy(e.backend) for e in self.endpoints))
         for endpoint, ok in zip(self.endpoints, results):
             if not ok:
-                self._mark_down(endpoint, getattr(endpoint.backend, "health_error", None) or "health check failed")
+                self._mark_down(endpoint, endpoint.backend.health_error or "health check failed")
         return self.endpoints_up
 
     async def wait_until_up(self) -> bool:
@@ -248,7 +271,7 @@ class EndpointPool:
         again at each deadline it finds: requests sent before any history
         existed (a run's first wave) are still caught once it exists.
         """
-        if getattr(endpoint.backend, "health", None) is None:  # in-process engine: never presumed hung
+        if not self.remote:  # in-process engine: never presumed hung
             return await endpoint.backend.generate(request)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -284,8 +307,8 @@ class EndpointPool:
 
     def _hang_deadline(self, endpoint: EndpointState, request: GenerateRequest, hangs: int) -> float | None:
         """Seconds after which this attempt is presumed hung, or None: not enough history, or an in-process
-        engine (no ``health()``: it cannot hang like a server, and its batch should not see cancellations)."""
-        if getattr(endpoint.backend, "health", None) is None:
+        engine (it cannot hang like a server, and its batch should not see cancellations)."""
+        if not self.remote:
             return None
         similar = [s for n, s in self._recent if n >= request.max_new_tokens / 2]
         if len(similar) < self.hang_samples:
@@ -366,7 +389,7 @@ class EndpointPool:
         delay = endpoint.cooldown
         while True:
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
-            if await _healthy(endpoint.backend):
+            if await self._healthy(endpoint.backend):
                 break
             delay = min(self.max_probe_interval, delay * 2)
         endpoint.up = True
@@ -374,6 +397,15 @@ class EndpointPool:
         endpoint.consecutive_failures = 0
         endpoint.probe = None
         self._event().set()
+
+    async def _healthy(self, backend: Backend) -> bool:
+        """A remote endpoint's ``health()``; an in-process engine is presumed healthy: re-admitting it is the probe."""
+        if not self.remote:
+            return True
+        try:
+            return bool(await backend.health())
+        except Exception:  # a probe that crashes is a failed probe, never a crashed run
+            return False
 
     async def aclose(self) -> None:
         probes = [e.probe for e in self.endpoints if e.probe is not None]
@@ -395,14 +427,3 @@ def _cancelling() -> bool:
     """Whether the running task was asked to cancel (Python 3.11+; on 3.10 a cancellation racing a hang reads as the hang)."""
     task = asyncio.current_task()
     return bool(getattr(task, "cancelling", lambda: 0)())
-
-
-async def _healthy(backend: Backend) -> bool:
-    """A backend without ``health()`` (in-process engines) is presumed healthy: re-admitting it is the probe."""
-    health = getattr(backend, "health", None)
-    if health is None:
-        return True
-    try:
-        return bool(await health())
-    except Exception:  # a probe that crashes is a failed probe, never a crashed run
-        return False

@@ -32,10 +32,11 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from freelm.backends import BackendKind, register_backend
+from freelm.backends import BackendArgs, BackendKind, register_backend
 from freelm.backends.base import (
     BackendError,
     ContextWindow,
@@ -208,6 +209,7 @@ class SGLangBackend:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._readiness: bool | None = None  # whether GET /readiness exists (a model gateway), once probed
+        self.health_error: str | None = None  # why the last health probe failed, for the operator
 
     def _client(self) -> aiohttp.ClientSession:
         """The session of the running event loop (a session is bound to the loop it was made in)."""
@@ -241,13 +243,18 @@ class SGLangBackend:
         try:
             if self._readiness is not False:
                 response = await self._send("GET", "/readiness")
-                if response.status_code != 404:
+                if response.status_code == 404:
+                    self._readiness = False
+                else:
                     self._readiness = True
-                    return response.status_code == 200
-                self._readiness = False
-            return (await self._send("GET", "/health")).status_code == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            if self._readiness is False:
+                response = await self._send("GET", "/health")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.health_error = f"{self.base_url}: {type(exc).__name__}: {exc}".rstrip(": ")
             return False
+        ok = response.status_code == 200
+        self.health_error = None if ok else f"{response.url}: HTTP {response.status_code}: {error_message(response)}"
+        return ok
 
     async def model_info(self) -> dict[str, Any]:
         return _json(await self._request("GET", "/model_info"))
@@ -255,6 +262,25 @@ class SGLangBackend:
     async def server_limits(self) -> ServerLimits:
         """The served window, seed and cache-report settings, from ``GET /server_info``."""
         return parse_server_info(_json(await self._request("GET", "/server_info")), self.base_url)
+
+    async def startup_check(self, adapters: Sequence[str | None], probe_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """Every adapter the run calls is loaded here, from ``GET /v1/models``; returns the models listed.
+
+        SGLang lists each loaded LoRA as a card named by its ``lora_name``
+        (``entrypoints/http_server.py: available_models``). Without the check an
+        unloaded name fails every cleaning call instead of the start. The base
+        model is always served, and ``/generate`` takes token ids, so
+        ``probe_ids`` have nothing to learn here.
+        """
+        served = [card.get("id") for card in _cards(_json(await self._request("GET", "/v1/models")), self.base_url)]
+        for adapter in dict.fromkeys(a for a in adapters if a is not None):
+            if adapter not in served:
+                raise BackendError(
+                    f"{self.base_url}: the cleaner's adapter {adapter!r} is not loaded here; /v1/models lists "
+                    f"{served}. Load it (--lora-paths {adapter}=PATH, or POST /load_lora_adapter) or point "
+                    "--cleaner-endpoint at a server that has it"
+                )
+        return {"models": served}
 
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Load a LoRA directory (on the server's disk) under ``name`` into the running server."""
@@ -307,6 +333,14 @@ class SGLangBackend:
         raise TransientBackendError(f"{self.base_url}{path}: failed after {self.max_retries + 1} attempts: {last}")
 
 
+def _cards(body: Any, endpoint: str) -> list[dict[str, Any]]:
+    """The model cards of an OpenAI-style ``/v1/models`` listing; BackendError when it is not one."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(card, dict) for card in data):
+        raise BackendError(f"{endpoint}/v1/models: expected {{'data': [model cards]}}, got {str(body)[:200]}")
+    return data
+
+
 def _json(response: Reply) -> Any:
     try:
         return response.json()
@@ -314,9 +348,11 @@ def _json(response: Reply) -> Any:
         raise BackendError(f"{response.url}: response is not JSON: {response.text[:200]!r}") from exc
 
 
-def _runner_options(spec: Any, url: str | None, tokenizer: Any) -> dict[str, Any]:
-    # fail fast (max_retries=0): the runner's endpoint pool retries elsewhere (freelm.backends.pool)
-    return {"base_url": url, "timeout": spec.timeout, "max_retries": 0, "max_connections": max(512, spec.concurrency)}
+def _runner_options(args: BackendArgs) -> dict[str, Any]:
+    return {
+        "base_url": args.url, "timeout": args.timeout, "max_retries": args.max_retries,
+        "max_connections": max(512, args.concurrency),
+    }  # fmt: skip
 
 
 register_backend(

@@ -7,7 +7,13 @@ A registered cleaner is a dataclass whose fields say everything the runner needs
   hash and a constructor argument. All three come from the one field, so what
   is run, what is hashed and what the flag offers cannot disagree;
 * **components** (:data:`COMPONENTS`): live objects the runner hands over by
-  field name, e.g. ``backend`` (the cleaner's endpoint pool) or ``tokenizer``;
+  field name, through this registry (:meth:`CleanerEntry.build`, and
+  :meth:`CleanerEntry.hand_over` for what is learned later, the ``window``);
+* **the adapter it calls**: a cleaner that calls a model (a ``backend``
+  component) declares an ``adapter`` field, the LoRA name it sends (a setting,
+  as the Free-Module's ``--adapter-name``) or ``None`` for the base model (the
+  ICL baseline). The runner reads that field, never the class, to know which
+  model names a run calls (:meth:`CleanerEntry.adapter`);
 * anything else keeps its default under the runner (``name``, ...).
 
 The package's modules are imported on first use (:func:`cleaner_names`,
@@ -28,10 +34,15 @@ from typing import Any
 from freelm.cleaners.base import Cleaner
 from freelm.discovery import import_submodules
 
-#: Live objects a cleaner may ask for by field name; the runner builds only those asked for.
-COMPONENTS = ("backend", "tokenizer")
+#: Live objects a cleaner may ask for by field name (what each is); the runner builds only those asked for.
+#: A component field without a default is required at build; one with a default may come later (``hand_over``).
+COMPONENTS = {
+    "backend": "the endpoint pool it calls: the reasoner's, or --cleaner-endpoint's (declare `adapter` with it)",
+    "tokenizer": "the run's tokenizer",
+    "window": "the ContextWindow its backend serves, handed over once the servers have reported it",
+}
 
-_NOT_CLEANERS = {"base", "registry"}  # modules of this package that define no cleaner
+_NOT_CLEANERS = {"base", "prompted", "registry"}  # modules of this package that register no cleaner
 _SETTING = "freelm.setting"
 
 
@@ -88,9 +99,22 @@ class CleanerEntry:
         return [f.name for f in dataclasses.fields(self.cls) if f.name in COMPONENTS]
 
     @property
-    def uses_adapter(self) -> bool:
-        """Whether it calls a LoRA adapter by name (an in-process backend must then load one)."""
-        return any(f.name == "adapter" for f, _ in self.settings)
+    def required_components(self) -> list[str]:
+        """The components it cannot be built without (those it declares with no default)."""
+        return [f.name for f in dataclasses.fields(self.cls) if f.name in COMPONENTS and _default(f) is MISSING]
+
+    @property
+    def calls_model(self) -> bool:
+        """Whether it calls a model (it declares a ``backend``), so the runner builds it a pool."""
+        return "backend" in self.components
+
+    def adapter(self, flags: Mapping[str, Any]) -> str | None:
+        """The adapter it calls under these flag values; None for the base model, or for a cleaner calling none."""
+        if not self.calls_model:
+            return None
+        f = next(f for f in dataclasses.fields(self.cls) if f.name == "adapter")
+        spec = f.metadata.get(_SETTING)
+        return flags[spec.dest] if spec is not None and spec.flag is not None else _default(f)
 
     def values(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from flag values (by flag destination); fixed settings keep their defaults."""
@@ -107,10 +131,19 @@ class CleanerEntry:
         return config
 
     def build(self, flags: Mapping[str, Any], **components: Any) -> Cleaner:
-        missing = sorted(set(self.components) - set(components))
+        """The cleaner of these flag values, given the components it declares (others given are not its own)."""
+        missing = sorted(set(self.required_components) - set(components))
         if missing:
             raise ValueError(f"cleaner {self.name!r} needs {', '.join(missing)}")
-        return self.cls(**{name: components[name] for name in self.components}, **self.values(flags))
+        given = {name: components[name] for name in self.components if name in components}
+        return self.cls(**given, **self.values(flags))
+
+    def hand_over(self, cleaner: Cleaner, **components: Any) -> None:
+        """Give a built cleaner a component learned after it was built (the ``window``, from the servers)."""
+        for name, value in components.items():
+            if name not in self.components:
+                raise ValueError(f"cleaner {self.name!r} declares no component {name!r}")
+            setattr(cleaner, name, value)
 
 
 _REGISTRY: dict[str, CleanerEntry] = {}
@@ -134,6 +167,11 @@ def register(cls: type | None = None, *, label: str | None = None) -> Any:
         for f in names.values():
             if f.name not in COMPONENTS and _SETTING not in f.metadata and _default(f) is MISSING:
                 raise TypeError(f"{cls.__qualname__}.{f.name}: neither a setting, a component nor defaulted")
+        if "backend" in names and "adapter" not in names:
+            raise TypeError(
+                f"{cls.__qualname__}: a cleaner that calls a model (a `backend` component) declares the adapter "
+                "it calls: `adapter: str | None` (None: the base model)"
+            )
         _REGISTRY[name] = CleanerEntry(name=name, cls=cls, label=label or name)
         return cls
 

@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from freelm.demo.oracle import complete_lines, oracle_deletions, oracle_output, span_command
+from freelm.cleaners.oracle import complete_lines, oracle_deletions, oracle_output, span_command
 from freelm.demo.task import MODULUS, CounterProblem, solution
 from freelm.free import apply_deletions, format_commands
 from freelm.prompts import render_cleaning_prompt, render_reasoning_prompt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 
-from freelm.demo.oracle import oracle_deletions
+from freelm.cleaners.oracle import oracle_deletions
 from freelm.demo.task import CounterProblem, solution
 from freelm.free import apply_deletions
 from freelm.prompts import render_reasoning_prompt

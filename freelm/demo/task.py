@@ -39,6 +39,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from freelm.cleaners.oracle import LINE_RE  # one line of the solution: ``#k x``, as the oracle reads it
+
 SOURCE = "counter"
 #: What one turn adds. Coprime to 100, so the counter repeats only every 100 turns: within a solution
 #: no value repeats, and a turn's value cannot be copied from an earlier line.
@@ -49,8 +51,6 @@ _PROMPT = "A counter adds 37 each turn, mod 100. It starts at {start}. What does
 _PROMPT_RE = re.compile(
     r"A counter adds 37 each turn, mod 100\. It starts at (\d+)\. What does it show after turn #(\d+)\?"
 )
-#: One line of the solution: ``#k x`` (without its newline).
-LINE_RE = re.compile(r"#(\d+) (\d+)")
 
 
 @dataclass(frozen=True)

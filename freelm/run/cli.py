@@ -79,7 +79,7 @@ async def _run_async(
                     print(f"error: no healthy endpoint in {pool.name} after {pool.down_wait:g}s", file=sys.stderr)
                     return 2
         try:
-            endpoints = await startup_checks(components)
+            endpoints = await startup_checks(spec, components)
             window, served = await learn_limits(spec, components)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freelm.backends import get_backend_kind
-from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits
+from freelm.backends import BackendArgs, BackendKind, get_backend_kind
+from freelm.backends.base import BackendError, ContextWindow, ServerLimits
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners.base import Cleaner
-from freelm.cleaners.lora import LoRACleaner
 from freelm.cleaners.registry import get_cleaner
 from freelm.run.spec import RunSpec
 from freelm.tokenizer import Tokenizer
@@ -32,6 +31,8 @@ class Components:
     tokenizer: Tokenizer
     cleaner: Cleaner | None
     pools: tuple[EndpointPool, ...]
+    #: the pool the cleaner calls (the reasoner's, or --cleaner-endpoint's); None: no cleaner, or one calling no model
+    cleaner_pool: EndpointPool | None = None
 
     async def aclose(self) -> None:
         """Close every pool, even when closing one fails (the first failure is raised after)."""
@@ -41,9 +42,30 @@ class Components:
                 raise result
 
 
-def _remote_backends(kind: str, endpoints: tuple[str, ...], spec: RunSpec, tokenizer: Tokenizer) -> list[Backend]:
-    """One fail-fast client per endpoint: the pool retries elsewhere (see freelm.backends.pool)."""
-    return [get_backend_kind(kind).from_spec(spec, url, tokenizer) for url in endpoints]
+def backend_args(spec: RunSpec, kind: BackendKind, url: str | None = None, tokenizer: Any = None) -> BackendArgs:
+    """The record ``kind`` is built from for this run (one per endpoint of a remote kind).
+
+    Remote clients fail fast (``max_retries=0``): the endpoint pool retries on
+    another endpoint (see freelm.backends.pool). An in-process engine loads the
+    ``--adapter`` directory under the name the run's cleaner calls, when that
+    cleaner calls it on this engine (not on --cleaner-endpoint servers).
+    """
+    adapter = spec.cleaner_adapter
+    serves_cleaner = not kind.remote and not spec.cleaner_endpoints
+    return BackendArgs(
+        url=url, timeout=spec.timeout, max_retries=0, concurrency=spec.concurrency, tokenizer=tokenizer,
+        model_dir=None if kind.remote else spec.model,
+        adapters={adapter: spec.adapter} if serves_cleaner and adapter is not None and spec.adapter else {},
+        flags={flag.dest: spec.backend_options[flag.dest] for flag in kind.flags},
+    )  # fmt: skip
+
+
+def _remote_pool(
+    spec: RunSpec, kind_name: str, endpoints: tuple[str, ...], tokenizer: Tokenizer, name: str
+) -> EndpointPool:
+    kind = get_backend_kind(kind_name)
+    backends = [kind.build(backend_args(spec, kind, url, tokenizer)) for url in endpoints]
+    return EndpointPool(backends, remote=kind.remote, name=name, max_retries=spec.max_retries, down_wait=spec.down_wait)
 
 
 def build_components(spec: RunSpec, tokenizer: Tokenizer | None = None) -> Components:
@@ -51,30 +73,32 @@ def build_components(spec: RunSpec, tokenizer: Tokenizer | None = None) -> Compo
 
     ``tokenizer`` overrides ``--tokenizer`` for remote backends (benchmarks with a model-free server).
     """
-    pool_options = {"max_retries": spec.max_retries, "down_wait": spec.down_wait}
-    if not spec.remote:
-        local = get_backend_kind(spec.backend).from_spec(spec)
-        reasoner = EndpointPool([local], name=spec.backend, **pool_options)
+    kind = get_backend_kind(spec.backend)
+    if not kind.remote:
+        local = kind.build(backend_args(spec, kind))
+        reasoner = EndpointPool(
+            [local], remote=False, name=spec.backend, max_retries=spec.max_retries, down_wait=spec.down_wait
+        )
         tokenizer = local.tokenizer
     else:
         tokenizer = tokenizer or load_tokenizer(spec.tokenizer)
-        backends = _remote_backends(spec.backend, spec.endpoints, spec, tokenizer)
-        reasoner = EndpointPool(backends, name="reasoner", **pool_options)
+        reasoner = _remote_pool(spec, spec.backend, spec.endpoints, tokenizer, "reasoner")
     pools = [reasoner]
     cleaner: Cleaner | None = None
+    cleaner_pool: EndpointPool | None = None
     if spec.mode == "freelm":
         entry = get_cleaner(spec.cleaner)
         components: dict[str, Any] = {"tokenizer": tokenizer}
-        if "backend" in entry.components:  # only a cleaner that calls a model gets (or needs) an endpoint pool
-            components["backend"] = reasoner
+        if entry.calls_model:  # only a cleaner that calls a model gets (or needs) an endpoint pool
+            cleaner_pool = reasoner
             if spec.cleaner_endpoints:
-                components["backend"] = EndpointPool(
-                    _remote_backends(spec.cleaner_backend, spec.cleaner_endpoints, spec, tokenizer),
-                    name="cleaner", **pool_options,
-                )  # fmt: skip
-                pools.append(components["backend"])
+                cleaner_pool = _remote_pool(spec, spec.cleaner_backend, spec.cleaner_endpoints, tokenizer, "cleaner")
+                pools.append(cleaner_pool)
+            components["backend"] = cleaner_pool
         cleaner = entry.build(spec.cleaner_options, **components)
-    return Components(reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools))
+    return Components(
+        reasoner=reasoner, tokenizer=tokenizer, cleaner=cleaner, pools=tuple(pools), cleaner_pool=cleaner_pool
+    )
 
 
 def load_tokenizer(path: Path | None) -> Tokenizer:
@@ -97,10 +121,7 @@ async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
     """
     reports: list[ServerLimits] = []
     for state in pool.endpoints:
-        backend = state.backend
-        if not hasattr(backend, "server_limits"):  # e.g. a test double: it says nothing
-            reports.append(ServerLimits())
-            continue
+        backend = state.backend  # every kind reports its limits (RemoteBackend, InProcessBackend)
         try:
             reports.append(await backend.server_limits())
         except BackendError as exc:
@@ -129,14 +150,14 @@ async def learn_limits(spec: RunSpec, components: Components) -> tuple[ContextWi
     context_limit, sampling = spec.loop.context_limit, spec.loop.sampling
     reasoner = await served_limits(components.reasoner, context_limit)
     served: dict[str, Any] = {"reasoner": reasoner.to_dict(), "seeds_honoured": reasoner.seeds_honoured}
-    cleaner = components.cleaner
-    if hasattr(cleaner, "window") and hasattr(cleaner, "backend"):  # a model-calling cleaner sized to its window
-        cleaning = reasoner if cleaner.backend is components.reasoner else None
-        if cleaning is None and isinstance(cleaner.backend, EndpointPool):
-            cleaning = await served_limits(cleaner.backend, context_limit)
-        if cleaning is not None:
-            cleaner.window = cleaning.window
-            served["cleaner"] = cleaning.to_dict()
+    if components.cleaner_pool is not None:  # a model-calling cleaner: sized to its servers' window
+        cleaning = reasoner
+        if components.cleaner_pool is not components.reasoner:
+            cleaning = await served_limits(components.cleaner_pool, context_limit)
+        served["cleaner"] = cleaning.to_dict()
+        entry = get_cleaner(spec.cleaner)
+        if "window" in entry.components:
+            entry.hand_over(components.cleaner, window=cleaning.window)
     if reasoner.min_p_forbidden and sampling.min_p > 0:
         raise ValueError(
             f"--min-p {sampling.min_p}: the reasoner runs with --enable-deterministic-inference, whose sampler "
@@ -158,26 +179,32 @@ async def learn_limits(spec: RunSpec, components: Components) -> tuple[ContextWi
     return reasoner.window, served
 
 
-async def startup_checks(components: Components) -> dict[str, Any]:
+async def startup_checks(spec: RunSpec, components: Components) -> dict[str, Any]:
     """Before the first rollout: each server serves the model names the run uses, in the prompt kind it takes.
 
-    Returns what each checked endpoint reported (served models, prompt kind, the sampling fields sent and
-    the server's own defaults) for the manifest; raises ValueError with the reason otherwise. The window
-    is :func:`served_limits`'s.
+    The reasoner's servers are asked for the base model, the cleaner's for the
+    adapter its cleaner declares (``None``, the ICL baseline's base model, is
+    asked once where both share a pool). Returns what each checked endpoint
+    reported (served models, prompt kind, the sampling fields sent and the
+    server's own defaults) for the manifest; raises ValueError with the reason
+    otherwise. The window is :func:`served_limits`'s. In-process engines load
+    what they serve themselves: there is nothing to ask.
     """
     served: dict[str, Any] = {}
-    cleaner = components.cleaner
     probe_ids = components.tokenizer.encode("Hello")
     for pool in components.pools:
+        if not pool.remote:
+            continue
         adapters: list[str | None] = [None] if pool is components.reasoner else []
-        if isinstance(cleaner, LoRACleaner) and cleaner.backend is pool and cleaner.adapter not in adapters:
-            adapters.append(cleaner.adapter)  # the ICL cleaner's base model is the reasoner's: checked once
+        if pool is components.cleaner_pool and spec.cleaner_adapter not in adapters:
+            adapters.append(spec.cleaner_adapter)
         for endpoint in pool.endpoints:
-            check = getattr(endpoint.backend, "startup_check", None)
-            if check is None or not endpoint.up:
+            if not endpoint.up:
                 continue
             try:
-                served[endpoint.backend.name] = await check(adapters, probe_ids if None in adapters else ())
+                served[endpoint.backend.name] = await endpoint.backend.startup_check(
+                    adapters, probe_ids if None in adapters else ()
+                )
             except BackendError as exc:
                 raise ValueError(str(exc)) from None
     return served

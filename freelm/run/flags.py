@@ -292,7 +292,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--backend {args.backend} needs --model DIR")
         if args.endpoint or args.endpoints_file:
             raise ValueError(f"--backend {args.backend} runs in-process: drop --endpoint/--endpoints-file")
-        needs_adapter = args.mode == "freelm" and cleaners.get_cleaner(args.cleaner).uses_adapter
+        needs_adapter = args.mode == "freelm" and cleaners.get_cleaner(args.cleaner).adapter(vars(args)) is not None
         if needs_adapter and args.adapter is None and not args.cleaner_endpoint:
             raise ValueError(
                 f"--backend {args.backend} with --cleaner {args.cleaner} needs --adapter DIR (or --cleaner-endpoint)"

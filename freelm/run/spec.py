@@ -110,3 +110,10 @@ class RunSpec:
     @property
     def remote(self) -> bool:
         return get_backend_kind(self.backend).remote
+
+    @property
+    def cleaner_adapter(self) -> str | None:
+        """The adapter the run's cleaner calls (its declared ``adapter``); None: vanilla, the base model, or no model."""
+        if self.mode != "freelm":
+            return None
+        return cleaners.get_cleaner(self.cleaner).adapter(self.cleaner_options)

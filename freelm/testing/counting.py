@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from freelm.backends.base import GenerateRequest, GenerateResult
+from freelm.backends.base import GenerateRequest, GenerateResult, ServerLimits
 from freelm.prompts import THINK_CLOSE
 from freelm.tokenizer import Tokenizer
 
@@ -89,6 +89,10 @@ class CountingBackend:
             latency_s=self.delay_s,
             endpoint=self.name,
         )
+
+    async def server_limits(self) -> ServerLimits:
+        """No window of its own (it counts as far as asked) and no sampling to seed: it says nothing."""
+        return ServerLimits(source=self.name)
 
     async def aclose(self) -> None:
         return None

@@ -1,4 +1,11 @@
-"""The Free-Module cleaner: the base model with the LoRA adapter on, prompted to list deletions."""
+"""What the Free-Module and the ICL baseline share: the cleaning prompt sent to a model, its JSON executed.
+
+:class:`PromptedCleaner` is no cleaner of its own (it is not registered): a
+cleaner that prompts a model subclasses it and says which adapter it calls,
+the Free-Module its LoRA (:mod:`freelm.cleaners.free_module`), the ICL
+baseline none (:mod:`freelm.cleaners.icl`). Everything else, the template, the
+budgets, the window and the call, is this one class.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Any, Literal
 
 from freelm.backends.base import Backend, ContextWindow, GenerateRequest, SamplingParams
 from freelm.cleaners.base import CleanOutcome
-from freelm.cleaners.registry import register, setting
+from freelm.cleaners.registry import setting
 from freelm.free import apply_deletions, parse_commands, remove_spans
 from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, load_clean_template, render_cleaning_prompt
 from freelm.tokenizer import Tokenizer
@@ -21,13 +28,12 @@ def template_digest(template: str | Path | None, settings: dict[str, Any]) -> st
 
 
 def effective_reserve(reserve: int, settings: dict[str, Any]) -> int:
-    """The reserve actually kept (:meth:`LoRACleaner.headroom`): never more than an answer's budget."""
+    """The reserve actually kept (:meth:`PromptedCleaner.headroom`): never more than an answer's budget."""
     return min(reserve, settings["max_new_tokens"])
 
 
-@register(label="freelm")
 @dataclass
-class LoRACleaner:
+class PromptedCleaner:
     """Calls ``backend`` with ``adapter`` on the cleaning prompt and executes the JSON it writes.
 
     The backend may be a different server (and model) than the reasoner: the
@@ -35,20 +41,19 @@ class LoRACleaner:
     prompt is sent as text so the client needs no tokenizer for the cleaner's
     model.
 
-    The window: with ``window`` (the cleaner server's, :class:`ContextWindow`)
-    and ``tokenizer`` (to count the prompt), each call asks for at most the room
-    the window leaves (SGLang refuses a prompt + ``max_new_tokens`` past it), and a
-    prompt that leaves no room is not sent: the outcome says ``no_room``.
+    The window: with ``window`` (the cleaner server's, :class:`ContextWindow`,
+    handed over by the registry once the servers have reported it) and
+    ``tokenizer`` (to count the prompt), each call asks for at most the room
+    the window leaves (SGLang refuses a prompt + ``max_new_tokens`` past it),
+    and a prompt that leaves no room is not sent: the outcome says ``no_room``.
     :meth:`headroom` tells the loop how far the thinking may grow before a
     cleaning call would have less than ``reserve`` tokens to answer in, so it
     cleans before that.
     """
 
     backend: Backend
-    adapter: str | None = setting(
-        "free", flag="--adapter-name", metavar="NAME",
-        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH)",
-    )  # fmt: skip
+    #: the adapter it calls (the registry's declared field of a model-calling cleaner); None: the base model
+    adapter: str | None = None
     template: str | Path | None = setting(
         None, flag="--clean-template", type=Path, metavar="FILE", hash_key="template_sha256",
         hash_value=template_digest, help=f"cleaning prompt template (default: {DEFAULT_CLEAN_TEMPLATE.name})",
@@ -56,7 +61,7 @@ class LoRACleaner:
     max_new_tokens: int = setting(1024, flag="--clean-max-tokens", minimum=1, help="max tokens of one cleaner answer")
     sampling: SamplingParams = setting(default_factory=SamplingParams.greedy, help="fixed: greedy")
     overlap: Literal["merge", "skip"] = "merge"
-    name: str = "free"
+    name: str = "prompted"
     window: ContextWindow | None = None
     tokenizer: Tokenizer | None = None
     reserve: int = setting(

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from freelm.backends.base import (
     Backend,
@@ -63,29 +63,44 @@ from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
 from freelm.records import CleanRecord, RolloutResult, RoundRecord
 from freelm.schedule import MID_CHARACTER, CleaningSchedule, may_clean
+from freelm.setting import check_fields, group, setting
 from freelm.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Settings of one rollout. The paper does not report most of these values, so each one is configurable."""
+    """Settings of one rollout. The paper does not report most of these values, so each one is configurable.
 
-    clean_every: int = 4096
-    max_tokens: int = 32768
-    context_limit: int = 40960
-    max_clean_rounds: int | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    problem_suffix: str = PROBLEM_SUFFIX
+    Each field is a setting (:mod:`freelm.setting`): its runner flag, help,
+    bounds and hash key are declared here and nowhere else, so a new
+    results-deciding setting is one field (``hash_default=False`` keeps the
+    hashes of earlier runs while it is at its default).
+    """
+
+    clean_every: int = setting(
+        4096, flag="--clean-every", metavar="N", minimum=1, cleaning=True, help="clean after every N generated tokens"
+    )
+    max_tokens: int = setting(
+        32768, flag="--max-tokens", metavar="N", minimum=1,
+        help="total generation budget per rollout (deleted tokens count)",
+    )  # fmt: skip
+    context_limit: int = setting(
+        40960, flag="--context-limit", metavar="N", minimum=1,
+        help="context budget of a rollout (prompt + response stay below it); the servers' own windows, "
+        "read from them (SGLang /server_info, /v1/models max_model_len), apply as well; a server that reports "
+        "none is taken to serve exactly this window",
+    )  # fmt: skip
+    max_clean_rounds: int | None = setting(
+        None, flag="--max-clean-rounds", type=int, metavar="N", minimum=0, cleaning=True,
+        help="cap on cleaning rounds per rollout (default: none)",
+    )  # fmt: skip
+    sampling: SamplingParams = group(SamplingParams, "reasoner sampling (defaults: Qwen3 thinking mode; always sent)")
+    problem_suffix: str = setting(
+        PROBLEM_SUFFIX, flag="--problem-suffix", metavar="TEXT", help="instruction appended to every problem"
+    )
 
     def __post_init__(self) -> None:
-        for name in ("clean_every", "max_tokens", "context_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_clean_rounds is not None and self.max_clean_rounds < 0:
-            raise ValueError(f"LoopConfig.max_clean_rounds must be >= 0, got {self.max_clean_rounds}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_fields(self)
 
     @property
     def schedule(self) -> CleaningSchedule:

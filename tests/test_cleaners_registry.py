@@ -22,6 +22,7 @@ from freelm.run.cli import main
 from freelm.run.flags import build_parser, validate_args
 from freelm.run.settings import run_settings
 from freelm.run.spec import RunSpec
+from freelm.setting import setting
 
 ARGV = ("--data", "d.jsonl", "--output", "o.jsonl")
 
@@ -121,7 +122,7 @@ def test_a_bad_template_fails_when_hashing_before_anything_runs(tmp_path):
 
 @dataclass
 class _Keep:
-    budget: int = registry.setting(3, flag="--keep-budget", help="x")
+    budget: int = setting(3, flag="--keep-budget", help="x")
     name: str = "keep_a"
 
     async def clean(self, problem: str, thinking: str) -> CleanOutcome:
@@ -130,7 +131,7 @@ class _Keep:
 
 @dataclass
 class _KeepOther(_Keep):
-    budget: int = registry.setting(4, flag="--keep-budget", help="x")
+    budget: int = setting(4, flag="--keep-budget", help="x")
     name: str = "keep_b"
 
 
@@ -188,7 +189,8 @@ from dataclasses import dataclass
 
 from freelm.backends.base import Backend, ContextWindow, GenerateRequest
 from freelm.cleaners.base import CleanOutcome
-from freelm.cleaners.registry import register, setting
+from freelm.cleaners.registry import register
+from freelm.setting import setting
 from freelm.free import apply_deletions, parse_commands
 
 

@@ -148,11 +148,12 @@ def test_a_registered_cleaner_runs_through_runner_py_with_its_settings_in_the_co
     from freelm.cleaners.base import CleanOutcome
     from freelm.free import remove_spans
     from freelm.run.cli import main
+    from freelm.setting import setting
 
     @dataclass
     class Throwaway:
         tokenizer: Tokenizer
-        keep_lines: int = registry.setting(2, flag="--throwaway-keep-lines", minimum=0, help="lines kept")
+        keep_lines: int = setting(2, flag="--throwaway-keep-lines", minimum=0, help="lines kept")
         name: str = "throwaway"
 
         async def clean(self, problem: str, thinking: str) -> CleanOutcome:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from freelm.setting import setting
+
 if TYPE_CHECKING:
     from freelm.tokenizer import Tokenizer
 
@@ -25,13 +27,16 @@ class SamplingParams:
 
     Defaults are Qwen3's thinking-mode recommendation; always sent explicitly,
     because SGLang otherwise falls back to the model's generation_config.
-    ``top_k=-1`` and ``min_p=0`` mean "off".
+    ``top_k=-1`` and ``min_p=0`` mean "off". Each field is a setting
+    (:mod:`freelm.setting`): its runner flag, bounds and hash key are declared here.
     """
 
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
+    # the ranges SGLang's sampling/sampling_params.py verify() accepts: outside them every request is refused
+    # (HTTP 400, or the local sampler's error), so a run would end with every rollout failed (checked first)
+    temperature: float = setting(0.6, flag="--temperature", metavar="T", minimum=0, help="0 = greedy")
+    top_p: float = setting(0.95, flag="--top-p", metavar="P", minimum=0, above=True, maximum=1, help="nucleus mass")
+    top_k: int = setting(20, flag="--top-k", metavar="K", help="-1 = off")
+    min_p: float = setting(0.0, flag="--min-p", metavar="P", minimum=0, maximum=1, help="0 = off")
 
     @classmethod
     def greedy(cls) -> SamplingParams:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from freelm.cleaners.base import Cleaner, CleanOutcome
 from freelm.cleaners.free_module import FreeModuleCleaner
 from freelm.cleaners.headtail import HeadTailCleaner
-from freelm.cleaners.registry import cleaner_names, get_cleaner, register, setting
+from freelm.cleaners.registry import cleaner_names, get_cleaner, register
+from freelm.setting import setting
 
 __all__ = [
     "CleanOutcome",

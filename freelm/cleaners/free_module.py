@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freelm.cleaners.prompted import PromptedCleaner
-from freelm.cleaners.registry import register, setting
+from freelm.cleaners.registry import register
+from freelm.setting import setting
 
 
 @register(label="freelm")

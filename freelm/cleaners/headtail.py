@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freelm.cleaners.base import CleanOutcome
-from freelm.cleaners.registry import register, setting
+from freelm.cleaners.registry import register
 from freelm.free import remove_spans
+from freelm.setting import setting
 from freelm.tokenizer import Tokenizer
 
 

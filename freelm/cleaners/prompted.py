@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from freelm.backends.base import Backend, ContextWindow, GenerateRequest, SamplingParams
 from freelm.cleaners.base import CleanOutcome
-from freelm.cleaners.registry import setting
 from freelm.free import apply_deletions, parse_commands, remove_spans
 from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, load_clean_template, render_cleaning_prompt
+from freelm.setting import setting
 from freelm.tokenizer import Tokenizer
 
 

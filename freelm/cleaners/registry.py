@@ -2,7 +2,8 @@
 
 A registered cleaner is a dataclass whose fields say everything the runner needs:
 
-* **settings**, declared with :func:`setting`: each one is at once a runner flag
+* **settings**, declared with :func:`freelm.setting.setting` (the one mechanism
+  the loop and sampling settings use too): each one is at once a runner flag
   (or, without a flag, a fixed value), a key of the cleaner's part of the config
   hash and a constructor argument. All three come from the one field, so what
   is run, what is hashed and what the flag offers cannot disagree;
@@ -27,12 +28,14 @@ NeMo-Skills' (a model class picked by name).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+from freelm import setting as declared  # the one settings mechanism (loop, sampling, cleaners)
 from freelm.cleaners.base import Cleaner
 from freelm.discovery import import_submodules
+from freelm.setting import Setting, default
 
 #: Live objects a cleaner may ask for by field name (what each is); the runner builds only those asked for.
 #: A component field without a default is required at build; one with a default may come later (``hand_over``).
@@ -43,39 +46,6 @@ COMPONENTS = {
 }
 
 _NOT_CLEANERS = {"base", "prompted", "registry"}  # modules of this package that register no cleaner
-_SETTING = "freelm.setting"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How one field appears on the command line and in the config hash (``field.metadata``)."""
-
-    help: str
-    flag: str | None = None  # None: not settable from the runner, hashed at its default
-    type: Callable[[str], Any] | None = None  # default: the type of the default value
-    metavar: str | None = None
-    minimum: int | None = None  # checked before anything runs (``validate``)
-    hash_key: str | None = None  # default: the field's name
-    #: ``(value, every setting's value by field name) -> hashed value``, e.g. a file's digest instead of its path
-    hash_value: Callable[[Any, dict[str, Any]], Any] | None = None
-
-    @property
-    def dest(self) -> str:
-        assert self.flag is not None
-        return self.flag.lstrip("-").replace("-", "_")
-
-
-def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **spec: Any) -> Any:
-    """A dataclass field that is a result-deciding setting (see :class:`Setting` for ``spec``)."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={_SETTING: Setting(**spec)})
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def _hashable(value: Any) -> Any:
-    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 @dataclass(frozen=True)
@@ -88,7 +58,7 @@ class CleanerEntry:
 
     @property
     def settings(self) -> list[tuple[dataclasses.Field, Setting]]:
-        return [(f, f.metadata[_SETTING]) for f in dataclasses.fields(self.cls) if _SETTING in f.metadata]
+        return declared.settings(self.cls)
 
     @property
     def flags(self) -> list[tuple[dataclasses.Field, Setting]]:
@@ -101,7 +71,7 @@ class CleanerEntry:
     @property
     def required_components(self) -> list[str]:
         """The components it cannot be built without (those it declares with no default)."""
-        return [f.name for f in dataclasses.fields(self.cls) if f.name in COMPONENTS and _default(f) is MISSING]
+        return [f.name for f in dataclasses.fields(self.cls) if f.name in COMPONENTS and default(f) is MISSING]
 
     @property
     def calls_model(self) -> bool:
@@ -112,23 +82,17 @@ class CleanerEntry:
         """The adapter it calls under these flag values; None for the base model, or for a cleaner calling none."""
         if not self.calls_model:
             return None
-        f = next(f for f in dataclasses.fields(self.cls) if f.name == "adapter")
-        spec = f.metadata.get(_SETTING)
-        return flags[spec.dest] if spec is not None and spec.flag is not None else _default(f)
+        f = declared.field(self.cls, "adapter")
+        spec = declared.declaration(f)
+        return flags[spec.dest] if spec is not None and spec.flag is not None else default(f)
 
     def values(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from flag values (by flag destination); fixed settings keep their defaults."""
-        return {f.name: flags[s.dest] for f, s in self.flags}
+        return declared.values(self.cls, flags)
 
     def config(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         """This cleaner's part of the config hash: its name and every setting (may raise ValueError)."""
-        given = self.values(flags)
-        values = {f.name: given[f.name] if f.name in given else _default(f) for f, _ in self.settings}
-        config: dict[str, Any] = {"name": self.name}
-        for f, s in self.settings:
-            value = values[f.name]
-            config[s.hash_key or f.name] = s.hash_value(value, values) if s.hash_value else _hashable(value)
-        return config
+        return {"name": self.name, **declared.config(self.cls, self.values(flags))}
 
     def build(self, flags: Mapping[str, Any], **components: Any) -> Cleaner:
         """The cleaner of these flag values, given the components it declares (others given are not its own)."""
@@ -165,7 +129,7 @@ def register(cls: type | None = None, *, label: str | None = None) -> Any:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"cleaner name {name!r} is taken by {_REGISTRY[name].cls.__qualname__}")
         for f in names.values():
-            if f.name not in COMPONENTS and _SETTING not in f.metadata and _default(f) is MISSING:
+            if f.name not in COMPONENTS and declared.declaration(f) is None and default(f) is MISSING:
                 raise TypeError(f"{cls.__qualname__}.{f.name}: neither a setting, a component nor defaulted")
         if "backend" in names and "adapter" not in names:
             raise TypeError(
@@ -205,24 +169,16 @@ def add_cleaner_arguments(group: Any) -> None:
         for f, s in get_cleaner(name).flags:
             if s.flag in seen:
                 other, spec, users = seen[s.flag]
-                if (spec, _default(other)) != (s, _default(f)):
+                if (spec, default(other)) != (s, default(f)):
                     raise ValueError(f"cleaners {users[0]!r} and {name!r} declare {s.flag} differently")
                 users.append(name)
             else:
                 seen[s.flag] = (f, s, [name])
-    for flag, (f, s, users) in seen.items():
-        default = _default(f)
-        kind = s.type or (type(default) if default is not None else str)
-        group.add_argument(
-            flag, dest=s.dest, type=kind, default=default, metavar=s.metavar or ("N" if kind is int else "VALUE"),
-            help=f"--cleaner {'/'.join(users)}: {s.help}",
-        )  # fmt: skip
+    for f, s, users in seen.values():
+        declared.add_argument(group, f, s, help_prefix=f"--cleaner {'/'.join(users)}: ")
 
 
 def validate(flags: Mapping[str, Any]) -> None:
-    """Every cleaner flag's lower bound (``flags``: value by flag destination); raises ValueError naming the flag."""
+    """Every cleaner flag's bounds (``flags``: value by flag destination); raises ValueError naming the flag."""
     for name in cleaner_names():
-        for _, s in get_cleaner(name).flags:
-            value = flags[s.dest]
-            if s.minimum is not None and value is not None and value < s.minimum:
-                raise ValueError(f"{s.flag} must be >= {s.minimum}, got {value}")
+        declared.check(get_cleaner(name).cls, flags)

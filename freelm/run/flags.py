@@ -2,9 +2,11 @@
 
 This is the only layer that sees the argparse ``Namespace``: :mod:`freelm.run.spec`
 turns it into a typed :class:`~freelm.run.spec.RunSpec` once, and everything
-below reads that. The cleaners' flags come from the cleaner registry and a
-backend's own flags from its :class:`~freelm.backends.BackendKind`, so adding
-either never edits this file.
+below reads that. The loop's and sampling's flags come from their settings
+(:mod:`freelm.setting`: each field declares its flag, help, bounds and hash
+key), the cleaners' from the cleaner registry and a backend's own flags from
+its :class:`~freelm.backends.BackendKind`, so adding any of them never edits
+this file.
 """
 
 from __future__ import annotations
@@ -13,17 +15,13 @@ import argparse
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from freelm import setting
 from freelm.backends import backend_kinds, get_backend_kind
-from freelm.backends.base import SamplingParams
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
-from freelm.prompts import PROBLEM_SUFFIX
 from freelm.shards import Shard
 
 MODES = ("freelm", "vanilla")  # no cleaner is --mode vanilla, not a cleaner
-
-_LOOP = LoopConfig()
-_SAMPLING = SamplingParams()
 
 
 EPILOG = """\
@@ -162,41 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --mode freelm: one of freelm/cleaners/ (free = the LoRA Free-Module; docs/runner.md lists them all)",
     )
     cleaners.add_cleaner_arguments(g)
-    g.add_argument(
-        "--clean-every", metavar="N", type=int, default=_LOOP.clean_every, help="clean after every N generated tokens"
-    )
-    g.add_argument(
-        "--max-tokens",
-        metavar="N",
-        type=int,
-        default=_LOOP.max_tokens,
-        help="total generation budget per rollout (deleted tokens count)",
-    )
-    g.add_argument(
-        "--context-limit",
-        metavar="N",
-        type=int,
-        default=_LOOP.context_limit,
-        help="context budget of a rollout (prompt + response stay below it); the servers' own windows, "
-        "read from them (SGLang /server_info, /v1/models max_model_len), apply as well; a server that reports "
-        "none is taken to serve exactly this window",
-    )
-    g.add_argument(
-        "--max-clean-rounds",
-        metavar="N",
-        type=int,
-        default=None,
-        help="cap on cleaning rounds per rollout (default: none)",
-    )
-    g.add_argument(
-        "--problem-suffix", metavar="TEXT", default=PROBLEM_SUFFIX, help="instruction appended to every problem"
-    )
-
-    g = parser.add_argument_group("reasoner sampling (defaults: Qwen3 thinking mode; always sent)")
-    g.add_argument("--temperature", metavar="T", type=float, default=_SAMPLING.temperature, help="0 = greedy")
-    g.add_argument("--top-p", metavar="P", type=float, default=_SAMPLING.top_p, help="nucleus mass")
-    g.add_argument("--top-k", metavar="K", type=int, default=_SAMPLING.top_k, help="-1 = off")
-    g.add_argument("--min-p", metavar="P", type=float, default=_SAMPLING.min_p, help="0 = off")
+    setting.add_arguments(parser, g, LoopConfig)  # the loop's settings, and sampling's in a section of their own
 
     g = parser.add_argument_group("execution (not part of the config hash)")
     g.add_argument(
@@ -279,14 +243,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.timeout <= 0 or args.down_wait <= 0:
         raise ValueError("--timeout and --down-wait must be > 0")
-    # the ranges SGLang's sampling/sampling_params.py verify() accepts: outside them every request is refused
-    # (HTTP 400, or the local sampler's ValueError), so the run would end with every rollout failed
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not 0 <= args.min_p <= 1:
-        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    setting.check(LoopConfig, vars(args))  # every loop and sampling bound, as declared on its field
     if not get_backend_kind(args.backend).remote:
         if args.model is None:
             raise ValueError(f"--backend {args.backend} needs --model DIR")

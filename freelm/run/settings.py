@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from freelm import setting
 from freelm.backends import get_backend_kind
 from freelm.cleaners import registry as cleaners
 
@@ -47,14 +48,11 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 def run_settings(spec: RunSpec) -> RunSettings:
     """The settings of ``spec``; raises ValueError on a bad value (a cleaner's template), before any output exists."""
-    loop = spec.loop.to_dict()
+    # a vanilla run leaves out the loop settings only cleaning uses: changing them is no new experiment
+    loop = setting.config_of(spec.loop, cleaning=spec.mode != "vanilla")
     cleaner: dict[str, Any] | None = None
     if spec.mode == "vanilla":
         mode = "vanilla"
-        del (
-            loop["clean_every"],
-            loop["max_clean_rounds"],
-        )  # unused without a cleaner: changing them is no new experiment
     else:
         entry = cleaners.get_cleaner(spec.cleaner)
         mode = entry.label

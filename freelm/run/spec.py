@@ -18,8 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from freelm import setting
 from freelm.backends import backend_kinds, get_backend_kind
-from freelm.backends.base import SamplingParams
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
 from freelm.run.flags import build_parser, normalize_endpoint, read_endpoints_file
@@ -85,13 +85,7 @@ class RunSpec:
                 s.dest: getattr(args, s.dest) for name in cleaners.cleaner_names()
                 for _, s in cleaners.get_cleaner(name).flags
             },
-            loop=LoopConfig(
-                clean_every=args.clean_every, max_tokens=args.max_tokens, context_limit=args.context_limit,
-                max_clean_rounds=args.max_clean_rounds, problem_suffix=args.problem_suffix,
-                sampling=SamplingParams(
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p
-                ),
-            ),
+            loop=LoopConfig(**setting.values(LoopConfig, vars(args))),
             concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
             down_wait=args.down_wait, progress=False if args.no_progress else None,
             flags={**flags, "output": str(output)},

@@ -21,6 +21,7 @@ from freelm.free import apply_deletions
 from freelm.loop import LoopConfig, run_rollout
 from freelm.prompts import render_reasoning_prompt
 from freelm.records import RolloutRecord
+from freelm.setting import config_of
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.tokenizer import Tokenizer
 
@@ -229,7 +230,7 @@ def test_loop_config_bounds():
     LoopConfig(clean_every=1, max_tokens=1, context_limit=1, max_clean_rounds=0)
     with pytest.raises(ValueError, match="max_clean_rounds must be >= 0"):
         LoopConfig(max_clean_rounds=-1)
-    assert LoopConfig(clean_every=7).to_dict()["clean_every"] == 7
+    assert config_of(LoopConfig(clean_every=7))["clean_every"] == 7  # what the config hash reads
 
 
 def test_the_configured_sampling_reaches_every_reasoning_request():

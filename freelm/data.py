@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freelm.records import iter_jsonl
+from freelm.jsonl import iter_jsonl
 from freelm.validation import FieldError, expect
 
 REQUIRED_FIELDS = ("id", "prompt")

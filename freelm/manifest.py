@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from freelm.records import unique_temp
+from freelm.jsonl import unique_temp
 from freelm.redact import redact_obj
 
 MANIFEST_VERSION = 1

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from freelm.free import parse_commands
+from freelm.jsonl import iter_jsonl
 from freelm.prompts import fill_template
-from freelm.records import iter_jsonl
 
 _SLOTS = ("{problem}", "{thinking}")
 

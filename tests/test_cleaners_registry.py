@@ -20,7 +20,6 @@ from freelm.manifest import manifest_path
 from freelm.records import read_rollouts
 from freelm.run.cli import main
 from freelm.run.flags import build_parser, validate_args
-from freelm.run.settings import run_settings
 from freelm.run.spec import RunSpec
 from freelm.setting import setting
 
@@ -117,7 +116,7 @@ def test_cleaner_flag_bounds_come_from_the_settings():
 
 def test_a_bad_template_fails_when_hashing_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="missing.txt"):
-        run_settings(parse("--cleaner", "icl", "--clean-template", str(tmp_path / "missing.txt")))
+        parse("--cleaner", "icl", "--clean-template", str(tmp_path / "missing.txt")).settings  # noqa: B018
 
 
 @dataclass

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from freelm.free import Deletion
-from freelm.records import append_jsonl
+from freelm.jsonl import append_jsonl
 from freelm.training.sft_data import build_row
 from freelm.training.trainer import TrainConfig, train
 

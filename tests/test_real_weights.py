@@ -147,7 +147,7 @@ def cleaning_row(first_chunk) -> dict:
 @pytest.fixture(scope="module")
 def free_adapter(backend, smollm2_dir, cleaning_row, tmp_path_factory, timings) -> Path:
     """A fresh LoRA overfit on the one cleaning row by the project's trainer, loaded into ``backend`` as "free"."""
-    from freelm.records import append_jsonl
+    from freelm.jsonl import append_jsonl
     from freelm.training.trainer import TrainConfig, train
 
     work = tmp_path_factory.mktemp("smollm2-lora")

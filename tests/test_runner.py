@@ -17,8 +17,9 @@ from freelm.backends.base import BackendError, TransientBackendError
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import get_cleaner
 from freelm.data import Problem
+from freelm.jsonl import iter_jsonl
 from freelm.manifest import errors_path, manifest_path
-from freelm.records import iter_jsonl, read_rollouts
+from freelm.records import read_rollouts
 from freelm.run.batch import run_batch
 from freelm.run.cli import run
 from freelm.run.components import Components

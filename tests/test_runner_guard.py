@@ -17,10 +17,11 @@ from freelm import output_guard
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import FreeModuleCleaner
 from freelm.data import Problem
+from freelm.jsonl import iter_jsonl
 from freelm.loop import LoopConfig, run_rollout
 from freelm.manifest import errors_path, lock_path, manifest_path
 from freelm.output_guard import OutputLock, OutputWriteError
-from freelm.records import iter_jsonl, read_rollouts
+from freelm.records import read_rollouts
 from freelm.run import batch as batch_module
 from freelm.run.batch import RunSummary, run_batch
 from freelm.run.cli import run

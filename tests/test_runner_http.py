@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
-from freelm.records import iter_jsonl
 from freelm.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
-from freelm.records import iter_jsonl, read_rollouts
+from freelm.records import read_rollouts
 from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
 from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from freelm.cli import main as freelm_main
 from freelm.free import Deletion
+from freelm.jsonl import append_jsonl
 from freelm.prompts import recover_thinking, render_cleaning_prompt
-from freelm.records import append_jsonl
 from freelm.tinymodel import train_tokenizer
 from freelm.tokenizer import Tokenizer
 from freelm.training.sft_data import build_row, check_file, percentile

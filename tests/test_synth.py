@@ -226,7 +226,7 @@ def test_synthesis_filters_by_reward_and_resumes(tokenizer, tmp_path):
 
 
 def read_rows_any(path):
-    from freelm.records import iter_jsonl
+    from freelm.jsonl import iter_jsonl
 
     return list(iter_jsonl(path))
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from freelm.free import Deletion
-from freelm.records import append_jsonl, iter_jsonl
+from freelm.jsonl import append_jsonl, iter_jsonl
 from freelm.training.sft_data import build_row
 from freelm.training.trainer import (
     CONFIG_FILE,

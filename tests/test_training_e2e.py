@@ -24,8 +24,9 @@ from freelm.cleaners import FreeModuleCleaner
 from freelm.cli import main as freelm_main
 from freelm.data import Problem
 from freelm.evaluation.grade import GraderPool
+from freelm.jsonl import append_jsonl, iter_jsonl
 from freelm.loop import LoopConfig, run_rollout
-from freelm.records import RolloutRecord, append_jsonl, iter_jsonl, read_rollouts
+from freelm.records import RolloutRecord, read_rollouts
 from freelm.testing.counting import CountingBackend
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
 from freelm.training.cuts import collect_cuts

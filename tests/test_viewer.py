@@ -12,8 +12,9 @@ import pytest
 
 from freelm.cleaners import FreeModuleCleaner
 from freelm.cli import main as cli_main
+from freelm.jsonl import append_jsonl
 from freelm.loop import LoopConfig, run_rollout
-from freelm.records import RolloutRecord, append_jsonl
+from freelm.records import RolloutRecord
 from freelm.testing.counting import CountingBackend, counting_tokenizer
 from freelm.viewer import context_curve, find_record, render_html, trace_pieces
 

@@ -46,7 +46,7 @@ from freelm.backends.base import (
     SamplingParams,
     ServerLimits,
 )
-from freelm.backends.local_batch import Row, RowAdapters, RunningBatch, StepStats, check_adapter
+from freelm.backends.local_batch import CachedSequence, Row, RowAdapters, RunningBatch, StepStats, check_adapter
 from freelm.tokenizer import Tokenizer
 
 #: How generate() admits waiting requests into the running batch (see LocalBackend._admit). "waves" is the
@@ -56,15 +56,6 @@ SCHEDULING = ("waves", "continuous")
 #: Event-loop turns between steps: a rollout's next request (through the pool, the loop, the cleaner) takes
 #: more than one turn to be sent; on the demo 4 turns saved 3% of the decode steps over 1, 16 nothing more.
 _JOIN_YIELDS = 4
-
-
-@dataclass
-class _CachedSequence:
-    """KV for exactly ``ids`` (prompt + output minus the last sampled token, which was never fed)."""
-
-    ids: list[int]
-    cache: Any  # transformers DynamicCache
-    nbytes: int = 0  # set when stored (what the cache_bytes bound counts)
 
 
 @dataclass
@@ -135,7 +126,7 @@ class LocalBackend:
         #: Generation stops with "length" here (prompt + output never exceed the model's positions).
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
-        self._caches: dict[str | None, OrderedDict[int, _CachedSequence]] = {}
+        self._caches: dict[str | None, OrderedDict[int, CachedSequence]] = {}
         self._next_key = 0
         self._waiting: list[tuple[GenerateRequest, asyncio.Future, float]] = []
         self._scheduler: asyncio.Task | None = None
@@ -390,7 +381,7 @@ class LocalBackend:
         self.model.set_adapter(adapter)
         return nullcontext()
 
-    def _take_cache(self, namespace: str | None, ids: list[int]) -> tuple[_CachedSequence, int]:
+    def _take_cache(self, namespace: str | None, ids: list[int]) -> tuple[CachedSequence, int]:
         """The cached sequence sharing the longest prefix with ``ids``, cropped to it (or a fresh cache).
 
         At least the last prompt token is always recomputed (its logits start
@@ -407,7 +398,7 @@ class LocalBackend:
             if n > best:
                 best_key, best = key, n
         if best_key is None:
-            return _CachedSequence(ids=[], cache=DynamicCache(config=self.model.config)), 0
+            return CachedSequence(ids=[], cache=DynamicCache(config=self.model.config)), 0
         seq = lru[best_key]
         if best == len(seq.ids):
             del lru[best_key]
@@ -417,9 +408,9 @@ class LocalBackend:
             cache = DynamicCache(config=self.model.config)
             for layer, data in enumerate(seq.cache.layers):
                 cache.update(data.keys[:, :, :best], data.values[:, :, :best], layer)
-        return _CachedSequence(ids=ids[:best], cache=cache), best
+        return CachedSequence(ids=ids[:best], cache=cache), best
 
-    def _keep(self, namespace: str | None, entry: _CachedSequence, output_ids: list[int]) -> None:
+    def _keep(self, namespace: str | None, entry: CachedSequence, output_ids: list[int]) -> None:
         """Store a finished request's KV for the next request that shares its prefix, if it can have one."""
         if entry.cache.get_seq_length() != len(entry.ids):  # a cache out of step with its ids must never be reused
             return

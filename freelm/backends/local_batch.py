@@ -48,6 +48,20 @@ HOLD_SHARE = 1.0
 
 
 @dataclass
+class CachedSequence:
+    """KV for exactly ``ids`` (prompt + output minus the last sampled token, which was never fed).
+
+    What the in-process engine's prefix cache stores per sequence and what a
+    finished batch row hands back to it (here, so the engine and its running
+    batch do not import each other).
+    """
+
+    ids: list[int]
+    cache: Any  # transformers DynamicCache
+    nbytes: int = 0  # set when stored (what the cache_bytes bound counts)
+
+
+@dataclass
 class Row:
     """One request in the running batch: its prompt, what it has generated so far, and whom to tell."""
 
@@ -489,8 +503,6 @@ def _stack_caches(config: Any, caches: list[Any], lengths: list[int]) -> Any:
 
 def _row_cache(config: Any, cache: Any, mask: Any, row: int, ids: list[int]) -> Any:
     """Row ``row`` of a batch cache without its padding, as a one-sequence cache for exactly ``ids``."""
-    from freelm.backends.local import _CachedSequence
-
     columns = mask[row].nonzero().squeeze(-1)
     single = _empty_cache(config)
     for layer, data in enumerate(cache.layers):
@@ -499,7 +511,7 @@ def _row_cache(config: Any, cache: Any, mask: Any, row: int, ids: list[int]) -> 
             data.values[row : row + 1].index_select(2, columns),
             layer,
         )
-    return _CachedSequence(ids=ids, cache=single)
+    return CachedSequence(ids=ids, cache=single)
 
 
 def check_adapter(adapter: str | None, loaded: list[str]) -> None:

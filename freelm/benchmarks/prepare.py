@@ -21,8 +21,8 @@ from typing import Any
 
 from freelm.benchmarks.fetch import Fetched, fetch, sha256_file
 from freelm.benchmarks.sources import Benchmark, BenchmarkDataError, RowRef
+from freelm.jsonl import iter_jsonl, write_jsonl
 from freelm.manifest import now_iso
-from freelm.records import iter_jsonl, write_jsonl
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1

@@ -63,7 +63,7 @@ class BuildConfig:
 
 
 def _write_benchmark(path: Path, config: BuildConfig) -> None:
-    from freelm.records import write_jsonl
+    from freelm.jsonl import write_jsonl
 
     rows = [p.to_row() for p in generate_problems(config.benchmark_problems, config.benchmark_seed, split="test")]
     write_jsonl(path, rows)
@@ -76,8 +76,8 @@ def _synthesize(out: Path, config: BuildConfig) -> dict:
     from freelm.cleaners.registry import get_cleaner
     from freelm.data import Problem
     from freelm.evaluation.grade import GraderPool
+    from freelm.jsonl import iter_jsonl, write_jsonl
     from freelm.loop import LoopConfig
-    from freelm.records import iter_jsonl, write_jsonl
     from freelm.training.cuts import Cut
     from freelm.training.reward import AnswerGrader, RewardFilter
     from freelm.training.synth import Synthesizer

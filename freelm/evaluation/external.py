@@ -25,7 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from freelm.records import RolloutRecord, iter_jsonl, rollouts_from_rows
+from freelm.jsonl import iter_jsonl
+from freelm.records import RolloutRecord, rollouts_from_rows
 
 ID_FIELDS = ("id", "doc_id", "problem_id")
 RESPONSE_FIELDS = ("response", "generation", "output", "completion", "model_output")

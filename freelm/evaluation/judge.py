@@ -22,7 +22,7 @@ from typing import Literal
 
 from freelm.evaluation.extract import last_boxed
 from freelm.evaluation.metrics import JudgeKey
-from freelm.records import append_jsonl, iter_jsonl, repair_torn_tail
+from freelm.jsonl import append_jsonl, iter_jsonl, repair_torn_tail
 from freelm.redact import redact
 
 Verdict = Literal["correct", "incorrect", "unparseable", "error"]

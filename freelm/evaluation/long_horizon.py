@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from freelm.data import load_problems
-from freelm.records import read_rollouts, write_jsonl
+from freelm.jsonl import write_jsonl
+from freelm.records import read_rollouts
 
 
 def select_problems(records, threshold: int, rule: str = "mean") -> set[tuple[str, str]]:

@@ -7,9 +7,9 @@ failed request retried elsewhere without losing the rollout's state).
 
 Why the output is safe to kill at any moment: each finished rollout is one JSONL
 line, written, flushed and fsynced with the rest of its batch before it counts as
-done (``records.append_jsonl_lines``), so a
+done (``jsonl.append_jsonl_lines``), so a
 SIGKILL loses at most the rollouts in flight and can only tear the last line,
-which the next start truncates (``records.repair_torn_tail``). Failed rollouts
+which the next start truncates (``jsonl.repair_torn_tail``). Failed rollouts
 (``finish_reason == "error"``: a server that stayed down, a 4xx) are not written
 to the output but to ``OUT.errors.jsonl``, so re-running the same command retries
 exactly them and the rest is skipped.
@@ -31,11 +31,13 @@ from typing import Any
 from freelm.backends.base import ContextWindow
 from freelm.backends.pool import EndpointPool
 from freelm.data import Problem
+from freelm.jsonl import append_jsonl_lines, repair_torn_tail
 from freelm.loop import run_rollout
-from freelm.manifest import errors_path, now_iso, package_versions, write_manifest
+from freelm.manifest import errors_path, now_iso, package_versions
 from freelm.output_guard import OutputWriteError
-from freelm.records import RolloutRecord, RolloutResult, append_jsonl_lines, repair_torn_tail
+from freelm.records import RolloutRecord, RolloutResult
 from freelm.run.components import Components
+from freelm.run.manifest import RunManifest
 from freelm.run.plan import ExistingOutput, Job, history, inspect_output, move_aside, plan_jobs
 from freelm.run.settings import RunSettings
 from freelm.run.spec import RunSpec
@@ -117,31 +119,20 @@ async def run_batch(
 
     jobs, owned = plan_jobs(problems, spec.n_rollouts, settings.seed, existing.keys, spec.shard)
     summary = RunSummary(total=owned, present_at_start=owned - len(jobs))
-    manifest: dict[str, Any] = {
-        "output": str(output),
-        "command": sys.argv,
-        "config": spec.flags,
-        "settings": settings.to_dict(),
-        "config_hash": settings.config_hash,
-        "mode": settings.mode,
-        "versions": package_versions(),
-        "problems": len(problems),
-        "n_rollouts": spec.n_rollouts,
-        "shard": spec.shard.to_dict(),
-        "started_at": now_iso(),
-        "ended_at": None,
-        "status": "running",
-        "run_id": run_id or uuid.uuid4().hex,
-        "previous_runs": previous,
-        "served": served or {},
-        "seeds_honoured": (served or {}).get("seeds_honoured"),
-    }
+    manifest = RunManifest(
+        output=str(output), command=sys.argv, config=spec.flags, settings=settings.to_dict(),
+        config_hash=settings.config_hash, mode=settings.mode, versions=package_versions(), problems=len(problems),
+        n_rollouts=spec.n_rollouts, shard=spec.shard.to_dict(), started_at=now_iso(),
+        run_id=run_id or uuid.uuid4().hex, previous_runs=previous, served=served or {},
+        seeds_honoured=(served or {}).get("seeds_honoured"),
+    )  # fmt: skip
 
     def save(status: str) -> None:
-        manifest.update(status=status, summary=summary.to_dict(), endpoints=[p.stats() for p in components.pools])
+        manifest.status, manifest.summary = status, summary.to_dict()
+        manifest.endpoints = [p.stats() for p in components.pools]
         if status != "running":
-            manifest["ended_at"] = now_iso()
-        write_manifest(output, manifest)
+            manifest.ended_at = now_iso()
+        manifest.write()
 
     save("running")
     started = time.perf_counter()

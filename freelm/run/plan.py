@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from freelm.data import Problem
-from freelm.manifest import errors_path, manifest_path, now_iso, read_manifest, write_manifest
+from freelm.manifest import errors_path, manifest_path, now_iso, read_manifest
 from freelm.records import read_rollouts
+from freelm.run.manifest import RunStart
 from freelm.run.settings import RunSettings, rollout_seed, settings_differences
 from freelm.shards import Shard
 
@@ -130,11 +131,7 @@ def record_start(output: Path, settings: RunSettings, run_id: str) -> None:
     A run killed before its first full manifest then still appears under
     ``previous_runs`` of the next one, so ``previous_runs`` counts every start.
     """
-    write_manifest(
-        output,
-        {
-            "output": str(output), "command": sys.argv, "settings": settings.to_dict(),
-            "config_hash": settings.config_hash, "mode": settings.mode, "started_at": now_iso(), "ended_at": None,
-            "status": "starting", "run_id": run_id, "previous_runs": history(output, settings, None),
-        },
-    )  # fmt: skip
+    RunStart(
+        output=str(output), command=sys.argv, settings=settings.to_dict(), config_hash=settings.config_hash,
+        mode=settings.mode, started_at=now_iso(), run_id=run_id, previous_runs=history(output, settings, None),
+    ).write()  # fmt: skip

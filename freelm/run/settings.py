@@ -14,14 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-from freelm import setting
-from freelm.backends import get_backend_kind
-from freelm.cleaners import registry as cleaners
-
-if TYPE_CHECKING:
-    from freelm.run.spec import RunSpec
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,26 +37,6 @@ class RunSettings:
 
 def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_settings(spec: RunSpec) -> RunSettings:
-    """The settings of ``spec``; raises ValueError on a bad value (a cleaner's template), before any output exists."""
-    # a vanilla run leaves out the loop settings only cleaning uses: changing them is no new experiment
-    loop = setting.config_of(spec.loop, cleaning=spec.mode != "vanilla")
-    cleaner: dict[str, Any] | None = None
-    if spec.mode == "vanilla":
-        mode = "vanilla"
-    else:
-        entry = cleaners.get_cleaner(spec.cleaner)
-        mode = entry.label
-        cleaner = entry.config(spec.cleaner_options)  # validates files (a template) before any request
-    model = None
-    if not get_backend_kind(spec.backend).remote:
-        model = {
-            "model": str(spec.model.resolve()) if spec.model else None,
-            "adapter": str(spec.adapter.resolve()) if spec.adapter else None,
-        }
-    return RunSettings(mode=mode, seed=spec.seed, loop=loop, cleaner=cleaner, model=model)
 
 
 def settings_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ from freelm.backends import backend_kinds, get_backend_kind
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
 from freelm.run.flags import build_parser, normalize_endpoint, read_endpoints_file
-from freelm.run.settings import RunSettings, run_settings
+from freelm.run.settings import RunSettings
 from freelm.shards import Shard
 
 
@@ -98,8 +98,23 @@ class RunSpec:
 
     @cached_property
     def settings(self) -> RunSettings:
-        """Computed once (it may read a cleaner's template file); raises ValueError on a bad value."""
-        return run_settings(self)
+        """What decides results, computed once; raises ValueError on a bad value (a cleaner's template file)
+        before any output exists."""
+        # a vanilla run leaves out the loop settings only cleaning uses: changing them is no new experiment
+        loop = setting.config_of(self.loop, cleaning=self.mode != "vanilla")
+        cleaner: dict[str, Any] | None = None
+        mode = "vanilla"
+        if self.mode != "vanilla":
+            entry = cleaners.get_cleaner(self.cleaner)
+            mode = entry.label
+            cleaner = entry.config(self.cleaner_options)  # validates files (a template) before any request
+        model = None
+        if not self.remote:  # a remote server's weights are the operator's responsibility
+            model = {
+                "model": str(self.model.resolve()) if self.model else None,
+                "adapter": str(self.adapter.resolve()) if self.adapter else None,
+            }
+        return RunSettings(mode=mode, seed=self.seed, loop=loop, cleaner=cleaner, model=model)
 
     @property
     def remote(self) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from freelm.records import iter_jsonl, write_jsonl
+from freelm.jsonl import iter_jsonl, write_jsonl
 from freelm.training.sft_data import END_OF_TURN
 
 TRAINING_FILE = "training.jsonl"

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from freelm.free import Deletion, apply_deletions, format_commands, parse_commands
+from freelm.jsonl import iter_jsonl
 from freelm.prompts import recover_thinking, render_cleaning_prompt
-from freelm.records import iter_jsonl
 
 #: Qwen3's end-of-turn token: the completion ends with it so the adapter stops after the list.
 END_OF_TURN = "<|im_end|>"

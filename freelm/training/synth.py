@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from freelm.free import Edit, apply_deletions, parse_commands
-from freelm.records import append_jsonl, iter_jsonl, repair_torn_tail
+from freelm.jsonl import append_jsonl, iter_jsonl, repair_torn_tail
 from freelm.training.cuts import Cut, Key
 from freelm.training.reward import RewardFilter
 from freelm.training.sft_data import END_OF_TURN, build_row

@@ -23,7 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from freelm.records import append_jsonl
+from freelm.jsonl import append_jsonl
 from freelm.training.sft_data import read_rows
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

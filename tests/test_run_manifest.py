@@ -16,7 +16,8 @@ START_KEYS = {
     "run_id", "previous_runs",
 }  # fmt: skip
 RUN_KEYS = START_KEYS | {
-    "config", "versions", "problems", "n_rollouts", "shard", "served", "seeds_honoured", "summary", "endpoints"
+    "config", "versions", "problems", "n_rollouts", "shard", "served", "seeds_honoured", "summary", "endpoints",
+    "cleaning",
 }  # fmt: skip
 
 

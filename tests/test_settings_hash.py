@@ -41,6 +41,8 @@ NOT_RESULTS = {
     "served_model": "as --tokenizer",
     "api_key_env": "a credential's location",
     "text_prompts": "how the prompt travels (its ids or their text; detected at startup when not given)",
+    "max_unusable_cleaning": "judges the finished output's cleaning outcomes (exit 3), never changes a rollout",
+    "accept_unusable_cleaning": "as --max-unusable-cleaning",
 }
 EXECUTION_GROUP = "execution (not part of the config hash)"
 

@@ -109,11 +109,16 @@ _CONTEXT_ERROR_MARKERS = (
 )
 
 
+def says_window_exceeded(server_message: str) -> bool:
+    """Whether an error text is a window refusal in one of the servers' wordings above."""
+    text = server_message.lower()
+    return any(marker in text for marker in _CONTEXT_ERROR_MARKERS)
+
+
 def refused(message: str, server_message: str, status: int | None = 400) -> BackendError:
     """The error for a request the server refused: a :class:`ContextLengthError` when a 400 (or an abort,
     ``status=None``) says it does not fit the window, else a plain :class:`BackendError`."""
-    text = server_message.lower()
-    fits = not any(marker in text for marker in _CONTEXT_ERROR_MARKERS)
+    fits = not says_window_exceeded(server_message)
     return BackendError(message) if fits or status not in (400, None) else ContextLengthError(message)
 
 

@@ -36,6 +36,7 @@ from freelm.loop import run_rollout
 from freelm.manifest import errors_path, now_iso, package_versions
 from freelm.output_guard import OutputWriteError
 from freelm.records import RolloutRecord, RolloutResult
+from freelm.run.cleaning import CleaningTally
 from freelm.run.components import Components
 from freelm.run.manifest import RunManifest
 from freelm.run.plan import ExistingOutput, Job, history, inspect_output, move_aside, plan_jobs
@@ -56,6 +57,14 @@ class RunSummary:
     retries: int = 0
     wall_time_s: float = 0.0
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    cleaning: CleaningTally = field(default_factory=CleaningTally)  # this invocation's rollouts
+    #: the rollouts the output held at the start (same settings): with ``cleaning``, what the cleaning rule judges
+    cleaning_at_start: CleaningTally = field(default_factory=CleaningTally, repr=False)
+
+    @property
+    def output_cleaning(self) -> CleaningTally:
+        """Every rollout the output holds: the rule judges the run, not only this invocation."""
+        return self.cleaning_at_start.merged(self.cleaning)
 
     @property
     def remaining(self) -> int:
@@ -70,8 +79,11 @@ class RunSummary:
         return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        del fields["cleaning_at_start"]
         return {
-            **asdict(self),
+            **fields,
+            "cleaning": self.cleaning.to_dict(),
             "remaining": self.remaining,
             "mean_cleaning_rounds": round(self.mean_cleaning_rounds, 3),
             "tokens_per_s": round(self.tokens_per_s, 1),
@@ -84,7 +96,7 @@ class RunSummary:
             f"tokens generated: {self.generated_tokens} ({self.tokens_per_s:.1f}/s); "
             f"mean cleaning rounds: {self.mean_cleaning_rounds:.2f}; retries: {self.retries}; "
             f"wall time: {self.wall_time_s:.1f}s; finish: {self.finish_reasons}"
-        )
+        ) + (f"\n{self.cleaning.format()}" if self.cleaning.rounds else "")
 
 
 async def run_batch(
@@ -118,7 +130,7 @@ async def run_batch(
         previous = history(output, settings, run_id)
 
     jobs, owned = plan_jobs(problems, spec.n_rollouts, settings.seed, existing.keys, spec.shard)
-    summary = RunSummary(total=owned, present_at_start=owned - len(jobs))
+    summary = RunSummary(total=owned, present_at_start=owned - len(jobs), cleaning_at_start=existing.cleaning)
     manifest = RunManifest(
         output=str(output), command=sys.argv, config=spec.flags, settings=settings.to_dict(),
         config_hash=settings.config_hash, mode=settings.mode, versions=package_versions(), problems=len(problems),
@@ -130,6 +142,8 @@ async def run_batch(
     def save(status: str) -> None:
         manifest.status, manifest.summary = status, summary.to_dict()
         manifest.endpoints = [p.stats() for p in components.pools]
+        if settings.cleaner is not None:
+            manifest.cleaning = spec.cleaning_rule.report(summary.output_cleaning)
         if status != "running":
             manifest.ended_at = now_iso()
         manifest.write()
@@ -266,6 +280,7 @@ async def _write_finished(
                     summary.done += 1
                     summary.generated_tokens += item.result.generated_tokens
                     summary.cleaning_rounds += item.result.cleaning_rounds
+                    summary.cleaning.add(item.job.key, item.result.rounds)
                     reason = item.result.finish_reason
                     summary.finish_reasons[reason] = summary.finish_reasons.get(reason, 0) + 1
                 else:

@@ -18,7 +18,8 @@ import uuid
 from freelm.data import Problem, load_problem_sources
 from freelm.manifest import errors_path
 from freelm.output_guard import OutputLock, OutputWriteError, check_output_writable
-from freelm.run.batch import run_batch
+from freelm.run.batch import RunSummary, run_batch
+from freelm.run.cleaning import EXIT_CLEANING, describe_cleaner, flag_message
 from freelm.run.components import Components, build_components, learn_limits, startup_checks
 from freelm.run.flags import add_arguments, build_parser, validate_args
 from freelm.run.plan import ExistingOutput, inspect_output, record_start
@@ -29,7 +30,8 @@ __all__ = ["add_arguments", "main", "run"]
 
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 all rollouts present, 1 some failed or a write failed (re-run resumes), 2 bad input or config
-    (including another runner on the same output), 130 interrupted."""
+    (including another runner on the same output), 3 the run is flagged by the cleaning-outcome rule
+    (:mod:`freelm.run.cleaning`; every rollout kept, re-running would not help), 130 interrupted."""
     try:
         validate_args(args)
         spec = RunSpec.from_args(args)
@@ -91,12 +93,26 @@ async def _run_async(
     finally:
         await components.aclose()
     print(summary.format())
+    flagged = _judge_cleaning(spec, summary)
     if summary.failed:
         print(
             f"{summary.failed} rollout(s) failed (see {errors_path(spec.output)}); re-run the same command to retry them"
         )
-        return 1
-    return 0
+    return EXIT_CLEANING if flagged else 1 if summary.failed else 0
+
+
+def _judge_cleaning(spec: RunSpec, summary: RunSummary) -> bool:
+    """Apply the cleaning-outcome rule to everything the output holds; print its message; True when flagged."""
+    settings = spec.settings
+    tally = summary.output_cleaning
+    verdict = spec.cleaning_rule.verdict(tally)
+    if settings.cleaner is None or verdict not in ("flagged", "accepted"):
+        return False
+    template = spec.cleaner_options.get("clean_template")
+    cleaner = describe_cleaner(spec.cleaner, settings.cleaner, template)
+    message = flag_message(tally, spec.cleaning_rule, output=spec.output, cleaner=cleaner)
+    print(f"{'error' if verdict == 'flagged' else 'warning'}: {message}", file=sys.stderr)
+    return verdict == "flagged"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from freelm import setting
 from freelm.backends import backend_kinds, get_backend_kind
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
+from freelm.run.cleaning import add_rule_arguments, validate_rule_arguments
 from freelm.shards import Shard
 
 MODES = ("freelm", "vanilla")  # no cleaner is --mode vanilla, not a cleaner
@@ -38,8 +39,14 @@ resume: re-running the same command skips every (source, id, rollout) already in
 line (kill -9 mid-write) is dropped. Different results-deciding settings (mode, cleaner, budgets,
 sampling, seed, local weights) are refused unless --force; endpoints, concurrency and timeouts may change.
 
+cleaning: with --mode freelm the summary and the manifest count every cleaning round's outcome (applied,
+nothing to delete, unresolved spans, parse errors by kind, failed calls by reason, no room); more than
+--max-unusable-cleaning of the output's rounds without a usable deletion list flags the run (exit 3).
+
 exit codes: 0 every rollout present; 1 some failed (re-run to retry); 2 bad input/config, nothing sent;
-130 interrupted (finished rollouts are kept)."""
+3 the cleaner (nearly) never gave a usable deletion list: every rollout is kept and the run is flagged, but
+re-running would not help (wrong template, adapter name or window: the message names the cause and the check;
+it takes precedence over 1); 130 interrupted (finished rollouts are kept)."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -162,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cleaners.add_cleaner_arguments(g)
     setting.add_arguments(parser, g, LoopConfig)  # the loop's settings, and sampling's in a section of their own
 
+    g = parser.add_argument_group("outcome checks (not part of the config hash)")
+    add_rule_arguments(g)
+
     g = parser.add_argument_group("execution (not part of the config hash)")
     g.add_argument(
         "--concurrency",
@@ -237,6 +247,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     Shard(args.shard_index, args.num_shards)  # raises naming --shard-index and --num-shards
     cleaners.validate(vars(args))
+    validate_rule_arguments(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_retries < 0:

@@ -57,4 +57,6 @@ class RunManifest(RunStart):
     seeds_honoured: bool | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # RunSummary.to_dict()
     endpoints: list[dict[str, Any]] = field(default_factory=list)  # each pool's counters
+    #: the cleaning-outcome rule on everything the output holds (freelm.run.cleaning.CleaningRule.report); None: vanilla
+    cleaning: dict[str, Any] | None = None
     status: str = "running"  # running, then complete, incomplete or interrupted

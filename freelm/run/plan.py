@@ -19,6 +19,7 @@ from typing import Any
 from freelm.data import Problem
 from freelm.manifest import errors_path, manifest_path, now_iso, read_manifest
 from freelm.records import read_rollouts
+from freelm.run.cleaning import CleaningTally
 from freelm.run.manifest import RunStart
 from freelm.run.settings import RunSettings, rollout_seed, settings_differences
 from freelm.shards import Shard
@@ -49,6 +50,7 @@ class ExistingOutput:
 
     keys: set[RolloutKey] = field(default_factory=set)
     mismatch: str | None = None  # why the file cannot be resumed with these settings (then --force replaces it)
+    cleaning: CleaningTally = field(default_factory=CleaningTally)  # the cleaning outcomes of the rollouts it holds
 
 
 def inspect_output(output: Path, settings: RunSettings, *, force: bool) -> ExistingOutput:
@@ -64,11 +66,14 @@ def inspect_output(output: Path, settings: RunSettings, *, force: bool) -> Exist
     ours = settings.config_hash
     theirs = sorted({r.config_hash for r in records} - {ours})
     existing.keys = {r.key for r in records if r.config_hash == ours}
+    for record in records:
+        if record.config_hash == ours:
+            existing.cleaning.add(record.key, record.rounds)
     if theirs:
         existing.mismatch = _mismatch_message(output, theirs, settings)
         if not force:
             raise ConfigMismatch(existing.mismatch + "\nre-run with --force to move the old files aside and start over")
-        existing.keys = set()
+        existing.keys, existing.cleaning = set(), CleaningTally()
     return existing
 
 

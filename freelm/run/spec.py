@@ -22,6 +22,7 @@ from freelm import setting
 from freelm.backends import backend_kinds, get_backend_kind
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
+from freelm.run.cleaning import CleaningRule
 from freelm.run.flags import build_parser, normalize_endpoint, read_endpoints_file
 from freelm.run.settings import RunSettings
 from freelm.shards import Shard
@@ -54,6 +55,7 @@ class RunSpec:
     cleaner: str
     cleaner_options: dict[str, Any]  # every registered cleaner's flags
     loop: LoopConfig
+    cleaning_rule: CleaningRule  # when the output's cleaning outcomes flag the run (judges results, never changes them)
     # execution (not hashed)
     concurrency: int
     timeout: float
@@ -86,6 +88,7 @@ class RunSpec:
                 for _, s in cleaners.get_cleaner(name).flags
             },
             loop=LoopConfig(**setting.values(LoopConfig, vars(args))),
+            cleaning_rule=CleaningRule.from_args(args),
             concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
             down_wait=args.down_wait, progress=False if args.no_progress else None,
             flags={**flags, "output": str(output)},

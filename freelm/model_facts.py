@@ -86,3 +86,8 @@ ARCHITECTURES: dict[str, ModelArch] = {
         "Qwen3-235B-A22B", "Qwen/Qwen3-235B-A22B-Thinking-2507", 94, 4096, 12288, 64, 4, 262144, 128, 8, 1536
     ),
 }
+
+#: The embedded default (``freelm/assets/embedded/base/config.json``; docs/embedded.md): the model the
+#: paper-table path runs on a laptop and in CI (``configs/embedded.env``). Not in :data:`ARCHITECTURES`,
+#: which holds the paper's models, each with a Megatron plan; the efficiency report has it as a preset.
+EMBEDDED = ModelArch("embedded", "freelm/assets/embedded/base", 2, 128, 384, 4, 2, 1024, head_dim=32, vocab_size=576)

@@ -72,3 +72,26 @@ def test_wall_time_is_the_records_own_not_reasoning_plus_cleaning():
     assert rows["freelm"].mean_reasoning_time_s == pytest.approx(121.5)
     assert rows["freelm"].mean_cleaning_time_s == pytest.approx(30.0)
     assert rows["freelm"].latency_overhead == pytest.approx(mean_free / mean_van - 1)
+
+
+def test_the_embedded_preset_is_the_embedded_model_as_its_config_json_says():
+    import freelm
+    from freelm.model_facts import EMBEDDED, arch_mismatches
+
+    base = Path(freelm.__file__).parent / "assets" / "embedded" / "base"
+    assert arch_mismatches(EMBEDDED, json.loads((base / "config.json").read_text())) == []
+    preset, read = PRESETS["embedded"], kv_spec_from_config(base)
+    assert (preset.layers, preset.kv_heads, preset.head_dim, preset.dtype_bytes) == (
+        read.layers, read.kv_heads, read.head_dim, read.dtype_bytes,
+    )  # fmt: skip
+    assert preset.bytes_per_token == 2 * 2 * 32 * 2 * 4 == 1024  # float32, as config.json and as served
+    assert resolve_kv_spec("embedded") is preset
+
+
+def test_a_small_models_kv_size_is_printed_not_rounded_to_zero():
+    from freelm.evaluation.efficiency import EfficiencyRow, efficiency_markdown
+
+    row = EfficiencyRow("Free()LM", 20, 90.0, 90 * 1024 / 1e9, 190.0, 1.0, 0.5, 0.5)
+    table = efficiency_markdown([row], PRESETS["embedded"])
+    assert "| Free()LM | 20 | 90 | 9.22e-05 | 190 |" in table
+    assert "KV bytes/token for embedded: 1,024 (K+V per KV head, 4-byte cache)." in table

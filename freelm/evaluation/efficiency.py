@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from freelm.model_facts import ARCHITECTURES
+from freelm.model_facts import ARCHITECTURES, EMBEDDED
 from freelm.records import RolloutRecord
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "fp8": 1}
@@ -41,12 +41,21 @@ class KVSpec:
         return self.layers * (per_layer + self.indexer_dim * self.indexer_bytes)
 
 
-#: The Qwen3 shapes from :data:`freelm.model_facts.ARCHITECTURES` (bf16 KV cache), plus DeepSeek-V3.2.
+#: The Qwen3 shapes from :data:`freelm.model_facts.ARCHITECTURES` (bf16 KV cache), the embedded default
+#: (float32 weights, so a float32 cache as served: scripts/smoke_sglang.sh --dtype float32, the stand-in),
+#: plus DeepSeek-V3.2.
 PRESETS = {
     **{
         key: KVSpec(arch.name, layers=arch.num_layers, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim)
         for key, arch in ARCHITECTURES.items()
     },
+    "embedded": KVSpec(
+        EMBEDDED.name,
+        layers=EMBEDDED.num_layers,
+        kv_heads=EMBEDDED.num_kv_heads,
+        head_dim=EMBEDDED.head_dim,
+        dtype_bytes=4,
+    ),  # fmt: skip
     # MLA: kv_lora_rank 512 + qk_rope_head_dim 64 per layer; DSA indexer: index_head_dim 128.
     "deepseek-v3.2": KVSpec("DeepSeek-V3.2", layers=61, mla_latent_dim=512 + 64, indexer_dim=128),
 }
@@ -143,6 +152,11 @@ def efficiency_rows(
     return rows
 
 
+def _gb(value: float) -> str:
+    """Two decimals, or three significant digits below 0.01 GB (a small model's KV: the embedded default's is ~1e-4)."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.3g}"
+
+
 def efficiency_markdown(rows: list[EfficiencyRow], spec: KVSpec) -> str:
     head = "| Run | rollouts | peak ctx | KV GB/sample | gen tokens | wall s/rollout | reasoning s | cleaning s | KV change | latency overhead |"
     lines = [head, "|---|" + "---:|" * 9]
@@ -150,7 +164,7 @@ def efficiency_markdown(rows: list[EfficiencyRow], spec: KVSpec) -> str:
         kv = "" if r.kv_change is None else f"{100 * r.kv_change:+.1f}%"
         lat = "" if r.latency_overhead is None else f"{100 * r.latency_overhead:+.1f}%"
         lines.append(
-            f"| {r.name} | {r.rollouts} | {r.mean_peak_context_tokens:.0f} | {r.kv_gb_per_sample:.2f} | "
+            f"| {r.name} | {r.rollouts} | {r.mean_peak_context_tokens:.0f} | {_gb(r.kv_gb_per_sample)} | "
             f"{r.mean_generated_tokens:.0f} | {r.mean_wall_time_s:.1f} | {r.mean_reasoning_time_s:.1f} | "
             f"{r.mean_cleaning_time_s:.1f} | {kv} | {lat} |"
         )

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
+from sft_rows import make_rows
 
 from freelm.cli import main
 from freelm.prompts import DEFAULT_CLEAN_TEMPLATE, render_cleaning_prompt
 from freelm.template_infer import TemplateMismatch, infer_template
 
-WORDS = "alpha beta gamma delta seven apples circle prime sum integer triangle area ratio even odd".split()
 THINKING_FIRST = (
     "Reasoning trace follows.\n<trace>\n{thinking}\n</trace>\nOriginal question: {problem}\n"
     'Reply with [{"prefix": ..., "suffix": ...}] only.\n'
@@ -21,31 +20,6 @@ CHATML_QWEN = (
     "<|im_end|>\n<|im_start|>assistant\n"
 )
 TEMPLATES = {"clean.txt": DEFAULT_CLEAN_TEMPLATE.read_text(), "thinking_first": THINKING_FIRST, "chatml": CHATML_QWEN}
-
-
-def make_rows(template: str, n: int = 12, seed: int = 0, fmt: str = "bare") -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        # slot texts that share no start or end across rows: what they share is template text (the method's limit)
-        problem = f"{rng.choice(WORDS).capitalize()} {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(4, 9)))
-        problem += rng.choice("?.!") + str(i)
-        steps = [f"{rng.choice(WORDS)} step {j} " + " ".join(rng.choices(WORDS, k=6)) for j in range(rng.randint(3, 6))]
-        thinking = f"{i} " + "\n".join(steps) + f" {rng.random():.6f}"
-        deletion = [{"prefix": steps[1][:14], "suffix": steps[1][-8:]}] if i % 3 else []
-        body = json.dumps(deletion)
-        completion = {"bare": body, "fenced": f"```json\n{body}\n```", "think": f"<think>\n\n</think>\n\n{body}"}[fmt]
-        rows.append({"prompt": render_cleaning_prompt(problem, thinking, _file(template)), "completion": completion})
-    return rows
-
-
-def _file(template: str):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "t.txt"
-    path.write_text(template)
-    return path
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

@@ -202,6 +202,16 @@ def stand_in(tmp_path_factory):
 
 
 def test_the_released_adapter_flow_reproduces_the_embedded_table_and_a_wrong_template_is_flagged(stand_in, tmp_path):
+    times = reproduce_embedded(stand_in, tmp_path, "--backend", "sglang")
+    print(", ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items()))
+
+
+def reproduce_embedded(endpoint: str, tmp_path: Path, *engine: str) -> dict[str, float]:
+    """The paper-table path on a server of the embedded model and Free-Module at ``endpoint`` (``engine``: the
+    scripts' --backend / --served-model): the released-adapter flow, both scripts, and a wrong template flagged.
+
+    Returns each script's wall time. A real-engine tier calls it with its own server.
+    """
     # 1. the released-adapter flow: the template recovered from SFT rows, its path in the config
     cfg = tmp_path / "configs"
     cfg.mkdir()
@@ -220,8 +230,8 @@ def test_the_released_adapter_flow_reproduces_the_embedded_table_and_a_wrong_tem
     # 2. the main table
     out = tmp_path / "main"
     started = time.monotonic()
-    main = script("reproduce_main.sh", config, out, "--tokenizer", ASSETS / "base", "--endpoint", stand_in,
-                  "--backend", "sglang", timeout=1800)  # fmt: skip
+    main = script("reproduce_main.sh", config, out, "--tokenizer", ASSETS / "base", "--endpoint", endpoint,
+                  *engine, timeout=1800)  # fmt: skip
     main_s = time.monotonic() - started
     assert main.returncode == 0, main.stdout + main.stderr
     for name in ("table.md", "metrics.json", "accuracy_vs_tokens.png", "peak_context.png", "efficiency.md"):
@@ -246,7 +256,7 @@ def test_the_released_adapter_flow_reproduces_the_embedded_table_and_a_wrong_tem
     long_out = tmp_path / "long"
     started = time.monotonic()
     long = script("reproduce_long_horizon.sh", config, vanilla, long_out, "--tokenizer", ASSETS / "base",
-                  "--endpoint", stand_in, timeout=1800)  # fmt: skip
+                  "--endpoint", endpoint, *engine, timeout=1800)  # fmt: skip
     long_s = time.monotonic() - started
     assert long.returncode == 0, long.stdout + long.stderr
     assert "4 of 4 problems reach 160 generated tokens" in long.stderr
@@ -261,13 +271,16 @@ def test_the_released_adapter_flow_reproduces_the_embedded_table_and_a_wrong_tem
     for name in ("vanilla.jsonl", "vanilla.jsonl.manifest.json"):  # the vanilla run is the same: resumed, not rerun
         shutil.copy(out / name, wrong_out / name)
     started = time.monotonic()
-    flagged = script("reproduce_main.sh", wrong, wrong_out, "--tokenizer", ASSETS / "base", "--endpoint", stand_in,
-                     timeout=1800)  # fmt: skip
+    flagged = script("reproduce_main.sh", wrong, wrong_out, "--tokenizer", ASSETS / "base", "--endpoint", endpoint,
+                     *engine, timeout=1800)  # fmt: skip
     wrong_s = time.monotonic() - started
     assert flagged.returncode == 3, flagged.stdout + flagged.stderr
     assert f"template {DEFAULT_TEMPLATE} (the project's default)" in flagged.stderr
     assert "dominant reason parse_error:no_json_list" in flagged.stderr and "freelm template infer" in flagged.stderr
     assert "runner.py --mode freelm exited 3" in flagged.stderr and not (wrong_out / "table.md").exists()
     assert len((wrong_out / "freelm.jsonl").read_text().splitlines()) == 3  # every rollout kept
-    print(f"reproduce_main.sh {main_s:.0f} s ({PROBLEMS} problems x 2 modes), reproduce_long_horizon.sh {long_s:.0f} s"
-          f" (4 problems), flagged run {wrong_s:.0f} s (3 problems)")  # fmt: skip
+    return {
+        f"reproduce_main.sh ({PROBLEMS} problems x 2 modes)": main_s,
+        "reproduce_long_horizon.sh (4 problems)": long_s,
+        "the flagged run (3 problems)": wrong_s,
+    }

@@ -43,8 +43,11 @@ def test_build_resumes_without_redoing_steps(built, capsys):
 def test_demo_runs_runner_eval_and_viewer(built, tmp_path, capsys):
     out = tmp_path / "demo"
     code = freelm_main(["demo", "--assets", str(built), "--out", str(out), "--problems", "2", "--large-problems", "0"])
-    assert code == 0
     printed = capsys.readouterr().out
+    # the quick build's Free-Module (a few training steps) answers no deletion list: its run is flagged (exit 3),
+    # and the demo still prints every table, then says so and exits 3
+    assert code == 3 and printed.rstrip().endswith("flagged (its cleaner gave almost no usable deletion list, see "
+                                                   "above): Free()LM at context limit 216")  # fmt: skip
     assert "context limit 216" in printed and "Free()LM" in printed
     vanilla = read_rollouts(out / "vanilla_ctx216.jsonl")
     freelm = read_rollouts(out / "freelm_ctx216.jsonl")

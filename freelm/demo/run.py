@@ -21,6 +21,7 @@ from pathlib import Path
 
 from freelm.cli import main as freelm_main
 from freelm.demo.corpus import CLEAN_TEMPLATE
+from freelm.run.cleaning import EXIT_CLEANING
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     settings = [(args.small_limit, args.problems)] + (
         [(args.large_limit, args.large_problems)] if args.large_problems else []
     )
-    tables = []
+    tables, flagged = [], []
     for limit, count in settings:
         inputs = []
         for run in RUNS:
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
                     assets, data, path, run.cleaner, limit, count, accept_unusable_cleaning=run.unusable_cleaning
                 )
             )
-            if code not in (0, 1):
+            if code == EXIT_CLEANING:  # its cleaner (nearly) never deleted: shown in the tables, and in the exit code
+                flagged.append(f"{run.label} at context limit {limit}")
+            elif code not in (0, 1):
                 return code
             inputs.append(f"{run.label}={path}")
         table = out / f"table_ctx{limit}.md"
@@ -139,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     for limit, table, _ in tables:
         print(f"### paper layout, context limit {limit} tokens\n\n{table.read_text()}")
     print(f"plots: {out}/plots_ctx*/   trace of problem {first_id}: {trace}")
+    if flagged:
+        print(f"flagged (its cleaner gave almost no usable deletion list, see above): {'; '.join(flagged)}")
+        return EXIT_CLEANING
     return 0
 
 

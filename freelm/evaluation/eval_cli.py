@@ -50,7 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(judge only where the rule grader could not decide); default: judge if --judgments else rule",
     )
     parser.add_argument("--workers", type=int, default=2, help="grading processes")
-    parser.add_argument("--grade-timeout", type=float, default=30.0, help="hard seconds per answer before 'timeout'")
+    parser.add_argument(
+        "--grade-timeout",
+        type=float,
+        default=5.0,
+        help="CPU seconds math-verify may spend on one answer (CPU, not wall clock: a verdict must not depend on "
+        "machine load); an answer over it is graded again with 4x the budget, then reported as 'timeout', never as "
+        "wrong",
+    )
+    parser.add_argument(
+        "--grade-retries", type=int, default=1, help="re-gradings with 4x the CPU budget before 'timeout'"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         verdicts = verdicts_for_grading(read_judgments(args.judgments)) if args.judgments else None
         benchmarks = args.benchmarks or list(dict.fromkeys(r.source for r in runs[0].records))
         metrics = []
-        with GraderPool(args.workers, timeout_s=args.grade_timeout) as pool:
+        with GraderPool(args.workers, timeout_s=args.grade_timeout, retries=args.grade_retries) as pool:
             for r in runs:
                 bar = tqdm(desc=f"grading {r.name}", unit="answer", disable=args.no_progress)
                 graded = grade_records(r.records, pool, judgments=verdicts, combine=combine, progress=bar)
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                         r.name, str(r.path), graded, combine=combine, duplicates=r.duplicates, benchmarks=benchmarks
                     )
                 )
-            restarts = pool.restarts
+            restarts, retried = pool.restarts, pool.retried
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +104,14 @@ def run(args: argparse.Namespace) -> int:
         "token_metric": args.token_metric,
         "combine": combine,
         "baseline": base.name if base else None,
-        "grading": {"workers": args.workers, "timeout_s": args.grade_timeout, "worker_restarts": restarts},
+        "grading": {
+            "workers": args.workers,
+            "timeout_s": args.grade_timeout,
+            "timeout_clock": "cpu",
+            "retries": args.grade_retries,
+            "retried": retried,
+            "worker_restarts": restarts,
+        },
         "runs": [m.to_dict() for m in metrics],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         o = m.overall
         print(
             f"{m.name}: {o.problems} problems x n={o.n_min}..{o.n_max}; unanswered {o.unanswered}/{o.rollouts}; "
-            f"rule undecided {o.rule_undecided}; over grading bounds {o.over_bounds}; finish {o.finish_reasons}",
+            f"rule undecided {o.rule_undecided}; over grading bounds {o.over_bounds} "
+            f"(timeouts {o.grade_methods.get('timeout', 0)}); finish {o.finish_reasons}",
             file=sys.stderr,
         )
     return 0

@@ -73,15 +73,23 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator
     path = Path(path)
     with path.open("rb") as f:
         data = f.read()
+    return iter_jsonl_bytes(data, path, tolerate_torn_tail=tolerate_torn_tail)
+
+
+def iter_jsonl_bytes(
+    data: bytes, path: str | Path, *, first_line: int = 1, tolerate_torn_tail: bool = True
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`iter_jsonl` over bytes already read from ``path`` (named in errors), whose first line is line
+    ``first_line`` of the file: a reader following a growing file parses only what was appended."""
     lines = data.split(b"\n")
     torn_tail = not data.endswith(b"\n")
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=first_line):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except ValueError as exc:
-            if tolerate_torn_tail and torn_tail and number == len(lines):
+            if tolerate_torn_tail and torn_tail and number == first_line + len(lines) - 1:
                 return
             raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
         if not isinstance(obj, dict):
@@ -95,19 +103,33 @@ def repair_torn_tail(path: str | Path) -> int:
     A last line without its newline is truncated when it is not valid JSON, and
     completed with the newline when it is: :func:`iter_jsonl` yields such a line,
     so a reader that saw it (e.g. a resume deciding what is done) must keep it.
+    Only the tail is read (a writer that repairs before each append stays O(line), not O(file)).
     """
     path = Path(path)
     if not path.exists():
         return 0
     with path.open("rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
             return 0
-        cut = data.rfind(b"\n") + 1
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        cut = size - 1
+        while cut > 0:  # back to the byte after the last newline
+            start = max(0, cut - 65536)
+            f.seek(start)
+            newline = f.read(cut - start).rfind(b"\n")
+            if newline >= 0:
+                cut = start + newline + 1
+                break
+            cut = start
+        f.seek(cut)
+        tail = f.read()
         try:
-            json.loads(data[cut:])
+            json.loads(tail)
         except ValueError:
             f.truncate(cut)
-            return len(data) - cut
+            return len(tail)
         f.write(b"\n")
         return 0

@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--max-retries", type=int, default=6, help="HTTP retries with backoff on 429/5xx/connection")
     parser.add_argument("--parse-retries", type=int, default=2, help="re-asks when the verdict is unparseable")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="total seconds per judge call: the whole reply, and the client's retries, must arrive within it "
+        "(else the answer is recorded as 'error' and asked again by the next run)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2, help="grading processes (for --select rule-*)")
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         parse_retries=args.parse_retries,
         temperature=args.temperature,
         max_tokens=args.max_tokens,
+        request_timeout=args.request_timeout,
     )
 
     async def main():
@@ -122,4 +129,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     counts = Counter(j.verdict for j in judgments.values())
     print(f"{len(judgments)} distinct answers judged -> {args.output}: {dict(counts)}", file=sys.stderr)
-    return 1 if counts.get("error") else 0
+    errors = [j for j in judgments.values() if j.verdict == "error"]
+    if errors:
+        print(
+            f"{len(errors)} answer(s) without a verdict (e.g. {errors[0].source} {errors[0].id}: {errors[0].error}); "
+            "every verdict obtained is kept: re-run the same command to ask only those again",
+            file=sys.stderr,
+        )
+    return 1 if errors else 0

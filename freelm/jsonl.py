@@ -7,8 +7,8 @@ line: :func:`iter_jsonl` skips it (and names the file and line of any other
 bad line), :func:`repair_torn_tail` makes the file appendable again, appends
 are flushed and fsynced before they count (:func:`append_jsonl_lines`), and a
 whole-file write goes through a temp file unique to its writer and a rename
-(:func:`write_jsonl`, :func:`unique_temp`), so a reader sees the old file or
-the new one, never half. What a line holds is the schema's business
+(:func:`write_jsonl`, :func:`atomic_write` for any other file, :func:`unique_temp`),
+so a reader sees the old file or the new one, never half. What a line holds is the schema's business
 (:mod:`freelm.records`, :mod:`freelm.data`, ...), not this module's.
 """
 
@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 
 def append_jsonl(handle, obj: dict[str, Any]) -> None:
@@ -38,7 +38,7 @@ def append_jsonl_lines(handle, objs: Iterable[dict[str, Any]]) -> None:
 
 
 @contextmanager
-def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
+def unique_temp(path: Path, *, binary: bool = False) -> Iterator[tuple[IO[Any], Path]]:
     """A temp file beside ``path`` that no other writer shares (random + pid suffix), fsynced when the block ends.
 
     Two writers of one file must never rename each other's half-written temp
@@ -47,7 +47,7 @@ def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=f".{os.getpid()}.tmp")
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f, tmp
             f.flush()
             os.fsync(f.fileno())
@@ -56,13 +56,26 @@ def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
         raise
 
 
+@contextmanager
+def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """``with atomic_write(path) as f:`` ``path`` is replaced whole when the block ends, or not at all.
+
+    Through :func:`unique_temp` and a rename: a kill, a full disk or an error in
+    the block leaves the previous file as it was (a plain ``write_text`` first
+    truncates it). A symlink is followed: the file it names is replaced and the
+    link stays.
+    """
+    target = Path(os.path.realpath(path))
+    with unique_temp(target, binary=binary) as (f, tmp):
+        yield f
+    os.replace(tmp, target)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write a whole file through a temp file and a rename: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    with unique_temp(path) as (f, tmp):
+    """Write a whole file atomically (:func:`atomic_write`): a reader sees the old file or the new one, never half."""
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from freelm.evaluation.metrics import COMBINE_MODES, TOKEN_METRICS, grade_records, run_metrics
+from freelm.evaluation.plots import PLOT_FILES, plot_accuracy_vs_tokens, plot_peak_context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from freelm.data import load_problems
     from freelm.evaluation.grade import GraderPool
     from freelm.evaluation.judge import read_judgments, verdicts_for_grading
+    from freelm.evaluation.outputs import OutputWriteFailed, refuse_aliases, run_input_files, write_output
     from freelm.evaluation.runs import load_runs
     from freelm.evaluation.table import paper_table
 
@@ -77,7 +79,21 @@ def run(args: argparse.Namespace) -> int:
     if combine != "rule" and not args.judgments:
         print(f"error: --combine {combine} needs --judgments", file=sys.stderr)
         return 2
+    plots = {name: args.plots_dir / name for name in PLOT_FILES} if args.plots_dir else {}
     try:
+        refuse_aliases(
+            {
+                "--output": args.output,
+                "--markdown": args.markdown,
+                **{f"--plots-dir ({n})": p for n, p in plots.items()},
+            },
+            {
+                "--input": run_input_files(args.input),
+                "--baseline": run_input_files([args.baseline]),
+                "--data": [Path(d) for d in args.data],
+                "--judgments": [args.judgments] if args.judgments else [],
+            },
+        )
         answers = {p.key: p.answer for path in args.data for p in load_problems(path)}
         runs, base = load_runs(args.input, args.baseline, source=args.source, answers=answers)
         verdicts = verdicts_for_grading(read_judgments(args.judgments)) if args.judgments else None
@@ -114,20 +130,19 @@ def run(args: argparse.Namespace) -> int:
         },
         "runs": [m.to_dict() for m in metrics],
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
-    if args.plots_dir:
-        from freelm.evaluation.plots import plot_accuracy_vs_tokens, plot_peak_context
-
-        args.plots_dir.mkdir(parents=True, exist_ok=True)
-        key = TOKEN_METRICS[args.token_metric]  # runs whose rows carry no token counts have no point to plot
-        plotted = [m for m in metrics if all(getattr(b, key) is not None for b in m.benchmarks.values())]
-        peaks = {r.name: r.records for r, m in zip(runs, metrics) if m.overall.mean_peak_context_tokens is not None}
-        plot_accuracy_vs_tokens(plotted, args.plots_dir / "accuracy_vs_tokens.png", args.token_metric)
-        plot_peak_context(peaks, args.plots_dir / "peak_context.png")
+    try:
+        write_output(args.output, json.dumps(payload, indent=2) + "\n")
+        if args.markdown:
+            write_output(args.markdown, table)
+        if plots:
+            key = TOKEN_METRICS[args.token_metric]  # runs whose rows carry no token counts have no point to plot
+            plotted = [m for m in metrics if all(getattr(b, key) is not None for b in m.benchmarks.values())]
+            peaks = {r.name: r.records for r, m in zip(runs, metrics) if m.overall.mean_peak_context_tokens is not None}
+            plot_accuracy_vs_tokens(plotted, plots["accuracy_vs_tokens.png"], args.token_metric)
+            plot_peak_context(peaks, plots["peak_context.png"])
+    except OutputWriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(table, end="")
     for m in metrics:
         o = m.overall

@@ -92,8 +92,18 @@ def run(args: argparse.Namespace) -> int:
     from openai import AsyncOpenAI
 
     from freelm.evaluation.judge import JudgeSettings, judge_items, load_judge_template
+    from freelm.evaluation.outputs import refuse_aliases, run_input_files
+    from freelm.output_guard import write_failure
 
     try:
+        refuse_aliases(
+            {"--output": args.output},
+            {
+                "--input": run_input_files(args.input),
+                "--data": [Path(d) for d in args.data],
+                "--template": [args.template] if args.template else [],
+            },
+        )
         template = load_judge_template(args.template)
         items = _items(args)
     except ValueError as exc:
@@ -127,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the cache could not be written: what was appended before is intact
+        print(
+            f"error: {write_failure(args.output, exc)}; every verdict written before is kept: "
+            "free space or fix the file, then re-run the same command",
+            file=sys.stderr,
+        )
+        return 1
     counts = Counter(j.verdict for j in judgments.values())
     print(f"{len(judgments)} distinct answers judged -> {args.output}: {dict(counts)}", file=sys.stderr)
     errors = [j for j in judgments.values() if j.verdict == "error"]

@@ -185,7 +185,7 @@ def test_metrics_past_the_kernels_file_size_limit_keep_the_previous_file(tmp_pat
 def test_a_judge_cache_past_the_file_size_limit_keeps_its_verdicts_and_resumes(tmp_path, run_file):
     cache = tmp_path / "judge.jsonl"
     argv = ["judge", "--input", str(run_file), "--data", str(FIXTURES / "problems.jsonl"), "--model", "judge",
-            "--output", str(cache), "--concurrency", "1", "--no-progress"]  # fmt: skip
+            "--output", str(cache), "--concurrency", "3", "--no-progress"]  # fmt: skip
     with OpenAIChatTestServer("\\boxed{Correct}", model="judge") as server:
         argv += ["--base-url", server.base_url]
         done = limited(600, *argv)  # room for a few verdict lines, not all of them

@@ -199,3 +199,27 @@ def test_a_judge_killed_mid_run_leaves_a_cache_the_other_finishes(tmp_path):
     assert len(output.read_text().splitlines()) == N_ANSWERS  # the torn line cut off, nothing twice
     assert len(server.bodies) <= N_ANSWERS + in_flight  # at most the killed judge's unanswered calls again
     assert lock_path(output).exists() and os.path.realpath(lock_path(output)).startswith(str(tmp_path.resolve()))
+
+
+def test_an_answer_holding_a_lone_surrogate_is_judged_stored_and_found_again(tmp_path, capsys):
+    """A run file's ``\\ud800`` escape decodes to a lone surrogate, which UTF-8 cannot hold: before, writing its
+    verdict raised UnicodeEncodeError (exit 2 with a codec message)."""
+    rows = [json.loads(line) for line in (FIXTURES / "vanilla.jsonl").read_text().splitlines()]
+    rows[0]["response"] = rows[0]["response"].rsplit("\\boxed", 1)[0] + "\\boxed{7\ud800}"
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(json.dumps(row) + "\n" for row in rows))  # json.dumps escapes it: a valid file
+    output = tmp_path / "judge.jsonl"
+    parser = argparse.ArgumentParser()
+    judge_cli.add_arguments(parser)
+    with OpenAIChatTestServer("\\boxed{Correct}", model="judge") as server:
+        args = parser.parse_args([
+            "--input", str(run), "--data", str(FIXTURES / "problems.jsonl"), "--base-url", server.base_url,
+            "--model", "judge", "--output", str(output), "--no-progress",
+        ])  # fmt: skip
+        assert judge_cli.run(args) == 0
+        asked = len(server.bodies)
+        assert any("7\ufffd" in b["messages"][0]["content"] for b in server.bodies)  # sent as U+FFFD
+        assert judge_cli.run(args) == 0 and len(server.bodies) == asked  # found again: nothing asked twice
+    output.read_bytes().decode("utf-8")  # strict
+    assert "7\ud800" in {j.answer for j in read_judgments(output).values()}
+    assert "Traceback" not in capsys.readouterr().err

@@ -177,7 +177,7 @@ async def _judge_one(client, item: JudgeItem, settings: JudgeSettings) -> Judgme
     """
     import openai
 
-    prompt = render_judge_prompt(settings.template, item.problem, item.ground_truth, item.answer)
+    prompt = _valid_text(render_judge_prompt(settings.template, item.problem, item.ground_truth, item.answer))
     secrets = [getattr(client, "api_key", None)]  # a proxy may echo the Authorization header back
 
     def failed(attempt: int, raw: str | None, error: str) -> Judgment:
@@ -254,7 +254,13 @@ async def judge_items(
                 await asyncio.sleep(CLAIM_POLL_S)
             bar.update(1)
 
-        await asyncio.gather(*(one(i) for i in todo))
+        tasks = [asyncio.ensure_future(one(i)) for i in todo]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # a failed write stops the run: the other calls end before the cache closes
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
         cache.refresh()
         return {i.key: stuck.get(i.key) or cache.done[i.key] for i in items}

@@ -12,11 +12,16 @@ what the others appended since it last looked before it sends anything:
 * with the claim held, the judge reads the lines appended since its last look
   (only those: :func:`~freelm.jsonl.iter_jsonl_bytes` from the last offset),
   and an answer another judge finished meanwhile is not asked again;
-* a verdict is appended while its claim is held, with one write and an fsync,
-  under an exclusive lock on byte 0 that every appender takes for its write, so
-  a tail without its newline can only be a writer killed mid-line: the next
-  appender cuts it off first (:func:`~freelm.jsonl.repair_torn_tail`), and
-  readers take complete lines only;
+* a verdict is appended while its claim is held, with an unbuffered write to an
+  ``O_APPEND`` descriptor and an fsync, under an exclusive lock on byte 0 that
+  every appender takes for its write, so a tail without its newline can only be
+  a write that failed or a writer killed mid-line: the next appender cuts it off
+  first (:func:`~freelm.jsonl.repair_torn_tail`), and readers take complete
+  lines only. (Unbuffered, because a buffered handle keeps the unwritten rest of
+  a failed write, e.g. on a full disk, and writes it again with the next line.);
+* lines are ASCII JSON (``\\uXXXX`` escapes): an extracted answer holding a lone
+  surrogate (a ``\\ud800`` escape in a run file) is stored, and matched when read
+  back, exactly as it was, where UTF-8 cannot hold it;
 * the kernel drops a process's locks when it dies, SIGKILL included: the answer
   a killed judge was asking about is claimed by the next one, and there is never
   a stale lock to delete.
@@ -38,7 +43,7 @@ from pathlib import Path
 
 from freelm.evaluation.judge import FINAL_VERDICTS, Judgment, judgments_from_rows
 from freelm.evaluation.metrics import JudgeKey
-from freelm.jsonl import append_jsonl, iter_jsonl_bytes, repair_torn_tail
+from freelm.jsonl import iter_jsonl_bytes, repair_torn_tail
 
 _WRITE_LOCK = 0  # byte 0: held exclusively while appending; claims are at 1 + a 62-bit hash
 
@@ -67,20 +72,19 @@ class JudgmentCache:
         self._offset = 0  # bytes of the cache read so far (always at a line start)
         self._lines = 0
         self._lock_fd: int | None = None
-        self._handle = None
+        self._fd: int | None = None  # the cache, O_APPEND
 
     def __enter__(self) -> JudgmentCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        self._handle = self.path.open("a", encoding="utf-8")
         self.refresh()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops every claim this process still holds
             self._lock_fd = None
@@ -120,10 +124,13 @@ class JudgmentCache:
 
     def append(self, judgment: Judgment) -> None:
         """Append one verdict line (fsynced); a torn tail left by a killed judge is cut off first."""
+        line = memoryview((json.dumps(asdict(judgment)) + "\n").encode("ascii"))  # see the module docstring
         fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, _WRITE_LOCK, os.SEEK_SET)
         try:
             repair_torn_tail(self.path)
-            append_jsonl(self._handle, asdict(judgment))
+            while line:  # one write but for a short one (the disk filling up): the rest, or the error
+                line = line[os.write(self._fd, line) :]
+            os.fsync(self._fd)
         finally:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _WRITE_LOCK, os.SEEK_SET)
         self.done[judgment.key] = judgment

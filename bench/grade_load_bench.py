@@ -9,8 +9,10 @@ processes (one per core by default) saturate the machine and the grader runs at
 would be). Each grading is a fresh process with a fresh ``GraderPool`` (pool
 start included in its time). Printed: the load, how many loaded runs gave
 verdicts different from the reference and how many answers differed in each,
-pass@1 per run, and the time per run loaded vs the reference measured in the
-same invocation.
+pass@1 per run, how many verdicts disagree with the fixture's own
+``expected_correct`` (the reference can be wrong too: a loaded machine makes
+any run a loaded run), and the time per run loaded vs the reference measured in
+the same invocation.
 
     python bench/grade_load_bench.py [--runs 20] [--hogs 2] [--grader-nice 10] [--workers 2]
 
@@ -68,11 +70,16 @@ def main() -> None:
         print(json.dumps(grade_once(args.fixture, args.workers)))
         return
 
+    expected = [json.loads(line)["expected_correct"] for line in args.fixture.read_text().splitlines() if line]
+
+    def wrong(verdicts) -> int:
+        return sum(correct != want for (correct, _), want in zip(verdicts, expected))
+
     reference = run_child(args, 0)
     ref = [tuple(v[:2]) for v in reference["verdicts"]]
     print(
         f"reference (no extra load, load average {os.getloadavg()[0]:.1f}): {reference['seconds']:.1f} s, "
-        f"pass@1 {sum(c for c, _ in ref) / len(ref):.1%}, methods {sorted({m for _, m in ref})}"
+        f"pass@1 {sum(c for c, _ in ref) / len(ref):.1%} ({wrong(ref)} wrong), methods {sorted({m for _, m in ref})}"
     )
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     runs, loads = [], []
@@ -85,7 +92,8 @@ def main() -> None:
             runs.append((result["seconds"], verdicts, diff))
             reasons = {result["verdicts"][j][2] for j in diff}
             print(
-                f"run {i + 1:2d}: {result['seconds']:6.1f} s, pass@1 {sum(c for c, _ in verdicts) / len(verdicts):.1%}, "
+                f"run {i + 1:2d}: {result['seconds']:6.1f} s, pass@1 {sum(c for c, _ in verdicts) / len(verdicts):.1%} "
+                f"({wrong(verdicts)} wrong), "
                 f"{len(diff)} verdict(s) differ from the reference{': ' + str(sorted(reasons)) if diff else ''}",
                 flush=True,
             )
@@ -102,7 +110,9 @@ def main() -> None:
     )
     print(
         f"{len(runs)} loaded runs: {len(changed)} with verdicts different from the reference "
-        f"({sum(len(r[2]) for r in runs)} answer-verdicts in all), {len(distinct)} distinct verdict set(s)"
+        f"({sum(len(r[2]) for r in runs)} answer-verdicts in all), {len(distinct)} distinct verdict set(s); "
+        f"{sum(wrong(v) > 0 for _, v, _ in runs)} with a verdict other than the fixture's expected one "
+        f"({sum(wrong(v) for _, v, _ in runs)} answer-verdicts)"
     )
     print(
         f"time per run: {mean_s:.1f} s loaded (min {min(s for s, _, _ in runs):.1f}, max "

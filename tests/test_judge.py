@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from freelm.evaluation import eval_cli, judge_cli
-from freelm.evaluation.judge import load_judge_template, parse_verdict, read_judgments, render_judge_prompt
+from freelm.evaluation.judge import load_judge_template, parse_verdict, render_judge_prompt
+from freelm.evaluation.judgments import read_judgments
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"

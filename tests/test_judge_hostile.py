@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from freelm.evaluation import judge_cli
-from freelm.evaluation.judge import read_judgments
-from freelm.evaluation.judge_cache import lock_path
+from freelm.evaluation.judgments import lock_path, read_judgments
 from freelm.testing.openai_chat_server import ChatFault, OpenAIChatTestServer, chat_completion
 
 REPO = Path(__file__).resolve().parents[1]

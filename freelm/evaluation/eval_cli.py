@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from freelm.data import load_problems
     from freelm.evaluation.grade import GraderPool
-    from freelm.evaluation.judge import read_judgments, verdicts_for_grading
+    from freelm.evaluation.judgments import read_judgments, verdicts_for_grading
     from freelm.evaluation.outputs import OutputWriteFailed, refuse_aliases, run_input_files, write_output
     from freelm.evaluation.runs import load_runs
     from freelm.evaluation.table import paper_table

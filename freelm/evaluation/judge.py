@@ -1,7 +1,7 @@
 """LLM judge: answer equivalence against the ground truth, for answers a rule-based grader can't settle.
 
 Any OpenAI-compatible endpoint. Verdicts are appended to a JSONL file that is
-also the cache: a re-run skips every (source, id, ground truth, answer) that
+also the cache (:mod:`freelm.evaluation.judgments`): a re-run skips every (source, id, ground truth, answer) that
 already has a final verdict, so it costs no requests. HTTP 429/5xx and
 connection errors are retried with backoff by the ``openai`` client itself;
 an unparseable verdict is asked again, then recorded as ``unparseable``
@@ -16,19 +16,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from freelm.evaluation.extract import last_boxed
+from freelm.evaluation.judgments import Judgment, JudgmentCache
 from freelm.evaluation.metrics import JudgeKey
-from freelm.jsonl import iter_jsonl
 from freelm.redact import redact
 
-Verdict = Literal["correct", "incorrect", "unparseable", "error"]
-FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
 #: Seconds between two looks at an answer another judge process is asking about.
 CLAIM_POLL_S = 0.2
 
@@ -79,48 +76,6 @@ class JudgeItem:
     @property
     def key(self) -> JudgeKey:
         return (self.source, self.id, self.ground_truth, self.answer)
-
-
-@dataclass
-class Judgment:
-    """One line of judge.jsonl."""
-
-    source: str
-    id: str
-    ground_truth: str
-    answer: str
-    verdict: Verdict
-    model: str
-    attempts: int
-    raw: str | None = None
-    error: str | None = None
-
-    @property
-    def key(self) -> JudgeKey:
-        return (self.source, self.id, self.ground_truth, self.answer)
-
-
-def judgments_from_rows(rows: Iterable[tuple[int, dict[str, Any]]], path: str | Path) -> Iterator[Judgment]:
-    """Judgments from ``(line_number, object)`` rows read from ``path`` (named in errors)."""
-    names = {f.name for f in fields(Judgment)}
-    for number, obj in rows:
-        try:
-            judgment = Judgment(**{k: v for k, v in obj.items() if k in names})
-        except TypeError as exc:
-            raise ValueError(f"{path}:{number}: not a judgment ({exc})") from exc
-        if judgment.verdict not in (*FINAL_VERDICTS, "error"):
-            raise ValueError(f"{path}:{number}: unknown verdict {judgment.verdict!r}")
-        yield judgment
-
-
-def read_judgments(path: str | Path) -> dict[JudgeKey, Judgment]:
-    """The latest judgment per key; a torn last line (killed judge) is ignored."""
-    return {j.key: j for j in judgments_from_rows(iter_jsonl(path), path)}
-
-
-def verdicts_for_grading(judgments: dict[JudgeKey, Judgment]) -> dict[JudgeKey, bool]:
-    """Final verdicts as booleans (``unparseable`` = incorrect); ``error`` entries count as not judged."""
-    return {k: j.verdict == "correct" for k, j in judgments.items() if j.verdict in FINAL_VERDICTS}
 
 
 @dataclass
@@ -219,12 +174,10 @@ async def judge_items(
 ) -> dict[JudgeKey, Judgment]:
     """Judge every item without a final verdict in ``cache_path``; append each verdict as it arrives.
 
-    Judges sharing ``cache_path`` split the work (:class:`~freelm.evaluation.judge_cache.JudgmentCache`):
+    Judges sharing ``cache_path`` split the work (:class:`~freelm.evaluation.judgments.JudgmentCache`):
     an answer one of them is asking about or has judged is not asked again by another.
     """
     from tqdm import tqdm
-
-    from freelm.evaluation.judge_cache import JudgmentCache
 
     semaphore = asyncio.Semaphore(settings.concurrency)
     stuck: dict[JudgeKey, Judgment] = {}  # answers another judge claimed and never finished (not written)

@@ -1,4 +1,8 @@
-"""judge.jsonl shared by every judge process that names it: no answer judged (and paid for) twice.
+"""judge.jsonl: one :class:`Judgment` per line, read back, and shared by every judge process that names it.
+
+The file is the judge's cache: the latest line per (source, id, ground truth,
+extracted answer) counts, and ``error`` lines are asked again by the next run.
+It is shared, so no answer is judged (and paid for) twice.
 
 Two judges on one cache used to each judge every answer: each read the file
 once at start. Now a judge claims an answer before asking about it, and reads
@@ -38,12 +42,59 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Literal
 
-from freelm.evaluation.judge import FINAL_VERDICTS, Judgment, judgments_from_rows
 from freelm.evaluation.metrics import JudgeKey
-from freelm.jsonl import iter_jsonl_bytes, repair_torn_tail
+from freelm.jsonl import iter_jsonl, iter_jsonl_bytes, repair_torn_tail
+
+Verdict = Literal["correct", "incorrect", "unparseable", "error"]
+FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
+
+
+@dataclass
+class Judgment:
+    """One line of judge.jsonl."""
+
+    source: str
+    id: str
+    ground_truth: str
+    answer: str
+    verdict: Verdict
+    model: str
+    attempts: int
+    raw: str | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> JudgeKey:
+        return (self.source, self.id, self.ground_truth, self.answer)
+
+
+def judgments_from_rows(rows: Iterable[tuple[int, dict[str, Any]]], path: str | Path) -> Iterator[Judgment]:
+    """Judgments from ``(line_number, object)`` rows read from ``path`` (named in errors)."""
+    names = {f.name for f in fields(Judgment)}
+    for number, obj in rows:
+        try:
+            judgment = Judgment(**{k: v for k, v in obj.items() if k in names})
+        except TypeError as exc:
+            raise ValueError(f"{path}:{number}: not a judgment ({exc})") from exc
+        if judgment.verdict not in (*FINAL_VERDICTS, "error"):
+            raise ValueError(f"{path}:{number}: unknown verdict {judgment.verdict!r}")
+        yield judgment
+
+
+def read_judgments(path: str | Path) -> dict[JudgeKey, Judgment]:
+    """The latest judgment per key; a torn last line (killed judge) is ignored."""
+    return {j.key: j for j in judgments_from_rows(iter_jsonl(path), path)}
+
+
+def verdicts_for_grading(judgments: dict[JudgeKey, Judgment]) -> dict[JudgeKey, bool]:
+    """Final verdicts as booleans (``unparseable`` = incorrect); ``error`` entries count as not judged."""
+    return {k: j.verdict == "correct" for k, j in judgments.items() if j.verdict in FINAL_VERDICTS}
+
 
 _WRITE_LOCK = 0  # byte 0: held exclusively while appending; claims are at 1 + a 62-bit hash
 

@@ -67,7 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--responses", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--timeout", type=float, default=5.0, help="CPU seconds per answer (GraderPool.timeout_s)")
     parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS, help="directory of benchmark JSONL files")
     parser.add_argument("--reference-sample", type=int, default=500, help="pairs graded sequentially in-process")
     args = parser.parse_args()

@@ -7,8 +7,8 @@ line: :func:`iter_jsonl` skips it (and names the file and line of any other
 bad line), :func:`repair_torn_tail` makes the file appendable again, appends
 are flushed and fsynced before they count (:func:`append_jsonl_lines`), and a
 whole-file write goes through a temp file unique to its writer and a rename
-(:func:`write_jsonl`, :func:`unique_temp`), so a reader sees the old file or
-the new one, never half. What a line holds is the schema's business
+(:func:`write_jsonl`, :func:`atomic_write` for any other file, :func:`unique_temp`),
+so a reader sees the old file or the new one, never half. What a line holds is the schema's business
 (:mod:`freelm.records`, :mod:`freelm.data`, ...), not this module's.
 """
 
@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 
 def append_jsonl(handle, obj: dict[str, Any]) -> None:
@@ -38,7 +38,7 @@ def append_jsonl_lines(handle, objs: Iterable[dict[str, Any]]) -> None:
 
 
 @contextmanager
-def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
+def unique_temp(path: Path, *, binary: bool = False) -> Iterator[tuple[IO[Any], Path]]:
     """A temp file beside ``path`` that no other writer shares (random + pid suffix), fsynced when the block ends.
 
     Two writers of one file must never rename each other's half-written temp
@@ -47,7 +47,7 @@ def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=f".{os.getpid()}.tmp")
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f, tmp
             f.flush()
             os.fsync(f.fileno())
@@ -56,13 +56,26 @@ def unique_temp(path: Path) -> Iterator[tuple[TextIO, Path]]:
         raise
 
 
+@contextmanager
+def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """``with atomic_write(path) as f:`` ``path`` is replaced whole when the block ends, or not at all.
+
+    Through :func:`unique_temp` and a rename: a kill, a full disk or an error in
+    the block leaves the previous file as it was (a plain ``write_text`` first
+    truncates it). A symlink is followed: the file it names is replaced and the
+    link stays.
+    """
+    target = Path(os.path.realpath(path))
+    with unique_temp(target, binary=binary) as (f, tmp):
+        yield f
+    os.replace(tmp, target)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write a whole file through a temp file and a rename: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    with unique_temp(path) as (f, tmp):
+    """Write a whole file atomically (:func:`atomic_write`): a reader sees the old file or the new one, never half."""
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -73,15 +86,23 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> Iterator
     path = Path(path)
     with path.open("rb") as f:
         data = f.read()
+    return iter_jsonl_bytes(data, path, tolerate_torn_tail=tolerate_torn_tail)
+
+
+def iter_jsonl_bytes(
+    data: bytes, path: str | Path, *, first_line: int = 1, tolerate_torn_tail: bool = True
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`iter_jsonl` over bytes already read from ``path`` (named in errors), whose first line is line
+    ``first_line`` of the file: a reader following a growing file parses only what was appended."""
     lines = data.split(b"\n")
     torn_tail = not data.endswith(b"\n")
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=first_line):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except ValueError as exc:
-            if tolerate_torn_tail and torn_tail and number == len(lines):
+            if tolerate_torn_tail and torn_tail and number == first_line + len(lines) - 1:
                 return
             raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
         if not isinstance(obj, dict):
@@ -95,19 +116,33 @@ def repair_torn_tail(path: str | Path) -> int:
     A last line without its newline is truncated when it is not valid JSON, and
     completed with the newline when it is: :func:`iter_jsonl` yields such a line,
     so a reader that saw it (e.g. a resume deciding what is done) must keep it.
+    Only the tail is read (a writer that repairs before each append stays O(line), not O(file)).
     """
     path = Path(path)
     if not path.exists():
         return 0
     with path.open("rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
             return 0
-        cut = data.rfind(b"\n") + 1
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        cut = size - 1
+        while cut > 0:  # back to the byte after the last newline
+            start = max(0, cut - 65536)
+            f.seek(start)
+            newline = f.read(cut - start).rfind(b"\n")
+            if newline >= 0:
+                cut = start + newline + 1
+                break
+            cut = start
+        f.seek(cut)
+        tail = f.read()
         try:
-            json.loads(data[cut:])
+            json.loads(tail)
         except ValueError:
             f.truncate(cut)
-            return len(data) - cut
+            return len(tail)
         f.write(b"\n")
         return 0

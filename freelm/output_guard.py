@@ -49,12 +49,17 @@ class OutputWriteError(RuntimeError):
     """A write failed mid-run; the run stopped with every line written before it intact."""
 
     def __init__(self, output: Path, cause: OSError):
-        what = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
         super().__init__(
-            f"{what} while writing {output} ({cause.strerror or cause}); the run stopped. Every rollout written "
+            f"{write_failure(output, cause)}; the run stopped. Every rollout written "
             "before the failure is intact (a torn last line is repaired at the next start). Free space or fix the "
             "output's filesystem, then re-run the same command: it resumes where this run stopped."
         )
+
+
+def write_failure(path: Path, cause: OSError) -> str:
+    """What went wrong writing ``path``, in a few words: ``the disk is full while writing X (No space left...)``."""
+    what = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
+    return f"{what} while writing {path} ({cause.strerror or cause})"
 
 
 def check_output_writable(output: Path, min_free_bytes: int | None = None) -> None:

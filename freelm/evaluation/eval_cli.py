@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from freelm.evaluation.metrics import COMBINE_MODES, TOKEN_METRICS, grade_records, run_metrics
+from freelm.evaluation.plots import PLOT_FILES, plot_accuracy_vs_tokens, plot_peak_context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(judge only where the rule grader could not decide); default: judge if --judgments else rule",
     )
     parser.add_argument("--workers", type=int, default=2, help="grading processes")
-    parser.add_argument("--grade-timeout", type=float, default=30.0, help="hard seconds per answer before 'timeout'")
+    parser.add_argument(
+        "--grade-timeout",
+        type=float,
+        default=5.0,
+        help="CPU seconds math-verify may spend on one answer (CPU, not wall clock: a verdict must not depend on "
+        "machine load); an answer over it is graded again with 4x the budget, then reported as 'timeout', never as "
+        "wrong",
+    )
+    parser.add_argument(
+        "--grade-retries", type=int, default=1, help="re-gradings with 4x the CPU budget before 'timeout'"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -59,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     from freelm.data import load_problems
     from freelm.evaluation.grade import GraderPool
-    from freelm.evaluation.judge import read_judgments, verdicts_for_grading
+    from freelm.evaluation.judgments import read_judgments, verdicts_for_grading
+    from freelm.evaluation.outputs import OutputWriteFailed, refuse_aliases, run_input_files, write_output
     from freelm.evaluation.runs import load_runs
     from freelm.evaluation.table import paper_table
 
@@ -67,13 +79,27 @@ def run(args: argparse.Namespace) -> int:
     if combine != "rule" and not args.judgments:
         print(f"error: --combine {combine} needs --judgments", file=sys.stderr)
         return 2
+    plots = {name: args.plots_dir / name for name in PLOT_FILES} if args.plots_dir else {}
     try:
+        refuse_aliases(
+            {
+                "--output": args.output,
+                "--markdown": args.markdown,
+                **{f"--plots-dir ({n})": p for n, p in plots.items()},
+            },
+            {
+                "--input": run_input_files(args.input),
+                "--baseline": run_input_files([args.baseline]),
+                "--data": [Path(d) for d in args.data],
+                "--judgments": [args.judgments] if args.judgments else [],
+            },
+        )
         answers = {p.key: p.answer for path in args.data for p in load_problems(path)}
         runs, base = load_runs(args.input, args.baseline, source=args.source, answers=answers)
         verdicts = verdicts_for_grading(read_judgments(args.judgments)) if args.judgments else None
         benchmarks = args.benchmarks or list(dict.fromkeys(r.source for r in runs[0].records))
         metrics = []
-        with GraderPool(args.workers, timeout_s=args.grade_timeout) as pool:
+        with GraderPool(args.workers, timeout_s=args.grade_timeout, retries=args.grade_retries) as pool:
             for r in runs:
                 bar = tqdm(desc=f"grading {r.name}", unit="answer", disable=args.no_progress)
                 graded = grade_records(r.records, pool, judgments=verdicts, combine=combine, progress=bar)
@@ -84,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                         r.name, str(r.path), graded, combine=combine, duplicates=r.duplicates, benchmarks=benchmarks
                     )
                 )
-            restarts = pool.restarts
+            restarts, retried = pool.restarts, pool.retried
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -94,29 +120,36 @@ def run(args: argparse.Namespace) -> int:
         "token_metric": args.token_metric,
         "combine": combine,
         "baseline": base.name if base else None,
-        "grading": {"workers": args.workers, "timeout_s": args.grade_timeout, "worker_restarts": restarts},
+        "grading": {
+            "workers": args.workers,
+            "timeout_s": args.grade_timeout,
+            "timeout_clock": "cpu",
+            "retries": args.grade_retries,
+            "retried": retried,
+            "worker_restarts": restarts,
+        },
         "runs": [m.to_dict() for m in metrics],
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
-    if args.plots_dir:
-        from freelm.evaluation.plots import plot_accuracy_vs_tokens, plot_peak_context
-
-        args.plots_dir.mkdir(parents=True, exist_ok=True)
-        key = TOKEN_METRICS[args.token_metric]  # runs whose rows carry no token counts have no point to plot
-        plotted = [m for m in metrics if all(getattr(b, key) is not None for b in m.benchmarks.values())]
-        peaks = {r.name: r.records for r, m in zip(runs, metrics) if m.overall.mean_peak_context_tokens is not None}
-        plot_accuracy_vs_tokens(plotted, args.plots_dir / "accuracy_vs_tokens.png", args.token_metric)
-        plot_peak_context(peaks, args.plots_dir / "peak_context.png")
+    try:
+        write_output(args.output, json.dumps(payload, indent=2) + "\n")
+        if args.markdown:
+            write_output(args.markdown, table)
+        if plots:
+            key = TOKEN_METRICS[args.token_metric]  # runs whose rows carry no token counts have no point to plot
+            plotted = [m for m in metrics if all(getattr(b, key) is not None for b in m.benchmarks.values())]
+            peaks = {r.name: r.records for r, m in zip(runs, metrics) if m.overall.mean_peak_context_tokens is not None}
+            plot_accuracy_vs_tokens(plotted, plots["accuracy_vs_tokens.png"], args.token_metric)
+            plot_peak_context(peaks, plots["peak_context.png"])
+    except OutputWriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(table, end="")
     for m in metrics:
         o = m.overall
         print(
             f"{m.name}: {o.problems} problems x n={o.n_min}..{o.n_max}; unanswered {o.unanswered}/{o.rollouts}; "
-            f"rule undecided {o.rule_undecided}; over grading bounds {o.over_bounds}; finish {o.finish_reasons}",
+            f"rule undecided {o.rule_undecided}; over grading bounds {o.over_bounds} "
+            f"(timeouts {o.grade_methods.get('timeout', 0)}); finish {o.finish_reasons}",
             file=sys.stderr,
         )
     return 0

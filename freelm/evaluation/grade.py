@@ -1,21 +1,45 @@
 """Rule-based grading: a cheap normalized string match, then math-verify in worker processes.
 
-math-verify times itself out with ``signal.alarm``, which only works in a
-process's main thread, and some sympy calls hang in C code where no signal
-reaches them. So every math-verify call runs in a worker process with a hard
-deadline: a worker that overruns is killed and replaced, and its pair is graded
-incorrect with reason ``timeout``; a crash is ``error``. Grading never stalls
-and never raises on model output.
+A verdict must not depend on how busy the machine is. math-verify's own
+timeouts (``parse(parsing_timeout=)``, ``verify(timeout_seconds=)``) are
+``signal.alarm`` wall-clock alarms, and when one fires ``parse`` returns ``[]``
+and ``verify`` returns ``False`` with only a logged warning (math_verify 0.9.0:
+``parser.py: parse`` and ``grader.py: verify`` catch their ``TimeoutException``):
+an answer that needs 0.2 s of CPU is graded "not parseable" or "not
+equivalent" once the machine is loaded enough to stretch that past 5 s. So
+math-verify's timeouts are off here, and each pair is bounded by the **CPU
+time** its worker process spends on it, which load does not stretch:
+
+* ``setitimer(ITIMER_PROF)`` raises :class:`CpuBudgetExceeded` in the worker when
+  the pair has used its budget (a ``BaseException``: math-verify and sympy catch
+  ``Exception``; it re-fires every 50 ms of CPU in case a bare ``except:``
+  swallows one);
+* ``RLIMIT_CPU`` 2 s past the budget has the kernel kill a worker stuck in C
+  code, where no Python signal handler runs (SIGXCPU);
+* the parent kills a worker whose CPU clock has not moved for ``stall_s``
+  seconds of wall time (a stopped or wedged process; a busy machine still gives
+  every process some CPU).
+
+A pair over its budget is graded again with ``RETRY_GROWTH`` times the budget,
+``retries`` times, then reported with method ``timeout``: incorrect but
+undecided (never "wrong": ``fallback`` sends it to the judge, and the report
+counts it). A worker crash is ``error``. Grading never stalls and never raises
+on model output.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import multiprocessing
 import re
+import resource
+import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from multiprocessing.connection import Connection, wait
 
 GradeMethod = str  # "string" | "integer" | "math_verify" | "unanswered" | "too_long" | "timeout" | "error"
@@ -87,35 +111,106 @@ def _as_math(text: str) -> str:
     return "$" + text.strip().strip("$").strip() + "$"
 
 
+@cache
+def _quiet_math_verify() -> None:
+    """math-verify warns once per process that its timeouts are off; the CPU budget below replaces them."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
 @lru_cache(maxsize=4096)
-def _parse(text: str, parse_timeout: int) -> list:
-    """Cached per worker: one gold answer meets every distinct answer of its problem's rollouts."""
+def _parse(text: str) -> list:
+    """Cached per worker: one gold answer meets every distinct answer of its problem's rollouts.
+
+    A parse cut short by the CPU budget raises, so it is never cached.
+    """
     from math_verify import parse
 
-    return parse(_as_math(text), parsing_timeout=parse_timeout)
+    return parse(_as_math(text), parsing_timeout=None)
 
 
-def math_verify_grade(gold: str, answer: str, parse_timeout: int = 5, verify_timeout: int = 5) -> Grade:
-    """Grade one pair with math-verify, gold first (``verify`` is not symmetric). Call in a main thread."""
+def math_verify_grade(gold: str, answer: str) -> Grade:
+    """Grade one pair with math-verify, gold first (``verify`` is not symmetric).
+
+    math-verify's wall-clock timeouts are off (see the module docstring): call it
+    under a CPU budget (:class:`GraderPool`), not on its own with untrusted answers.
+    """
     from math_verify import verify
 
-    gold_parsed = _parse(gold, parse_timeout)
+    _quiet_math_verify()
+    gold_parsed = _parse(gold)
     if not gold_parsed:
         return Grade(False, "math_verify", False, "ground truth not parseable")
-    answer_parsed = _parse(answer, parse_timeout)
+    answer_parsed = _parse(answer)
     if not answer_parsed:
         return Grade(False, "math_verify", False, "answer not parseable")
-    ok = verify(gold_parsed, answer_parsed, timeout_seconds=verify_timeout)
+    ok = verify(gold_parsed, answer_parsed, timeout_seconds=None)
     return Grade(bool(ok), "math_verify", True, None if ok else "not equivalent")
 
 
 #: Consecutive worker deaths (no verdict in between) after which grading stops with an error.
 MAX_DEATHS_IN_A_ROW = 5
+#: Each retry of a pair that ran out of CPU gets this many times the previous budget.
+RETRY_GROWTH = 4.0
+#: The kernel's CPU limit (RLIMIT_CPU, whole seconds) sits this far past a pair's budget.
+_KERNEL_LIMIT_MARGIN_S = 2
+#: After the budget, SIGPROF re-fires this often (CPU seconds) until the pair is over.
+_REFIRE_S = 0.05
 
-GradeFn = Callable[[str, str, int, int], Grade]
+GradeFn = Callable[[str, str], Grade]
 
 
-def _worker_main(conn: Connection, grade_fn: GradeFn, parse_timeout: int, verify_timeout: int) -> None:
+class CpuBudgetExceeded(BaseException):
+    """A pair used its CPU budget. A ``BaseException`` so graders' ``except Exception`` cannot turn it into a verdict."""
+
+
+_armed = False
+#: The worker's own RLIMIT_CPU, restored after each pair.
+_cpu_limit = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+
+def _on_sigprof(signum, frame) -> None:
+    if _armed:  # a late tick after the pair finished is ignored
+        raise CpuBudgetExceeded
+
+
+def _arm(budget_s: float) -> None:
+    global _armed
+    soft, hard = _cpu_limit
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    limit = math.ceil(used.ru_utime + used.ru_stime + budget_s) + _KERNEL_LIMIT_MARGIN_S
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
+    _armed = True
+    signal.setitimer(signal.ITIMER_PROF, budget_s, _REFIRE_S)
+
+
+def _disarm() -> None:
+    global _armed
+    _armed = False
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    resource.setrlimit(resource.RLIMIT_CPU, _cpu_limit)
+
+
+def _grade_within(grade_fn: GradeFn, gold: str, answer: str, budget_s: float) -> Grade:
+    """``grade_fn(gold, answer)`` under a CPU budget: a timeout or an exception becomes a grade, never a raise."""
+    try:
+        try:
+            _arm(budget_s)
+            return grade_fn(gold, answer)
+        finally:
+            _disarm()
+    except CpuBudgetExceeded:
+        _disarm()  # the signal may have landed inside the first disarm
+        return Grade(False, "timeout", False, f"over its CPU budget of {budget_s:g} s")
+    except Exception as exc:  # model output is untrusted: any failure is a graded "error"
+        return Grade(False, "error", False, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _worker_main(conn: Connection, grade_fn: GradeFn) -> None:
+    global _cpu_limit
+    _cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
+    signal.signal(signal.SIGPROF, _on_sigprof)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # SIGXCPU dumps core
     while True:
         try:
             job = conn.recv()
@@ -123,12 +218,8 @@ def _worker_main(conn: Connection, grade_fn: GradeFn, parse_timeout: int, verify
             return
         if job is None:
             return
-        gold, answer = job
-        try:
-            grade = grade_fn(gold, answer, parse_timeout, verify_timeout)
-        except Exception as exc:  # model output is untrusted: any failure is a graded "error"
-            grade = Grade(False, "error", False, f"{type(exc).__name__}: {exc}"[:300])
-        conn.send(grade)
+        gold, answer, budget_s = job
+        conn.send(_grade_within(grade_fn, gold, answer, budget_s))
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -141,15 +232,43 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """A process's CPU time so far (user + system, clock ticks) from ``/proc``; None where there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+
+
 class _Worker:
-    def __init__(self, ctx, grade_fn: GradeFn, parse_timeout: int, verify_timeout: int):
+    def __init__(self, ctx, grade_fn: GradeFn):
         self.conn, child = ctx.Pipe()
-        args = (child, grade_fn, parse_timeout, verify_timeout)
-        self.process = ctx.Process(target=_worker_main, args=args, daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, grade_fn), daemon=True)
         self.process.start()
         child.close()
         self.job: int | None = None
-        self.deadline = 0.0
+        self.budget_s = 0.0
+        self._ticks: int | None = None
+        self._progress_at = 0.0
+
+    def start(self, job: int, budget_s: float) -> None:
+        self.job, self.budget_s = job, budget_s
+        self._ticks, self._progress_at = _cpu_ticks(self.process.pid), time.monotonic()
+
+    def stalled(self, stall_s: float) -> bool:
+        """No CPU used for ``stall_s`` of wall time (without ``/proc``: no verdict within ``stall_s`` of wall time)."""
+        ticks = _cpu_ticks(self.process.pid)
+        now = time.monotonic()
+        if ticks is not None and ticks != self._ticks:
+            self._ticks, self._progress_at = ticks, now
+        return now - self._progress_at >= stall_s
+
+    def over_cpu_limit(self) -> bool:
+        """Killed by the kernel's CPU limit (the budget guard for C code that no signal handler interrupts)."""
+        self.process.join(5)
+        return self.process.exitcode == -signal.SIGXCPU
 
     def kill(self) -> None:
         self.process.kill()
@@ -158,31 +277,37 @@ class _Worker:
 
 
 class GraderPool:
-    """Worker processes grading (gold, answer) pairs with a hard per-pair deadline.
+    """Worker processes grading (gold, answer) pairs, each within a CPU-time budget (see the module docstring).
 
-    Use as a context manager; workers start on first use and are reused across calls.
-    ``grade_fn`` (a module-level function, pickled by reference) replaces
-    math-verify, e.g. with a stricter checker.
+    ``timeout_s`` is the CPU seconds a pair may use on its first attempt; a pair
+    over it is graded again with :data:`RETRY_GROWTH` times the budget, up to
+    ``retries`` times, then reported as ``timeout``. Use as a context manager;
+    workers start on first use and are reused across calls. ``grade_fn`` (a
+    module-level function, pickled by reference) replaces math-verify, e.g.
+    with a stricter checker.
     """
 
     def __init__(
         self,
         workers: int = 2,
-        timeout_s: float = 30.0,
-        parse_timeout: int = 5,
-        verify_timeout: int = 5,
+        timeout_s: float = 5.0,
+        retries: int = 1,
         grade_fn: GradeFn = math_verify_grade,
+        stall_s: float = 60.0,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if timeout_s <= 0 or retries < 0:
+            raise ValueError("the grading budget must be > 0 seconds and retries >= 0")
         self.n_workers = workers
         self.timeout_s = timeout_s
-        self.parse_timeout = parse_timeout
-        self.verify_timeout = verify_timeout
+        self.retries = retries
         self.grade_fn = grade_fn
+        self.stall_s = stall_s
         self._workers: list[_Worker] = []
         self._ctx = None
         self.restarts = 0
+        self.retried = 0  # attempts repeated with a larger budget
         self._deaths_in_a_row = 0
 
     def __enter__(self) -> GraderPool:
@@ -205,7 +330,7 @@ class GraderPool:
     def _spawn(self) -> _Worker:
         if self._ctx is None:
             self._ctx = _context()
-        return _Worker(self._ctx, self.grade_fn, self.parse_timeout, self.verify_timeout)
+        return _Worker(self._ctx, self.grade_fn)
 
     def _replace(self, worker: _Worker, died: bool = False) -> None:
         """Swap in a fresh worker; workers that keep dying with no verdict in between mean a broken
@@ -221,6 +346,10 @@ class GraderPool:
         self._workers[self._workers.index(worker)] = self._spawn()
         self.restarts += 1
 
+    def budget(self, attempt: int) -> float:
+        """CPU seconds for attempt ``attempt`` (0-based) of a pair."""
+        return self.timeout_s * RETRY_GROWTH**attempt
+
     def map(self, pairs: list[tuple[str, str]], progress=None) -> list[Grade]:
         """Grade every pair (no quick path, no dedup: see :func:`grade_pairs`); order is kept."""
         results: list[Grade | None] = [None] * len(pairs)
@@ -228,21 +357,31 @@ class GraderPool:
             return []
         while len(self._workers) < min(self.n_workers, len(pairs)):
             self._workers.append(self._spawn())
-        pending = iter(range(len(pairs)))
+        pending: deque[int] = deque(range(len(pairs)))
+        attempts = [0] * len(pairs)
         remaining = len(pairs)
 
         def dispatch(worker: _Worker) -> None:
-            index = next(pending, None)
-            if index is None:
+            if not pending:
                 return
-            worker.job = index
-            worker.deadline = time.monotonic() + self.timeout_s
-            worker.conn.send(pairs[index])
+            index = pending.popleft()
+            budget = self.budget(attempts[index])
+            worker.start(index, budget)
+            worker.conn.send((*pairs[index], budget))
 
         def finish(worker: _Worker, grade: Grade) -> None:
+            """Record a verdict; a timeout with retries left goes back in the queue with a larger budget."""
             nonlocal remaining
-            results[worker.job] = grade
-            worker.job = None
+            index, worker.job = worker.job, None
+            if grade.method == "timeout":
+                attempts[index] += 1
+                if attempts[index] <= self.retries:
+                    self.retried += 1
+                    pending.append(index)
+                    return
+                budgets = ", ".join(f"{self.budget(a):g}" for a in range(attempts[index]))
+                grade = Grade(False, "timeout", False, f"{grade.reason}; CPU budgets tried (s): {budgets}")
+            results[index] = grade
             remaining -= 1
             if progress is not None:
                 progress.update(1)
@@ -251,20 +390,25 @@ class GraderPool:
             dispatch(worker)
         while remaining:
             busy = [w for w in self._workers if w.job is not None]
-            next_deadline = min(w.deadline for w in busy)
-            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+            ready = wait([w.conn for w in busy], timeout=min(1.0, self.stall_s))
             for worker in busy:
                 if worker.conn in ready:
                     try:
                         grade = worker.conn.recv()
                     except (EOFError, OSError):
-                        finish(worker, Grade(False, "error", False, "grading worker died"))
-                        self._replace(worker, died=True)
+                        if worker.over_cpu_limit():
+                            finish(
+                                worker, Grade(False, "timeout", False, f"over its CPU budget of {worker.budget_s:g} s")
+                            )
+                            self._replace(worker)
+                        else:
+                            finish(worker, Grade(False, "error", False, "grading worker died"))
+                            self._replace(worker, died=True)
                         continue
                     self._deaths_in_a_row = 0
                     finish(worker, grade)
-                elif time.monotonic() >= worker.deadline:
-                    finish(worker, Grade(False, "timeout", False, f"no verdict within {self.timeout_s:g}s"))
+                elif worker.stalled(self.stall_s):
+                    finish(worker, Grade(False, "timeout", False, f"no CPU progress for {self.stall_s:g} s"))
                     self._replace(worker)
             for worker in self._workers:
                 if worker.job is None:

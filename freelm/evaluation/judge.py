@@ -1,7 +1,7 @@
 """LLM judge: answer equivalence against the ground truth, for answers a rule-based grader can't settle.
 
 Any OpenAI-compatible endpoint. Verdicts are appended to a JSONL file that is
-also the cache: a re-run skips every (source, id, ground truth, answer) that
+also the cache (:mod:`freelm.evaluation.judgments`): a re-run skips every (source, id, ground truth, answer) that
 already has a final verdict, so it costs no requests. HTTP 429/5xx and
 connection errors are retried with backoff by the ``openai`` client itself;
 an unparseable verdict is asked again, then recorded as ``unparseable``
@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import asdict, dataclass, fields
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from freelm.evaluation.extract import last_boxed
+from freelm.evaluation.judgments import Judgment, JudgmentCache
 from freelm.evaluation.metrics import JudgeKey
-from freelm.jsonl import append_jsonl, iter_jsonl, repair_torn_tail
 from freelm.redact import redact
 
-Verdict = Literal["correct", "incorrect", "unparseable", "error"]
-FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
+#: Seconds between two looks at an answer another judge process is asking about.
+CLAIM_POLL_S = 0.2
 
 DEFAULT_JUDGE_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "judge.txt"
 _PLACEHOLDERS = ("{problem}", "{ground_truth}", "{answer}")
@@ -78,100 +79,141 @@ class JudgeItem:
 
 
 @dataclass
-class Judgment:
-    """One line of judge.jsonl."""
-
-    source: str
-    id: str
-    ground_truth: str
-    answer: str
-    verdict: Verdict
-    model: str
-    attempts: int
-    raw: str | None = None
-    error: str | None = None
-
-    @property
-    def key(self) -> JudgeKey:
-        return (self.source, self.id, self.ground_truth, self.answer)
-
-
-def read_judgments(path: str | Path) -> dict[JudgeKey, Judgment]:
-    """The latest judgment per key; a torn last line (killed judge) is ignored."""
-    names = {f.name for f in fields(Judgment)}
-    out: dict[JudgeKey, Judgment] = {}
-    for number, obj in iter_jsonl(path):
-        try:
-            judgment = Judgment(**{k: v for k, v in obj.items() if k in names})
-        except TypeError as exc:
-            raise ValueError(f"{path}:{number}: not a judgment ({exc})") from exc
-        if judgment.verdict not in (*FINAL_VERDICTS, "error"):
-            raise ValueError(f"{path}:{number}: unknown verdict {judgment.verdict!r}")
-        out[judgment.key] = judgment
-    return out
-
-
-def verdicts_for_grading(judgments: dict[JudgeKey, Judgment]) -> dict[JudgeKey, bool]:
-    """Final verdicts as booleans (``unparseable`` = incorrect); ``error`` entries count as not judged."""
-    return {k: j.verdict == "correct" for k, j in judgments.items() if j.verdict in FINAL_VERDICTS}
-
-
-@dataclass
 class JudgeSettings:
     model: str
     template: str
     concurrency: int = 8
-    parse_retries: int = 2  # extra requests when a verdict is unparseable
+    parse_retries: int = 2  # extra requests when a reply has no verdict or is malformed
     temperature: float = 0.0
     max_tokens: int = 2048
+    request_timeout: float = 600.0  # total seconds per call, the client's retries and the whole reply included
+
+
+class MalformedReply(ValueError):
+    """A 200 that is not a chat completion with an assistant message (an HTML error page, a null message...)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    """Lone surrogates (a JSON ``\\ud800`` escape decodes to one) replaced by U+FFFD: they cannot be written as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def reply_text(response: Any) -> str | None:
+    """The assistant text of a chat completion; :class:`MalformedReply` for anything that is not one.
+
+    The openai client returns whatever a 200 held: a ``str`` for a non-JSON body,
+    a completion with ``message=None`` when the field was absent or null.
+    ``content=None`` is a real (empty) reply.
+    """
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        shown = response[:80] if isinstance(response, str) else type(response).__name__
+        raise MalformedReply(f"not a chat completion with choices: {shown!r}")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise MalformedReply("choices[0] has no message")
+    content = getattr(message, "content", None)
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply(f"message content is a {type(content).__name__}, not text")
+    return content
 
 
 async def _judge_one(client, item: JudgeItem, settings: JudgeSettings) -> Judgment:
-    prompt = render_judge_prompt(settings.template, item.problem, item.ground_truth, item.answer)
+    """Ask until a verdict, ``parse_retries`` more times after a reply without one or a malformed reply.
+
+    A request that fails after the client's own retries (HTTP errors, connection
+    errors) or passes its deadline is ``error`` at once. After the last attempt
+    the answer is ``unparseable`` when the judge did reply (without a verdict),
+    ``error`` when every reply was malformed (a broken server, not the judge's
+    answer: the next run asks again).
+    """
+    import openai
+
+    prompt = _valid_text(render_judge_prompt(settings.template, item.problem, item.ground_truth, item.answer))
     secrets = [getattr(client, "api_key", None)]  # a proxy may echo the Authorization header back
-    raw = None
+
+    def failed(attempt: int, raw: str | None, error: str) -> Judgment:
+        return Judgment(*item.key, "error", settings.model, attempt, raw, _valid_text(redact(error, secrets))[:500])
+
+    raw, malformed, replied = None, "", False
     for attempt in range(1, settings.parse_retries + 2):
         try:
-            response = await client.chat.completions.create(
-                model=settings.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=settings.temperature,
-                max_tokens=settings.max_tokens,
-            )
-        except Exception as exc:  # the client already retried transient errors with backoff
-            error = redact(f"{type(exc).__name__}: {exc}", secrets)[:500]
-            return Judgment(*item.key, "error", settings.model, attempt, raw, error)
-        raw = response.choices[0].message.content if response.choices else None
-        raw = redact(raw, secrets) if isinstance(raw, str) else None
+            async with asyncio.timeout(settings.request_timeout):
+                response = await client.chat.completions.create(
+                    model=settings.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    temperature=settings.temperature,
+                    max_tokens=settings.max_tokens,
+                )
+            content = reply_text(response)
+        except TimeoutError:
+            return failed(attempt, raw, f"no complete reply within {settings.request_timeout:g} s")
+        except openai.APIError as exc:
+            if not isinstance(exc, openai.APIResponseValidationError):  # the client already retried it
+                return failed(attempt, raw, f"{type(exc).__name__}: {exc}")
+            malformed = f"malformed reply: {exc}"
+            continue
+        except Exception as exc:  # a 200 the client could not read as a completion (untrusted bytes)
+            malformed = f"malformed reply: {type(exc).__name__}: {exc}"
+            continue
+        replied = True
+        raw = _valid_text(redact(content, secrets)) if content is not None else None
         verdict = parse_verdict(raw)
         if verdict is not None:
             return Judgment(*item.key, "correct" if verdict else "incorrect", settings.model, attempt, raw)
+    if not replied:
+        return failed(settings.parse_retries + 1, raw, malformed)
     return Judgment(*item.key, "unparseable", settings.model, settings.parse_retries + 1, raw)
 
 
 async def judge_items(
     items: list[JudgeItem], client, settings: JudgeSettings, cache_path: str | Path, progress: bool = True
 ) -> dict[JudgeKey, Judgment]:
-    """Judge every item without a final verdict in ``cache_path``; append each verdict as it arrives."""
-    cache_path = Path(cache_path)
-    repair_torn_tail(cache_path)  # else the first new verdict is glued to a killed run's half line
-    done = read_judgments(cache_path) if cache_path.exists() else {}
-    todo = list({i.key: i for i in items if done.get(i.key) is None or done[i.key].verdict == "error"}.values())
-    semaphore = asyncio.Semaphore(settings.concurrency)
+    """Judge every item without a final verdict in ``cache_path``; append each verdict as it arrives.
 
-    async def bounded(item: JudgeItem) -> Judgment:
-        async with semaphore:
-            return await _judge_one(client, item, settings)
-
+    Judges sharing ``cache_path`` split the work (:class:`~freelm.evaluation.judgments.JudgmentCache`):
+    an answer one of them is asking about or has judged is not asked again by another.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="judging", unit="answer", disable=not progress)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with cache_path.open("a", encoding="utf-8") as handle:
-        for next_done in asyncio.as_completed([bounded(i) for i in todo]):
-            judgment = await next_done
-            append_jsonl(handle, asdict(judgment))
-            done[judgment.key] = judgment
+    semaphore = asyncio.Semaphore(settings.concurrency)
+    stuck: dict[JudgeKey, Judgment] = {}  # answers another judge claimed and never finished (not written)
+    with JudgmentCache(cache_path) as cache:
+        todo = list({i.key: i for i in items if not cache.final(i.key)}.values())
+        bar = tqdm(total=len(todo), desc="judging", unit="answer", disable=not progress)
+        waited_s = settings.request_timeout * 2 + 60  # another judge's claim outlives its deadline: it is stuck
+
+        async def one(item: JudgeItem) -> None:
+            started = time.monotonic()
+            while True:
+                async with semaphore:
+                    if cache.final(item.key):
+                        break  # judged by another judge meanwhile
+                    if cache.claim(item.key):
+                        try:
+                            cache.append(await _judge_one(client, item, settings))
+                        finally:
+                            cache.release(item.key)
+                        break
+                if time.monotonic() - started > waited_s:
+                    stuck[item.key] = Judgment(
+                        *item.key, "error", settings.model, 0, None,
+                        f"another judge process has been asking about this answer for over {waited_s:g} s",
+                    )  # fmt: skip
+                    break
+                await asyncio.sleep(CLAIM_POLL_S)
             bar.update(1)
-    bar.close()
-    return {i.key: done[i.key] for i in items}
+
+        tasks = [asyncio.ensure_future(one(i)) for i in todo]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # a failed write stops the run: the other calls end before the cache closes
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()
+        cache.refresh()
+        return {i.key: stuck.get(i.key) or cache.done[i.key] for i in items}

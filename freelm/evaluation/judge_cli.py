@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--max-retries", type=int, default=6, help="HTTP retries with backoff on 429/5xx/connection")
     parser.add_argument("--parse-retries", type=int, default=2, help="re-asks when the verdict is unparseable")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="total seconds per judge call: the whole reply, and the client's retries, must arrive within it "
+        "(else the answer is recorded as 'error' and asked again by the next run)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2, help="grading processes (for --select rule-*)")
@@ -86,8 +92,18 @@ def run(args: argparse.Namespace) -> int:
     from openai import AsyncOpenAI
 
     from freelm.evaluation.judge import JudgeSettings, judge_items, load_judge_template
+    from freelm.evaluation.outputs import refuse_aliases, run_input_files
+    from freelm.output_guard import write_failure
 
     try:
+        refuse_aliases(
+            {"--output": args.output},
+            {
+                "--input": run_input_files(args.input),
+                "--data": [Path(d) for d in args.data],
+                "--template": [args.template] if args.template else [],
+            },
+        )
         template = load_judge_template(args.template)
         items = _items(args)
     except ValueError as exc:
@@ -103,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         parse_retries=args.parse_retries,
         temperature=args.temperature,
         max_tokens=args.max_tokens,
+        request_timeout=args.request_timeout,
     )
 
     async def main():
@@ -120,6 +137,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the cache could not be written: what was appended before is intact
+        print(
+            f"error: {write_failure(args.output, exc)}; every verdict written before is kept: "
+            "free space or fix the file, then re-run the same command",
+            file=sys.stderr,
+        )
+        return 1
     counts = Counter(j.verdict for j in judgments.values())
     print(f"{len(judgments)} distinct answers judged -> {args.output}: {dict(counts)}", file=sys.stderr)
-    return 1 if counts.get("error") else 0
+    errors = [j for j in judgments.values() if j.verdict == "error"]
+    if errors:
+        print(
+            f"{len(errors)} answer(s) without a verdict (e.g. {errors[0].source} {errors[0].id}: {errors[0].error}); "
+            "every verdict obtained is kept: re-run the same command to ask only those again",
+            file=sys.stderr,
+        )
+    return 1 if errors else 0

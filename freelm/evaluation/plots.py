@@ -7,6 +7,9 @@ from pathlib import Path
 from freelm.evaluation.metrics import TOKEN_METRICS, RunMetrics
 from freelm.records import RolloutRecord
 
+#: The files ``--plots-dir`` receives.
+PLOT_FILES = ("accuracy_vs_tokens.png", "peak_context.png")
+
 
 def _pyplot():
     import matplotlib
@@ -40,10 +43,7 @@ def plot_accuracy_vs_tokens(runs: list[RunMetrics], path: str | Path, token_metr
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, Path(path))
 
 
 def plot_peak_context(runs: dict[str, list[RolloutRecord]], path: str | Path, bins: int = 40) -> Path:
@@ -60,7 +60,16 @@ def plot_peak_context(runs: dict[str, list[RolloutRecord]], path: str | Path, bi
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _save(plt, fig, Path(path))
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Written whole or not at all (:func:`~freelm.evaluation.outputs.output_file`)."""
+    from freelm.evaluation.outputs import output_file
+
+    try:
+        with output_file(path, binary=True) as f:
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

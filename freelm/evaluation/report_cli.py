@@ -24,9 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from freelm.evaluation.efficiency import efficiency_dict, efficiency_markdown, efficiency_rows, resolve_kv_spec
+    from freelm.evaluation.outputs import OutputWriteFailed, refuse_aliases, run_input_files, write_output
     from freelm.evaluation.runs import load_runs
 
     try:
+        model_files = [p for p in (Path(args.model), Path(args.model) / "config.json") if p.is_file()]
+        refuse_aliases(
+            {"--output": args.output, "--markdown": args.markdown},
+            {
+                "--input": run_input_files(args.input),
+                "--baseline": run_input_files([args.baseline]),
+                "--model": model_files,
+            },
+        )
         spec = resolve_kv_spec(args.model)
         runs, base = load_runs(args.input, args.baseline)
         rows = efficiency_rows({r.name: r.records for r in runs}, spec, base.name if base else None)
@@ -34,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = efficiency_markdown(rows, spec)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(efficiency_dict(rows, spec), indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    try:
+        write_output(args.output, json.dumps(efficiency_dict(rows, spec), indent=2) + "\n")
+        if args.markdown:
+            write_output(args.markdown, table)
+    except OutputWriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(table, end="")
     return 0
 

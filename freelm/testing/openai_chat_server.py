@@ -34,14 +34,20 @@ from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 class ChatFault:
     """One scripted misbehaviour: an HTTP error (429, 5xx, ...) or, with ``status=200``, a malformed body.
 
-    ``body`` is sent verbatim; ``None`` sends an OpenAI-style error object.
+    ``body`` is sent verbatim (:func:`chat_completion` builds a well-formed one to
+    break or drip); ``None`` sends an OpenAI-style error object.
     ``retry_after_ms`` sets the header the openai client honours, so retry tests
-    do not sleep through its default backoff.
+    do not sleep through its default backoff. ``content_type`` is the header sent
+    (a proxy's error page is ``text/html``). ``drip_s`` > 0 sends the body one
+    byte at a time with that pause between bytes (every read returns promptly,
+    so a per-read timeout never fires).
     """
 
     status: int = 500
     body: str | None = None
     retry_after_ms: int | None = 1
+    content_type: str = "application/json"
+    drip_s: float = 0.0
 
 
 Reply = str | ChatFault
@@ -51,6 +57,23 @@ Responder = Callable[[dict[str, Any]], Reply]
 def count_words(text: str) -> int:
     """The server's stand-in token count (no tokenizer): whitespace-separated words."""
     return len(text.split())
+
+
+def chat_completion(content: str | None, *, model: str = "teacher", prompt_words: int = 0) -> dict[str, Any]:
+    """A well-formed ``chat.completion`` object whose assistant message is ``content``."""
+    completion_words = count_words(content or "")
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_words,
+            "completion_tokens": completion_words,
+            "total_tokens": prompt_words + completion_words,
+        },
+    }
 
 
 class OpenAIChatTestServer(LocalHTTPServer):
@@ -88,11 +111,11 @@ class OpenAIChatTestServer(LocalHTTPServer):
 
     # ----- request handling (handler threads) -----------------------------
 
-    def chat(self, body: Any) -> tuple[int, str, dict[str, str]]:
-        """Status, body text and extra headers for one ``/v1/chat/completions`` request."""
+    def chat(self, body: Any) -> tuple[int, str, dict[str, str], float]:
+        """Status, body text, extra headers and the pause between body bytes for one ``/v1/chat/completions``."""
         error = _validate_chat(body, self.model)
         if error is not None:
-            return error[0], _error_body(error[1], "invalid_request_error"), {}
+            return error[0], _error_body(error[1], "invalid_request_error"), {}, 0.0
         with self._lock:
             self.bodies.append(body)
             queued = self._queue.popleft() if self._queue else None
@@ -100,28 +123,19 @@ class OpenAIChatTestServer(LocalHTTPServer):
             time.sleep(self.delay_s)
         reply = queued if queued is not None else self.responder(body)
         if isinstance(reply, ChatFault):
-            headers = {} if reply.retry_after_ms is None else {"retry-after-ms": str(reply.retry_after_ms)}
+            headers = {"Content-Type": reply.content_type}
+            if reply.retry_after_ms is not None:
+                headers["retry-after-ms"] = str(reply.retry_after_ms)
             if reply.status == 200:
                 with self._lock:
                     self.malformed += 1
             text = reply.body if reply.body is not None else _error_body(f"scripted error {reply.status}", "server")
-            return reply.status, text, headers
+            return reply.status, text, headers, reply.drip_s
         prompt_words = sum(count_words(str(m.get("content") or "")) for m in body["messages"])
-        completion = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-            "usage": {
-                "prompt_tokens": prompt_words,
-                "completion_tokens": count_words(reply),
-                "total_tokens": prompt_words + count_words(reply),
-            },
-        }
+        completion = chat_completion(reply, model=self.model, prompt_words=prompt_words)
         with self._lock:
             self.completions += 1
-        return 200, json.dumps(completion), {}
+        return 200, json.dumps(completion), {}, 0.0
 
     def completion(self, body: Any) -> tuple[int, str, dict[str, str]]:
         """Status, body text and headers for one text-only ``/v1/completions`` request (see the module docstring)."""
@@ -187,16 +201,25 @@ def _error_body(message: str, kind: str) -> str:
 class _Handler(QuietHandler):
     server_state: OpenAIChatTestServer
 
-    def _send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-        data = text.encode("utf-8")
+    def _send(self, status: int, text: str, headers: dict[str, str] | None = None, drip_s: float = 0.0) -> None:
+        data = text.encode("utf-8", "surrogatepass")  # a scripted body may carry a lone surrogate: sent as is
+        headers = {"Content-Type": "application/json", **(headers or {})}
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
         self.server_state.record_status(status)
+        if not drip_s:
+            self.wfile.write(data)
+            return
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+                time.sleep(drip_s)
+        except OSError:  # the client gave up on the reply
+            self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         if self.path.rstrip("/") == "/v1/models":
@@ -217,7 +240,10 @@ class _Handler(QuietHandler):
             self._send(400, _error_body("request body is not JSON", "invalid_request_error"))
             return
         state = self.server_state
-        self._send(*(state.chat(body) if route == "/v1/chat/completions" else state.completion(body)))
+        if route == "/v1/chat/completions":
+            self._send(*state.chat(body))
+        else:
+            self._send(*state.completion(body))
 
 
 OpenAIChatTestServer.handler_class = _Handler

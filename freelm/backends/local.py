@@ -53,7 +53,15 @@ from freelm.backends.local_batch import (
     StopRule,
     check_adapter,
 )
-from freelm.backends.local_kv import PrefixCache, with_cache
+from freelm.backends.local_kv import (
+    CachedSequence,
+    PrefixCache,
+    Taken,
+    entry_bytes,
+    eviction_refusal,
+    rope_frequencies,
+    with_cache,
+)
 from freelm.tokenizer import Tokenizer
 
 #: How generate() admits waiting requests into the running batch (see LocalBackend._admit). "waves" is the
@@ -102,8 +110,13 @@ class LocalBackend:
         self.stop_rule = StopRule(eos, context_length, tokenizer)
         #: sequences kept per namespace: by default two per batch row (a rollout's live one and a stale one)
         self.prefix_cache = PrefixCache(
-            model.config, size=cache_size if cache_size is not None else max(4, 2 * max_batch), max_bytes=cache_bytes
+            model.config,
+            size=cache_size if cache_size is not None else max(4, 2 * max_batch),
+            max_bytes=cache_bytes,
+            inv_freq=rope_frequencies(model),
         )
+        #: bytes of one token's KV over all layers (what the peak KV counters are multiplied by)
+        self.kv_entry_bytes = entry_bytes(model)
         self.max_batch = max_batch
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -253,7 +266,7 @@ class LocalBackend:
                     continue
                 if row.outcome is None:
                     try:
-                        row.outcome = self._result(row.prompt, row.output, row.finish, row.reused, row.started)
+                        row.outcome = self._row_result(row, row.started)
                     except Exception as exc:  # noqa: BLE001 - this caller's error: the scheduler must go on
                         row.outcome = exc
                 if isinstance(row.outcome, BaseException):
@@ -330,13 +343,14 @@ class LocalBackend:
         start = time.perf_counter()
         ids = self._prompt_ids(request)
         with self._lock, torch.inference_mode(), self._adapter_context(request.adapter):
-            entry, reused = self.prefix_cache.take(request.adapter, ids)
-            self.namespace_stats(request.adapter).cached_tokens += reused
-            output_ids, finish = self._decode_loop(ids, entry.cache, reused, request)
-            entry.ids = ids + output_ids[:-1]
+            taken = self.prefix_cache.take(request.adapter, ids, request.eviction)
+            self.namespace_stats(request.adapter).cached_tokens += taken.reused
+            output_ids, finish = self._decode_loop(ids, taken, request)
+            self.step_stats.held_kv(taken.cache.get_seq_length(), self.prefix_cache.entries)
             if not self.stop_rule.ends_rollout(request.adapter, output_ids):
-                self.prefix_cache.keep(request.adapter, entry)
-        return self._result(ids, output_ids, finish, reused, start)
+                sequence = CachedSequence.finished(ids, output_ids, taken.cache, taken.positions, taken.next_position)
+                self.prefix_cache.keep(request.adapter, sequence)
+        return self._result(ids, output_ids, finish, taken.reused, start, taken.evicted, taken.rerotated)
 
     def generate_batch_blocking(self, requests: list[GenerateRequest]) -> list[GenerateResult | BackendError]:
         """Decode requests together, any mix of adapters; a bad request is returned as its error, not raised.
@@ -363,7 +377,7 @@ class LocalBackend:
             with self._lock, torch.inference_mode():
                 while joiners or batch.members:
                     for row in batch.step(joiners):
-                        outcomes[row.ticket] = self._result(row.prompt, row.output, row.finish, row.reused, start)
+                        outcomes[row.ticket] = self._row_result(row, start)
                     joiners = []
         except BackendError as exc:
             return [exc] * len(requests)
@@ -377,9 +391,22 @@ class LocalBackend:
             raise BackendError(
                 f"the input ({len(ids)} tokens) is not shorter than the context length ({self.context_length})"
             )
+        if request.eviction is not None:
+            refusal = eviction_refusal(self.model, request.eviction.strategy, self.prefix_cache.inv_freq)
+            if refusal:
+                raise BackendError(refusal)
         return ids
 
-    def _result(self, ids: list[int], output_ids: list[int], finish: str, reused: int, start: float) -> GenerateResult:
+    def _result(
+        self,
+        ids: list[int],
+        output_ids: list[int],
+        finish: str,
+        reused: int,
+        start: float,
+        evicted: int = 0,
+        rerotated: int = 0,
+    ) -> GenerateResult:
         return GenerateResult(
             text=self.tokenizer.decode(output_ids),
             output_ids=output_ids,
@@ -389,7 +416,12 @@ class LocalBackend:
             cached_tokens=reused,
             latency_s=time.perf_counter() - start,
             endpoint=self.name,
+            evicted_tokens=evicted,
+            rerotated_tokens=rerotated,
         )
+
+    def _row_result(self, row: Row, start: float) -> GenerateResult:
+        return self._result(row.prompt, row.output, row.finish, row.reused, start, row.evicted, row.rerotated)
 
     def _adapter_context(self, adapter: str | None):
         """Base model = adapters disabled; a name = that adapter active. Unknown names fail like SGLang."""
@@ -416,24 +448,27 @@ class LocalBackend:
             stats.decode_steps += 1
         return logits
 
-    def _decode_loop(self, ids: list[int], cache: Any, reused: int, request: GenerateRequest) -> tuple[list[int], str]:
+    def _decode_loop(self, ids: list[int], taken: Taken, request: GenerateRequest) -> tuple[list[int], str]:
         import torch
 
         stats = self.namespace_stats(request.adapter)
         pick = _token_picker(request.sampling, request.seed, self.model.device) or _argmax
-        feed = ids[reused:]
+        device = self.model.device
+        feed, positions = ids[taken.reused :], taken.positions[taken.reused :]
         prefill = len(feed)
         output: list[int] = []
         while True:
             logits = self._forward(
-                stats, prefill, input_ids=torch.tensor([feed], device=self.model.device), **with_cache(cache)
-            )[0]
+                stats, prefill,
+                input_ids=torch.tensor([feed], device=device), position_ids=torch.tensor([positions], device=device),
+                **with_cache(taken.cache),
+            )[0]  # fmt: skip
             prefill = 0
             output.append(pick(logits))
             finish = self.stop_rule.reason(len(ids), output, request)
             if finish:
                 return output, finish
-            feed = [output[-1]]
+            feed, positions = [output[-1]], [taken.next_position + len(output) - 1]
 
 
 def _request_error(exc: Exception) -> BackendError:

@@ -19,10 +19,11 @@ output and an adapter row the base output plus its LoRA delta, as with
 ``disable_adapter()`` / ``set_adapter()``.
 
 Layout (as in a left-padded batch): row r's KV is ``[pad..., r's tokens]`` along
-the sequence, ``mask`` marks r's own columns and ``positions[r]`` is its next
-position id (its own token count), so each row computes what it would alone.
-A merge left-pads the shorter side; leading columns that no row uses any more
-are cut when rows leave.
+the sequence and ``mask`` marks r's own columns; each row feeds its token at its
+own position id (``Row.position``: its own token count, or under ``evict-gaps``
+the position the prefix cache gave it), so each row computes what it would
+alone. A merge left-pads the shorter side; leading columns that no row uses any
+more are cut when rows leave.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ class Row:
     started: float
     ticket: Any = None  # the caller's handle (a future, or an index), untouched here
     reused: int = 0
+    positions: list[int] = field(default_factory=list)  # the position of each prompt token (from the prefix cache)
+    output_position: int = 0  # the position of the first output token
+    evicted: int = 0  # KV entries its prefix cache take evicted in place
+    rerotated: int = 0  # kept entries re-rotated
     feed: int = 0  # the token the next decode step feeds: the last output (or, joining, the next prompt token)
+    position: int = 0  # the position ``feed`` goes at
     pending: list[int] = field(default_factory=list)  # prompt tokens still to feed after ``feed`` (a joiner)
     held_steps: int = 0  # steps it waited for a prefill forward
     output: list[int] = field(default_factory=list)
@@ -140,6 +146,13 @@ class StepStats:
     rows_decoded: int = 0  # / decode_steps = the mean batch
     forward_s: float = 0.0  # inside the model (also booked per namespace in DecodeStats)
     step_s: float = 0.0  # whole steps: forward_s + the batch bookkeeping around it
+    peak_live_kv: int = 0  # most tokens whose KV requests being decoded held at once (pads excluded)
+    peak_held_kv: int = 0  # most tokens whose KV was held at once: by those requests and by the prefix cache
+
+    def held_kv(self, live: int, cached: int) -> None:
+        """Count a moment at which ``live`` entries are decoded and ``cached`` wait in the prefix cache."""
+        self.peak_live_kv = max(self.peak_live_kv, live)
+        self.peak_held_kv = max(self.peak_held_kv, live + cached)
 
 
 class RunningBatch:
@@ -155,7 +168,6 @@ class RunningBatch:
         self.held: list[tuple[Row, Any]] = []  # joiners waiting for a prefill forward, with their cached prefix
         self.cache: Any = None  # DynamicCache over self.rows
         self.mask: Any = None  # [rows, columns] 1 = the row's own token
-        self.positions: Any = None  # [rows] next position id
 
     @property
     def members(self) -> list[Row]:
@@ -173,13 +185,15 @@ class RunningBatch:
             done += self._admit(joiners)
         if self.rows:
             done += self._decode()
+        live = (int(self.mask.sum()) if self.mask is not None else 0) + sum(c.get_seq_length() for _, c in self.held)
+        self.host.step_stats.held_kv(live, self.host.prefix_cache.entries)
         self.host.step_stats.step_s += time.perf_counter() - started
         return done
 
     def fail(self, exc: BaseException) -> list[Row]:
         """Every row gets ``exc`` (an engine error mid-step leaves the batch KV unknown) and the batch empties."""
         rows, self.rows, self.held = self.members, [], []
-        self.cache = self.mask = self.positions = None
+        self.cache = self.mask = None
         for row in rows:
             row.outcome = exc
         return rows
@@ -201,19 +215,19 @@ class RunningBatch:
         """
         host = self.host
         running = len(self.rows)
-        taken = [host.prefix_cache.take(row.namespace, row.prompt) for row in joiners]
-        for row, (_, n) in zip(joiners, taken, strict=True):
-            row.reused = n
-            host.namespace_stats(row.namespace).cached_tokens += n
         direct, short = [], []
-        for row, (entry, _) in zip(joiners, taken, strict=True):
+        for row in joiners:
+            taken = host.prefix_cache.take(row.namespace, row.prompt, row.request.eviction)
+            row.reused, row.positions, row.output_position = taken.reused, taken.positions, taken.next_position
+            row.evicted, row.rerotated = taken.evicted, taken.rerotated
+            host.namespace_stats(row.namespace).cached_tokens += row.reused
             suffix = len(row.prompt) - row.reused
             if row.reused and suffix == 1:
-                direct.append((row, entry.cache))
+                direct.append((row, taken.cache))
             elif row.reused and suffix - 1 < running:
-                short.append((row, entry.cache))
+                short.append((row, taken.cache))
             else:
-                self.held.append((row, entry.cache))
+                self.held.append((row, taken.cache))
         prefill: list[tuple[Row, Any]] = []
         if self.held and sum(row.held_steps for row, _ in self.held) >= HOLD_SHARE * running:
             prefill, self.held = self.held + short, []
@@ -224,11 +238,12 @@ class RunningBatch:
         if direct:
             for row, _ in direct:
                 row.feed, row.pending = row.prompt[row.reused], row.prompt[row.reused + 1 :]
+                row.position = row.positions[row.reused]
             rows = [row for row, _ in direct]
             lengths = [row.reused for row in rows]
             cache = _stack_caches(host.model.config, [c for _, c in direct], lengths)
             mask = _left_padded_mask(lengths, max(lengths), device=host.model.device)
-            self._merge(rows, cache, mask, mask.sum(-1))
+            self._merge(rows, cache, mask)
         host.step_stats.joined_direct += len(direct)
         host.step_stats.joined_prefilled += len(prefill)
         return self._prefill(prefill) if prefill else []
@@ -252,7 +267,10 @@ class RunningBatch:
             ],
             dim=1,
         )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        positions = torch.tensor(
+            [[0] * (width - len(x)) + row.positions[row.reused :] for row, x in zip(rows, suffixes, strict=True)],
+            device=device,
+        )
         logits = self._forward(
             rows, [len(x) for x in suffixes],
             input_ids=feed, attention_mask=mask, position_ids=positions, **with_cache(cache),
@@ -262,25 +280,26 @@ class RunningBatch:
         keep = [i for i, row in enumerate(rows) if not row.finish]
         for i, row in enumerate(rows):
             if row.finish:
-                self._store(row, _row_cache(host.model.config, cache, mask, i, _fed(row)))
+                self._store(row, _row_cache(host.model.config, cache, mask, i, row))
         if keep:
             index = torch.tensor(keep, device=device)
             if len(keep) < len(rows):
                 cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-            self._merge([rows[i] for i in keep], cache, mask, positions[:, -1] + 1)
+                mask = mask[index]
+            self._merge([rows[i] for i in keep], cache, mask)
         return [row for row in rows if row.finish]
 
     def _decode(self) -> list[Row]:
         import torch
 
-        feed = torch.tensor([[row.feed] for row in self.rows], device=self.host.model.device)
+        device = self.host.model.device
+        feed = torch.tensor([[row.feed] for row in self.rows], device=device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         logits = self._forward(
             self.rows, None,
-            input_ids=feed, attention_mask=self.mask, position_ids=self.positions[:, None], **with_cache(self.cache),
+            input_ids=feed, attention_mask=self.mask, position_ids=positions, **with_cache(self.cache),
         )  # fmt: skip
-        self.positions = self.positions + 1
         stats = self.host.step_stats
         stats.decode_steps += 1
         stats.rows_decoded += len(self.rows)
@@ -322,20 +341,22 @@ class RunningBatch:
         for i, row in enumerate(rows):
             if row.pending:  # a joiner still feeding its prompt: these logits predict a token it already has
                 row.feed = row.pending.pop(0)
+                row.position = row.positions[len(row.prompt) - len(row.pending) - 1]
                 continue
             row.output.append(greedy[i] if row.picker is None else row.picker(logits[i]))
             row.feed = row.output[-1]
+            row.position = row.output_position + len(row.output) - 1
             row.finish = self.host.stop_rule.reason(len(row.prompt), row.output, row.request)
 
     # ----- joining and leaving ----------------------------------------------
 
-    def _merge(self, rows: list[Row], cache: Any, mask: Any, positions: Any) -> None:
-        """Append ``rows`` (with their cache, mask and next positions) to the batch, left-padding the shorter side."""
+    def _merge(self, rows: list[Row], cache: Any, mask: Any) -> None:
+        """Append ``rows`` (with their cache and mask) to the batch, left-padding the shorter side."""
         import torch
         from torch.nn.functional import pad
 
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = rows, _growing(cache), mask, positions
+            self.rows, self.cache, self.mask = rows, _growing(cache), mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
         merged = empty_cache(self.host.model.config)
@@ -349,7 +370,6 @@ class RunningBatch:
             merged.update(*parts, layer)
         self.cache = _growing(merged)
         self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
-        self.positions = torch.cat([self.positions, positions])
         self.rows = self.rows + rows
 
     def _store(self, row: Row, sequence: CachedSequence) -> None:
@@ -364,15 +384,15 @@ class RunningBatch:
         keep = []
         for i, row in enumerate(self.rows):
             if row.finish:
-                self._store(row, _row_cache(self.host.model.config, self.cache, self.mask, i, _fed(row)))
+                self._store(row, _row_cache(self.host.model.config, self.cache, self.mask, i, row))
             else:
                 keep.append(i)
         if not keep:
-            self.rows, self.cache, self.mask, self.positions = [], None, None, None
+            self.rows, self.cache, self.mask = [], None, None
             return
         index = torch.tensor(keep, device=self.mask.device)
         self.cache.batch_select_indices(index)
-        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.mask = self.mask[index]
         self.rows = [self.rows[i] for i in keep]
         first = int(self.mask.any(0).int().argmax())  # leading columns that only left rows used
         if first:
@@ -457,11 +477,6 @@ class RowAdapters:
         return output
 
 
-def _fed(row: Row) -> list[int]:
-    """The tokens a row's KV holds: its prompt and output minus the last sampled token (never fed)."""
-    return row.prompt + row.output[:-1]
-
-
 def _growing(cache: Any) -> Any:
     """``cache`` with its plain dynamic layers appending into spare room instead of concatenating.
 
@@ -543,17 +558,17 @@ def _stack_caches(config: Any, caches: list[Any], lengths: list[int]) -> Any:
     return batch
 
 
-def _row_cache(config: Any, cache: Any, mask: Any, row: int, ids: list[int]) -> Any:
-    """Row ``row`` of a batch cache without its padding, as a one-sequence cache for exactly ``ids``."""
-    columns = mask[row].nonzero().squeeze(-1)
+def _row_cache(config: Any, cache: Any, mask: Any, index: int, row: Row) -> CachedSequence:
+    """Row ``index`` of a batch cache without its padding: what the finished ``row`` leaves to the prefix cache."""
+    columns = mask[index].nonzero().squeeze(-1)
     single = empty_cache(config)
     for layer, data in enumerate(cache.layers):
         single.update(
-            data.keys[row : row + 1].index_select(2, columns),
-            data.values[row : row + 1].index_select(2, columns),
+            data.keys[index : index + 1].index_select(2, columns),
+            data.values[index : index + 1].index_select(2, columns),
             layer,
         )
-    return CachedSequence(ids=ids, cache=single)
+    return CachedSequence.finished(row.prompt, row.output, single, row.positions, row.output_position)
 
 
 def check_adapter(adapter: str | None, loaded: list[str]) -> None:

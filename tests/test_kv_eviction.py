@@ -194,6 +194,36 @@ def test_with_nothing_cached_every_strategy_is_a_fresh_prefill(local_backend):
     )
 
 
+@pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
+def test_kv_computed_with_deleted_tokens_visible_stays_the_rollouts_own(local_backend, strategy):
+    """The prefix cache matches by ids, but after an eviction the entries past the first deletion hold what the
+    deleted tokens gave them (and, with gaps, other positions): the rollout's own next call continues them, while a
+    request that only shares their ids branches off at the first deletion and computes the rest itself."""
+    context = previous_context(local_backend)
+    kept = context[:5] + context[11:]
+    evicting = GenerateRequest(
+        max_new_tokens=4, input_ids=kept, sampling=GREEDY, eviction=Eviction(strategy, ((5, 11),))
+    )
+    first = local_backend.generate_blocking(evicting)
+    (stored,) = local_backend.prefix_cache.sequences(None)
+    assert stored.exact_entries == 5  # the lead the deletion did not touch
+    branch = kept + [context[0]]  # shares the ids of all the evicted request's input, then differs
+    other = local_backend.generate_blocking(GenerateRequest(max_new_tokens=3, input_ids=branch, sampling=GREEDY))
+    assert other.cached_tokens == 5
+    local_backend.flush_cache()
+    assert (
+        other.output_ids
+        == local_backend.generate_blocking(
+            GenerateRequest(max_new_tokens=3, input_ids=branch, sampling=GREEDY)
+        ).output_ids
+    )  # what a fresh prefill decodes
+    local_backend.flush_cache()
+    local_backend.prefix_cache.keep(None, stored)
+    own = kept + first.output_ids
+    again = local_backend.generate_blocking(GenerateRequest(max_new_tokens=3, input_ids=own, sampling=GREEDY))
+    assert again.cached_tokens == len(own) - 1  # the rollout goes on from its own KV
+
+
 def test_a_model_that_cannot_rerotate_refuses_the_request_alone(local_backend, monkeypatch):
     """Frequencies that change with the length (dynamic, longrope) leave no rotation to apply: that request fails
     with a BackendError naming the strategy; gaps and the other requests of the batch go on."""

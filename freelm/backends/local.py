@@ -348,7 +348,9 @@ class LocalBackend:
             output_ids, finish = self._decode_loop(ids, taken, request)
             self.step_stats.held_kv(taken.cache.get_seq_length(), self.prefix_cache.entries)
             if not self.stop_rule.ends_rollout(request.adapter, output_ids):
-                sequence = CachedSequence.finished(ids, output_ids, taken.cache, taken.positions, taken.next_position)
+                sequence = CachedSequence.finished(
+                    ids, output_ids, taken.cache, taken.positions, taken.next_position, taken.exact
+                )
                 self.prefix_cache.keep(request.adapter, sequence)
         return self._result(ids, output_ids, finish, taken.reused, start, taken.evicted, taken.rerotated)
 

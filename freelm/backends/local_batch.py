@@ -61,6 +61,7 @@ class Row:
     reused: int = 0
     positions: list[int] = field(default_factory=list)  # the position of each prompt token (from the prefix cache)
     output_position: int = 0  # the position of the first output token
+    exact: int | None = None  # its lead tokens whose KV a prefill computes alike (None: all; see local_kv.Taken)
     evicted: int = 0  # KV entries its prefix cache take evicted in place
     rerotated: int = 0  # kept entries re-rotated
     feed: int = 0  # the token the next decode step feeds: the last output (or, joining, the next prompt token)
@@ -219,7 +220,7 @@ class RunningBatch:
         for row in joiners:
             taken = host.prefix_cache.take(row.namespace, row.prompt, row.request.eviction)
             row.reused, row.positions, row.output_position = taken.reused, taken.positions, taken.next_position
-            row.evicted, row.rerotated = taken.evicted, taken.rerotated
+            row.exact, row.evicted, row.rerotated = taken.exact, taken.evicted, taken.rerotated
             host.namespace_stats(row.namespace).cached_tokens += row.reused
             suffix = len(row.prompt) - row.reused
             if row.reused and suffix == 1:
@@ -568,7 +569,7 @@ def _row_cache(config: Any, cache: Any, mask: Any, index: int, row: Row) -> Cach
             data.values[index : index + 1].index_select(2, columns),
             layer,
         )
-    return CachedSequence.finished(row.prompt, row.output, single, row.positions, row.output_position)
+    return CachedSequence.finished(row.prompt, row.output, single, row.positions, row.output_position, row.exact)
 
 
 def check_adapter(adapter: str | None, loaded: list[str]) -> None:

@@ -43,7 +43,11 @@ class CachedSequence:
 
     ``positions[i]`` is the RoPE position entry ``i`` was computed at; ``next_id``
     (the last sampled token) goes at ``next_position``. Without gaps both are
-    the plain count (``positions == range(len(ids))``).
+    the plain count (``positions == range(len(ids))``). ``exact`` entries lead
+    that a prefill of ``ids`` would compute alike; the ones after were computed
+    with deleted tokens visible or at gapped positions, so they are this
+    rollout's alone: another request sharing their ids reuses at most the exact
+    ones (:meth:`PrefixCache.take`).
     """
 
     ids: list[int]
@@ -51,13 +55,23 @@ class CachedSequence:
     positions: list[int] = field(default_factory=list)
     next_position: int = 0
     next_id: int | None = None
+    exact: int | None = None  # None: all
     nbytes: int = 0  # set when stored (what the byte bound counts)
 
     @classmethod
     def finished(
-        cls, prompt: list[int], output: list[int], cache: Any, prompt_positions: list[int], output_position: int
+        cls,
+        prompt: list[int],
+        output: list[int],
+        cache: Any,
+        prompt_positions: list[int],
+        output_position: int,
+        exact: int | None = None,
     ) -> CachedSequence:
-        """What a finished request leaves: KV for its prompt and output but the last token, and their positions."""
+        """What a finished request leaves: KV for its prompt and output but the last token, and their positions.
+
+        ``exact``: the request's lead tokens a prefill would compute alike (:attr:`Taken.exact`).
+        """
         fed = len(output) - 1 if output else 0
         return cls(
             ids=prompt + output[:-1],
@@ -65,7 +79,12 @@ class CachedSequence:
             positions=prompt_positions + list(range(output_position, output_position + fed)),
             next_position=output_position + fed,
             next_id=output[-1] if output else None,
+            exact=exact,
         )
+
+    @property
+    def exact_entries(self) -> int:
+        return len(self.ids) if self.exact is None else min(self.exact, len(self.ids))
 
 
 @dataclass
@@ -78,6 +97,7 @@ class Taken:
     next_position: int  # of its first output token
     evicted: int = 0  # entries of deleted tokens removed in place
     rerotated: int = 0  # kept entries whose keys moved to another position
+    exact: int | None = None  # lead tokens whose KV a prefill of the ids computes alike (None: all, outputs too)
 
 
 class PrefixCache:
@@ -113,10 +133,12 @@ class PrefixCache:
         lru = self._lru.setdefault(namespace, OrderedDict())
         best_key, best, plan = None, 0, None
         for key, seq in lru.items():
-            n = min(len(os.path.commonprefix([seq.ids, ids])), len(ids) - 1)
+            shared = min(len(os.path.commonprefix([seq.ids, ids])), len(ids) - 1)
+            # a branch off this sequence shares only its exact entries
+            n = shared if shared == len(seq.ids) else min(shared, seq.exact_entries)
             if n > best:
                 best_key, best, plan = key, n, None
-            if eviction is None or not eviction.removed or n < min(eviction.removed[0][0], len(ids) - 1):
+            if eviction is None or not eviction.removed or shared < min(eviction.removed[0][0], len(ids) - 1):
                 continue  # (not the rollout's previous sequence: it differs before the first deletion)
             evicting = _EvictionPlan.of(seq, ids, eviction)
             if evicting is not None and evicting.reused >= best:  # a tie too: the strategy decides the positions
@@ -128,16 +150,17 @@ class PrefixCache:
             del lru[best_key]  # evicted in place: the sequence before the deletion is gone
             return plan.apply(seq, self.config, self.inv_freq)
         positions = seq.positions[:best]
-        if best == len(seq.ids):
+        if best == len(seq.ids):  # the sequence continues: its inexact entries (if any) are this rollout's own
             del lru[best_key]
-            cache, start = seq.cache, seq.next_position
-        else:  # the shared prefix only; the other sequence keeps its own tail
+            cache, start, exact = seq.cache, seq.next_position, seq.exact
+        else:  # the shared prefix only (all exact); the other sequence keeps its own tail
             # no clone needed: DynamicCache.update concatenates into new tensors, never writing in place
             cache = empty_cache(self.config)
             for layer, data in enumerate(seq.cache.layers):
                 cache.update(data.keys[:, :, :best], data.values[:, :, :best], layer)
-            start = positions[-1] + 1 if positions else 0
-        return Taken(cache, best, positions + list(range(start, start + len(ids) - best)), start + len(ids) - best)
+            start, exact = best, None
+        positions += range(start, start + len(ids) - best)
+        return Taken(cache, best, positions, start + len(ids) - best, exact=exact)
 
     def keep(self, namespace: str | None, sequence: CachedSequence) -> None:
         """Store ``sequence`` for the next request that shares its prefix (unless its KV is out of step with its ids)."""
@@ -193,6 +216,7 @@ class _EvictionPlan:
     positions: list[int]  # one per token of the request's ids
     next_position: int
     evicted: int  # entries removed by the eviction (whether or not the survivors after them are reused)
+    exact: int | None  # lead tokens of the ids a prefill computes alike: those before the first deletion (or gap)
 
     @classmethod
     def of(cls, seq: CachedSequence, ids: list[int], eviction: Eviction) -> _EvictionPlan | None:
@@ -220,7 +244,13 @@ class _EvictionPlan:
             positions = [old_positions[i] for i in survivors[:matched]] + list(range(counter, counter + new))
             next_position = counter + new
         evicted = sum(min(end, len(seq.ids)) - start for start, end in eviction.removed if start < len(seq.ids))
-        return cls(eviction, survivors[:reused], reused, positions, next_position, evicted)
+        moved = next((i for i, p in enumerate(positions) if p != i), len(positions))  # the first gap
+        exact: int | None = min(seq.exact_entries, eviction.removed[0][0], moved)
+        if next_position != len(ids):  # the output goes on after a gap
+            exact = min(exact, len(ids))
+        elif exact >= len(ids):
+            exact = None
+        return cls(eviction, survivors[:reused], reused, positions, next_position, evicted, exact)
 
     def apply(self, seq: CachedSequence, config: Any, inv_freq: Any) -> Taken:
         """Remove the evicted entries (and the survivors past the reused ones) from every layer of ``seq``."""
@@ -236,7 +266,7 @@ class _EvictionPlan:
             if moved:
                 keys = rerotated(keys, old, new, inv_freq)
             cache.update(keys, values, layer)
-        return Taken(cache, self.reused, self.positions, self.next_position, self.evicted, len(moved))
+        return Taken(cache, self.reused, self.positions, self.next_position, self.evicted, len(moved), self.exact)
 
 
 def rerotated(keys: Any, old: list[int], new: list[int], inv_freq: Any) -> Any:

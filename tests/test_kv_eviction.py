@@ -325,3 +325,95 @@ def test_evicting_in_the_running_batch_equals_evicting_one_by_one(embedded, firs
         assert [(g.cached_tokens, g.evicted_tokens, g.rerotated_tokens) for g in resumed_rows] == [
             (w.cached_tokens, w.evicted_tokens, w.rerotated_tokens) for w in want
         ]
+
+
+def rollouts(backend, strategy: str, cleaner, problems, scheduling: str = "waves", max_batch: int = 8):
+    from freelm.loop import LoopConfig, run_rollout
+
+    config = LoopConfig(clean_every=32, max_tokens=256, context_limit=216, sampling=GREEDY, resume=strategy)
+    backend.flush_cache()
+    backend.scheduling, backend.max_batch = scheduling, max_batch
+
+    async def main():
+        return await asyncio.gather(
+            *(run_rollout(p.prompt, reasoner=backend, tokenizer=backend.tokenizer, cleaner=cleaner, config=config)
+              for p in problems)
+        )  # fmt: skip
+
+    try:
+        return asyncio.run(main())
+    finally:
+        backend.scheduling, backend.max_batch = "waves", 8
+
+
+def texts(results) -> list[list[str]]:
+    return [[r.generated_text for r in result.rounds] for result in results]
+
+
+@pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
+def test_the_record_says_per_round_what_was_evicted_rerotated_and_prefilled_again(embedded, strategy):
+    """The oracle deletes every line but the last at each cleaning: after it, re-prefill computes the whole
+    thinking after the first deleted line again; eviction removes exactly the deleted tokens and computes nothing
+    again; re-rotation moves every kept entry after the deletion."""
+    from freelm.cleaners import get_cleaner
+
+    problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=4)
+    oracle = get_cleaner("oracle").cls()
+    again = rollouts(embedded, "reprefill", oracle, problems)
+    evicting = rollouts(embedded, strategy, oracle, problems)
+    cleaned = 0
+    for plain, evicted in zip(again, evicting, strict=True):
+        assert plain.rounds[0].reprefilled_tokens == evicted.rounds[0].reprefilled_tokens == 0
+        for before, after in zip(evicted.rounds, evicted.rounds[1:]):
+            deleted = before.clean is not None and before.clean.tokens_deleted > 0
+            cleaned += deleted
+            assert after.reprefilled_tokens == 0 and after.cached_tokens == after.prompt_tokens - 1
+            assert after.evicted_tokens == (before.clean.tokens_deleted if deleted else 0)
+            moved = after.prompt_tokens - 1 - after.reused_tokens if deleted and strategy == "evict-rerotate" else 0
+            assert after.rerotated_tokens == moved
+        for before, after in zip(plain.rounds, plain.rounds[1:]):
+            deleted = before.clean is not None and before.clean.tokens_deleted > 0
+            assert after.evicted_tokens == after.rerotated_tokens == 0
+            assert after.reprefilled_tokens == after.prompt_tokens - after.cached_tokens - 1
+            assert (after.reprefilled_tokens > 0) == deleted  # everything after the first deleted line (its "#" may
+            # be cached: the next kept line starts with the same token)
+    assert cleaned >= len(problems)
+
+
+@pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
+def test_evicting_rollouts_are_the_same_one_by_one_in_waves_and_continuously(embedded, strategy):
+    """The demo's loop with the Free-Module: the running batch (joins by cost, waves or continuous scheduling with
+    mixed adapters, the prefix LRU) evicts as a lone request does."""
+    from freelm.cleaners import get_cleaner
+
+    problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=6)
+    entry = get_cleaner("free")
+    cleaner = entry.cls(embedded, adapter="free", template=TEMPLATE, max_new_tokens=48)
+    alone = rollouts(embedded, strategy, cleaner, problems, max_batch=1)
+    waves = rollouts(embedded, strategy, cleaner, problems)
+    continuous = rollouts(embedded, strategy, cleaner, problems, scheduling="continuous")
+    assert texts(waves) == texts(alone) == texts(continuous)
+    evicted = [[r.evicted_tokens for r in result.rounds] for result in waves]
+    assert evicted == [[r.evicted_tokens for r in result.rounds] for result in continuous] and any(map(any, evicted))
+    assert all(r.reprefilled_tokens == 0 for result in waves for r in result.rounds)
+
+
+def test_a_cleaning_that_deletes_nothing_leaves_every_strategy_identical_to_re_prefill(embedded):
+    from freelm.cleaners.base import CleanOutcome
+    from freelm.free import apply_deletions
+
+    class Nothing:
+        name = "nothing"
+
+        async def clean(self, problem: str, thinking: str) -> CleanOutcome:
+            return CleanOutcome(edit=apply_deletions(thinking, []))
+
+    problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=3)
+    runs = {s: rollouts(embedded, s, Nothing(), problems) for s in ("reprefill", "evict-gaps", "evict-rerotate")}
+    records = {
+        s: [[(r.generated_text, r.cached_tokens, r.evicted_tokens, r.rerotated_tokens, r.reprefilled_tokens)
+             for r in result.rounds] for result in results]
+        for s, results in runs.items()
+    }  # fmt: skip
+    assert records["evict-gaps"] == records["reprefill"] == records["evict-rerotate"]
+    assert all(len(result.rounds) > 3 for result in runs["reprefill"])

@@ -525,6 +525,6 @@ def _runner_options(args: BackendArgs) -> dict[str, Any]:
 register_backend(
     BackendKind(
         "local", LocalBackend.from_pretrained, remote=False, options=_runner_options,
-        help="in-process transformers + peft", order=2,
+        help="in-process transformers + peft", order=2, evicts=True,
     )
 )  # fmt: skip

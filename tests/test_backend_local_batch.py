@@ -24,10 +24,8 @@ GREEDY = SamplingParams.greedy()
 
 
 @pytest.fixture(scope="module")
-def backend(torch_one_thread):
-    from freelm.backends.local import LocalBackend
-
-    return LocalBackend.from_pretrained(ASSETS / "base", {"free": ASSETS / "free"}, max_batch=8)
+def backend(embedded_backend):
+    return embedded_backend
 
 
 @pytest.fixture(scope="module")

@@ -246,32 +246,27 @@ def test_a_model_that_cannot_rerotate_refuses_the_request_alone(local_backend, m
 
 
 @pytest.fixture(scope="module")
-def embedded(torch_one_thread):
-    from freelm.backends.local import LocalBackend
-
-    return LocalBackend.from_pretrained(ASSETS / "base", {"free": ASSETS / "free"}, max_batch=8)
-
-
-@pytest.fixture(scope="module")
-def first_calls(embedded) -> list[GenerateRequest]:
+def first_calls(embedded_backend) -> list[GenerateRequest]:
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=4)
     return [
         GenerateRequest(
-            max_new_tokens=30 + 4 * i, input_ids=embedded.encode(render_reasoning_prompt(p.prompt, embedded.tokenizer)),
+            max_new_tokens=30 + 4 * i, input_ids=embedded_backend.encode(render_reasoning_prompt(p.prompt, embedded_backend.tokenizer)),
             sampling=GREEDY,
         )
         for i, p in enumerate(problems)
     ]  # fmt: skip
 
 
-def resumptions(embedded, first_calls, strategy: str) -> list[GenerateRequest]:
+def resumptions(embedded_backend, first_calls, strategy: str) -> list[GenerateRequest]:
     """Each rollout's next call after a deletion: in the middle, at the very end, none, and one followed by new
     (re-encoded) tokens, whose positions continue the counter under gaps and which join the batch as a longer
     suffix."""
-    embedded.flush_cache()
+    embedded_backend.flush_cache()
     out = []
-    for i, (request, result) in enumerate(zip(first_calls, embedded.generate_batch_blocking(first_calls), strict=True)):
-        assert result.output_ids[-1] not in embedded.eos_token_ids
+    for i, (request, result) in enumerate(
+        zip(first_calls, embedded_backend.generate_batch_blocking(first_calls), strict=True)
+    ):
+        assert result.output_ids[-1] not in embedded_backend.eos_token_ids
         context = request.input_ids + result.output_ids
         start = len(request.input_ids) + 4
         if i == 0:
@@ -288,38 +283,38 @@ def resumptions(embedded, first_calls, strategy: str) -> list[GenerateRequest]:
 
 
 @pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
-def test_evicting_in_the_running_batch_equals_evicting_one_by_one(embedded, first_calls, strategy):
+def test_evicting_in_the_running_batch_equals_evicting_one_by_one(embedded_backend, first_calls, strategy):
     """Rows evict as they join (directly, through the decode steps, or prefilled), beside cleaning rows and rows that
     join later, and decode what the same requests decode one at a time."""
-    follow = resumptions(embedded, first_calls, strategy)
+    follow = resumptions(embedded_backend, first_calls, strategy)
     want = []
     for first, request in zip(first_calls, follow, strict=True):
-        embedded.flush_cache()
-        embedded.generate_blocking(first)
-        want.append(embedded.generate_blocking(request))
+        embedded_backend.flush_cache()
+        embedded_backend.generate_blocking(first)
+        want.append(embedded_backend.generate_blocking(request))
     assert [w.evicted_tokens > 0 for w in want] == [True, True, False, True]
     assert (strategy == "evict-rerotate") == any(w.rerotated_tokens for w in want)
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=2)
     cleaning = [
         GenerateRequest(
             max_new_tokens=24, adapter="free", sampling=GREEDY,
-            input_ids=embedded.encode(render_cleaning_prompt(p.prompt, "#40 3\n#39 40\n", template=TEMPLATE)),
+            input_ids=embedded_backend.encode(render_cleaning_prompt(p.prompt, "#40 3\n#39 40\n", template=TEMPLATE)),
         )
         for p in problems
     ]  # fmt: skip
     for scheduling in ("waves", "continuous"):
-        resumptions(embedded, first_calls, strategy)  # the previous calls' KV in the prefix cache again
-        embedded.scheduling = scheduling
+        resumptions(embedded_backend, first_calls, strategy)  # the previous calls' KV in the prefix cache again
+        embedded_backend.scheduling = scheduling
 
         async def main():
-            calls = [embedded.generate(r) for r in follow[:2] + cleaning]
+            calls = [embedded_backend.generate(r) for r in follow[:2] + cleaning]
             await asyncio.sleep(0.01)  # the others join a running batch
-            return await asyncio.gather(*calls, *(embedded.generate(r) for r in follow[2:]))
+            return await asyncio.gather(*calls, *(embedded_backend.generate(r) for r in follow[2:]))
 
         try:
             got = asyncio.run(main())
         finally:
-            embedded.scheduling = "waves"
+            embedded_backend.scheduling = "waves"
         resumed_rows = got[:2] + got[-2:]
         assert [g.output_ids for g in resumed_rows] == [w.output_ids for w in want]
         assert [(g.cached_tokens, g.evicted_tokens, g.rerotated_tokens) for g in resumed_rows] == [
@@ -351,7 +346,7 @@ def texts(results) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
-def test_the_record_says_per_round_what_was_evicted_rerotated_and_prefilled_again(embedded, strategy):
+def test_the_record_says_per_round_what_was_evicted_rerotated_and_prefilled_again(embedded_backend, strategy):
     """The oracle deletes every line but the last at each cleaning: after it, re-prefill computes the whole
     thinking after the first deleted line again; eviction removes exactly the deleted tokens and computes nothing
     again; re-rotation moves every kept entry after the deletion."""
@@ -359,8 +354,8 @@ def test_the_record_says_per_round_what_was_evicted_rerotated_and_prefilled_agai
 
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=4)
     oracle = get_cleaner("oracle").cls()
-    again = rollouts(embedded, "reprefill", oracle, problems)
-    evicting = rollouts(embedded, strategy, oracle, problems)
+    again = rollouts(embedded_backend, "reprefill", oracle, problems)
+    evicting = rollouts(embedded_backend, strategy, oracle, problems)
     cleaned = 0
     for plain, evicted in zip(again, evicting, strict=True):
         assert plain.rounds[0].reprefilled_tokens == evicted.rounds[0].reprefilled_tokens == 0
@@ -381,24 +376,24 @@ def test_the_record_says_per_round_what_was_evicted_rerotated_and_prefilled_agai
 
 
 @pytest.mark.parametrize("strategy", ["evict-gaps", "evict-rerotate"])
-def test_evicting_rollouts_are_the_same_one_by_one_in_waves_and_continuously(embedded, strategy):
+def test_evicting_rollouts_are_the_same_one_by_one_in_waves_and_continuously(embedded_backend, strategy):
     """The demo's loop with the Free-Module: the running batch (joins by cost, waves or continuous scheduling with
     mixed adapters, the prefix LRU) evicts as a lone request does."""
     from freelm.cleaners import get_cleaner
 
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=6)
     entry = get_cleaner("free")
-    cleaner = entry.cls(embedded, adapter="free", template=TEMPLATE, max_new_tokens=48)
-    alone = rollouts(embedded, strategy, cleaner, problems, max_batch=1)
-    waves = rollouts(embedded, strategy, cleaner, problems)
-    continuous = rollouts(embedded, strategy, cleaner, problems, scheduling="continuous")
+    cleaner = entry.cls(embedded_backend, adapter="free", template=TEMPLATE, max_new_tokens=48)
+    alone = rollouts(embedded_backend, strategy, cleaner, problems, max_batch=1)
+    waves = rollouts(embedded_backend, strategy, cleaner, problems)
+    continuous = rollouts(embedded_backend, strategy, cleaner, problems, scheduling="continuous")
     assert texts(waves) == texts(alone) == texts(continuous)
     evicted = [[r.evicted_tokens for r in result.rounds] for result in waves]
     assert evicted == [[r.evicted_tokens for r in result.rounds] for result in continuous] and any(map(any, evicted))
     assert all(r.reprefilled_tokens == 0 for result in waves for r in result.rounds)
 
 
-def test_a_cleaning_that_deletes_nothing_leaves_every_strategy_identical_to_re_prefill(embedded):
+def test_a_cleaning_that_deletes_nothing_leaves_every_strategy_identical_to_re_prefill(embedded_backend):
     from freelm.cleaners.base import CleanOutcome
     from freelm.free import apply_deletions
 
@@ -409,7 +404,9 @@ def test_a_cleaning_that_deletes_nothing_leaves_every_strategy_identical_to_re_p
             return CleanOutcome(edit=apply_deletions(thinking, []))
 
     problems = load_problems(str(ASSETS / "benchmark.jsonl"), limit=3)
-    runs = {s: rollouts(embedded, s, Nothing(), problems) for s in ("reprefill", "evict-gaps", "evict-rerotate")}
+    runs = {
+        s: rollouts(embedded_backend, s, Nothing(), problems) for s in ("reprefill", "evict-gaps", "evict-rerotate")
+    }
     records = {
         s: [[(r.generated_text, r.cached_tokens, r.evicted_tokens, r.rerotated_tokens, r.reprefilled_tokens)
              for r in result.rounds] for result in results]

@@ -20,17 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freelm.cli import main as freelm_main
-from freelm.demo.corpus import CLEAN_TEMPLATE
+from freelm.demo.flags import runner_args
 from freelm.run.cleaning import EXIT_CLEANING
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
-
-#: Settings the embedded default was built and measured with (docs/embedded.md).
-CLEAN_EVERY = 32
-MAX_TOKENS = 512
-CLEAN_MAX_TOKENS = 48
-#: Rollouts in flight; the in-process backend decodes their requests as one batch (freelm/backends/local.py).
-CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -54,28 +47,6 @@ RUNS = (
     DemoRun("ICL", "icl", "icl", small_limit_only=True, unusable_cleaning=True),
     DemoRun("oracle", "oracle", "oracle", small_limit_only=True),
 )
-
-
-def runner_args(
-    assets: Path,
-    data: Path,
-    output: Path,
-    cleaner: str | None,
-    context_limit: int,
-    limit: int,
-    *,
-    accept_unusable_cleaning: bool = False,
-) -> list[str]:
-    method = ["--mode", "vanilla"] if cleaner is None else ["--mode", "freelm", "--cleaner", cleaner]
-    if accept_unusable_cleaning:
-        method.append("--accept-unusable-cleaning")
-    return [
-        "run", "--data", str(data), "--limit", str(limit), "--output", str(output), "--n-rollouts", "1",
-        "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
-        *method, "--clean-template", str(CLEAN_TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
-        "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
-        "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", str(CONCURRENCY),
-    ]  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

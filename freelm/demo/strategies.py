@@ -114,7 +114,7 @@ def measure(argv: list[str], scheduling: str = "waves") -> tuple[Measured, list[
 
 def strategy_argv(assets: Path, output: Path, strategy: str | None, limit: int, problems: int) -> list[str]:
     """The demo's runner flags for vanilla (``strategy`` None) or Free()LM resuming by ``strategy``."""
-    from freelm.demo.run import runner_args
+    from freelm.demo.flags import runner_args
 
     argv = runner_args(
         assets, assets / "benchmark.jsonl", output, None if strategy is None else "free", limit, problems

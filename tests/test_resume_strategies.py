@@ -139,3 +139,14 @@ def test_the_strategy_is_a_hashed_setting_recorded_with_the_run_and_reprefill_ke
     assert "resume" not in settings()["loop"] and settings() == settings("--resume", "reprefill")
     assert settings("--resume", "evict-rerotate")["loop"]["resume"] == "evict-rerotate"  # what the manifest stores
     assert "resume" not in settings("--mode", "vanilla", "--resume", "evict-gaps")["loop"]  # nothing is cleaned
+
+
+def test_records_written_before_the_resume_fields_still_read():
+    from freelm.records import RoundRecord
+
+    old = {
+        "index": 0, "generated_text": "step 1\n", "generated_tokens": 3, "prompt_tokens": 20, "context_tokens": 23,
+        "reused_tokens": 0, "cached_tokens": None, "finish_reason": "length", "latency_s": 0.1,
+    }  # fmt: skip
+    record = RoundRecord.from_dict(old)
+    assert (record.evicted_tokens, record.rerotated_tokens, record.reprefilled_tokens) == (0, 0, None)

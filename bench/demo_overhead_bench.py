@@ -16,9 +16,7 @@ engine bookkeeping, the rest) from the backend's own timers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
-import time
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "freelm" / "assets" / "embedded"
@@ -31,34 +29,14 @@ VARIANTS = (
 
 
 def run_variant(assets: Path, out: Path, mode: str, scheduling: str, problems: int, limit: int) -> dict:
-    from freelm.data import load_problem_sources
-    from freelm.demo.run import runner_args
-    from freelm.records import read_rollouts
-    from freelm.run.batch import run_batch
-    from freelm.run.components import build_components
-    from freelm.run.spec import RunSpec
+    from freelm.demo.strategies import measure, strategy_argv
 
-    cleaner = None if mode == "vanilla" else "free"
-    argv = runner_args(assets, assets / "benchmark.jsonl", out, cleaner, limit, problems)[1:]
-    spec = RunSpec.from_argv([*argv, "--no-progress"])
-    components = build_components(spec)
-    backend = components.reasoner.endpoints[0].backend
-    backend.scheduling = scheduling
-
-    async def go():
-        try:
-            return await run_batch(load_problem_sources(list(spec.data), limit=spec.limit), spec, components)
-        finally:
-            await components.aclose()
-
-    started, cpu = time.perf_counter(), time.process_time()
-    summary = asyncio.run(go())
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    records = sorted(read_rollouts(out), key=lambda r: r.key)
+    argv = strategy_argv(assets, out, None if mode == "vanilla" else "reprefill", limit, problems)
+    measured, records, backend = measure(argv, scheduling)
     return {
-        "wall": wall,
-        "cpu": cpu,
-        "tokens": summary.generated_tokens,
+        "wall": measured.wall_s,
+        "cpu": measured.cpu_s,
+        "tokens": measured.generated_tokens,
         "stats": dict(backend.stats),
         "steps": backend.step_stats,
         "records": records,

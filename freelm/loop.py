@@ -35,7 +35,7 @@ A prompt that cannot fit ends as ``context_overflow`` at once, after tokenizing
 only a prefix that already fills the window (``prompt_tokens`` then counts it).
 
 The cleaning call obeys its server's window too: its prompt is the thinking
-plus the template. A cleaner that knows its window (``PromptedCleaner.headroom``)
+plus the template. A cleaner that knows its window (``LoRACleaner.headroom``)
 makes the loop end a reasoning chunk early and clean while the call still has
 its reserve to answer in; the call asks for at most the room left, and one that
 cannot fit at all is recorded (``clean.no_room``) instead of sent.
@@ -49,12 +49,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from freelm.backends.base import (
+    RESUME_STRATEGIES,
     Backend,
     BackendError,
     ContextLengthError,
     ContextWindow,
+    Eviction,
     GenerateRequest,
     SamplingParams,
 )
@@ -65,6 +68,9 @@ from freelm.records import CleanRecord, RolloutResult, RoundRecord
 from freelm.schedule import MID_CHARACTER, CleaningSchedule, may_clean
 from freelm.setting import check_fields, group, setting
 from freelm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from freelm.free import Edit
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,13 @@ class LoopConfig:
     problem_suffix: str = setting(
         PROBLEM_SUFFIX, flag="--problem-suffix", metavar="TEXT", help="instruction appended to every problem"
     )
+    resume: str = setting(
+        "reprefill", flag="--resume", choices=RESUME_STRATEGIES, hash_default=False, cleaning=True,
+        help="how reasoning resumes after a deletion: reprefill (the pruned text is sent again, the engine prefills "
+        "everything after the first deleted token; what servers do), evict-gaps (the in-process engine evicts the "
+        "deleted tokens' KV, the kept ones keep their positions: Memento's scheme) or evict-rerotate (evicts, then "
+        "re-rotates the kept keys to contiguous positions: kvpress); evict-* need --backend local (docs/free.md)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -166,6 +179,10 @@ async def run_rollout(
     peak = len(prompt_ids) + len(ids)
     since_clean = 0
     reused = 0  # prompt tokens shared with what the server saw last (its prefix cache)
+    eviction: Eviction | None = None  # what the last cleaning deleted, for an engine that evicts it in place
+    # context tokens the server has never computed (None before the first call: all of them, and none again):
+    # the last output token (sampled, never fed), unless a cleaning deleted it
+    unfed: int | None = None
     finish, error = None, None
     split_char = False  # a text-only backend's last chunk ended inside a character (dropped, to be regenerated)
 
@@ -193,6 +210,7 @@ async def run_rollout(
             max_new_tokens=budget,
             sampling=config.sampling,
             seed=_call_seed(seed, len(rounds)),
+            eviction=eviction,
         )
         try:
             result = await reasoner.generate(request)
@@ -231,10 +249,14 @@ async def run_rollout(
             latency_s=result.latency_s,
             rewound_chars=len(text) - kept,
             endpoint=result.endpoint,
+            evicted_tokens=result.evicted_tokens,
+            rerotated_tokens=result.rerotated_tokens,
+            reprefilled_tokens=_recomputed(len(request.input_ids), result.cached_tokens, unfed),
         )
         rounds.append(record)
         text = new_text
         reused = context  # the server caches prompt + output
+        eviction, unfed = None, 1
 
         if result.finish_reason == "stop":
             finish = "stop"
@@ -244,7 +266,9 @@ async def run_rollout(
             finish, error = "error", "reasoner returned no tokens without stopping"
         elif cleaning_on and schedule.due(since_clean, len(new_ids), room, headroom) and may_clean(text):
             # (a mid-character boundary is cleaned a token later: since_clean stays due)
-            record.clean, ids, text, reused = await _clean(problem, text, ids, prompt_ids, tokenizer, cleaner)
+            resumed = await _clean(problem, text, ids, prompt_ids, tokenizer, cleaner, config.resume)
+            record.clean, ids, text, reused = resumed.record, resumed.ids, resumed.text, resumed.reused
+            eviction, unfed = resumed.eviction, 0 if resumed.last_token_deleted else 1
             since_clean = 0
 
     return RolloutResult(
@@ -260,10 +284,17 @@ async def run_rollout(
     )
 
 
+def _recomputed(input_tokens: int, cached: int | None, unfed: int | None) -> int | None:
+    """Tokens a call computed although the server had computed them for this rollout before (None: not reported)."""
+    if cached is None:
+        return None
+    return 0 if unfed is None else max(0, input_tokens - cached - unfed)
+
+
 def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int) -> int | None:
     """Tokens the next chunk may add before a cleaning call would lose its reserve; None: no bound applies.
 
-    Only a cleaner that knows its window has one (``PromptedCleaner.headroom``);
+    Only a cleaner that knows its window has one (``LoRACleaner.headroom``);
     whether it is worth an early call is the schedule's rule
     (:meth:`~freelm.schedule.CleaningSchedule.early`). A cleaning call that
     cannot fit is recorded as ``no_room``.
@@ -272,10 +303,28 @@ def _clean_headroom(cleaner: Cleaner, problem: str, thinking_tokens: int) -> int
     return headroom(problem, thinking_tokens) if headroom is not None else None
 
 
+@dataclass
+class _Resumed:
+    """A cleaning round's outcome: its record and the context reasoning resumes on."""
+
+    record: CleanRecord
+    ids: list[int]  # the new response ids
+    text: str
+    reused: int  # prompt tokens equal to the previous request's prefix (the client's view of a prefix cache)
+    eviction: Eviction | None = None  # the deleted token ranges, for an engine that evicts them in place
+    last_token_deleted: bool = False  # the previous call's last output token (never fed to the model) went too
+
+
 async def _clean(
-    problem: str, text: str, ids: list[int], prompt_ids: list[int], tokenizer: Tokenizer, cleaner: Cleaner
-) -> tuple[CleanRecord, list[int], str, int]:
-    """One cleaning round. Returns the record, the new response ids and text, and the reusable prefix length."""
+    problem: str,
+    text: str,
+    ids: list[int],
+    prompt_ids: list[int],
+    tokenizer: Tokenizer,
+    cleaner: Cleaner,
+    resume: str = "reprefill",
+) -> _Resumed:
+    """One cleaning round, and the response reasoning resumes on (its ids built for the ``resume`` strategy)."""
     before = len(prompt_ids) + len(ids)
     started = time.perf_counter()
     try:
@@ -286,17 +335,18 @@ async def _clean(
             cleaner=cleaner.name, context_tokens_before=before, context_tokens_after=before,
             latency_s=time.perf_counter() - started, error=error,
         )  # fmt: skip
-        return record, ids, text, before
+        return _Resumed(record, ids, text, before)
     edit = outcome.edit
-    if edit.spans:
-        keep = tokenizer.common_prefix_tokens(ids, text, edit.spans[0][0])
-        head = tokenizer.decode(ids[:keep])
-        ids = ids[:keep] + tokenizer.encode(edit.text[len(head) :])
-        text = tokenizer.decode(ids)
-        reusable = len(prompt_ids) + keep
+    eviction = None
+    if not edit.spans:
+        new_ids, shared = ids, len(ids)
+    elif resume == "reprefill":
+        new_ids, shared = _reencoded_after(tokenizer, ids, text, edit.text, edit.spans[0][0])
     else:
-        reusable = before
-    after = len(prompt_ids) + len(ids)
+        new_ids, shared, removed = _whole_tokens_removed(tokenizer, ids, text, edit)
+        if removed:
+            eviction = Eviction(resume, tuple((len(prompt_ids) + a, len(prompt_ids) + b) for a, b in removed))
+    after = len(prompt_ids) + len(new_ids)
     record = CleanRecord(
         cleaner=cleaner.name,
         context_tokens_before=before,
@@ -317,4 +367,57 @@ async def _clean(
         no_room=outcome.no_room,
         endpoint=outcome.endpoint,
     )
-    return record, ids, text, reusable
+    last_deleted = bool(edit.spans) and edit.spans[-1][1] == len(text)
+    text = tokenizer.decode(new_ids) if edit.spans else text
+    return _Resumed(record, new_ids, text, len(prompt_ids) + shared, eviction, last_deleted)
+
+
+def _reencoded_after(
+    tokenizer: Tokenizer, ids: list[int], text: str, new_text: str, char: int
+) -> tuple[list[int], int]:
+    """Re-prefill's ids: those before character ``char`` verbatim, the rest of ``new_text`` re-encoded.
+
+    Returns the ids and how many lead ones were kept (a server's prefix cache still covers them).
+    """
+    keep = tokenizer.common_prefix_tokens(ids, text, char)
+    head = tokenizer.decode(ids[:keep])
+    return ids[:keep] + tokenizer.encode(new_text[len(head) :]), keep
+
+
+def _whole_tokens_removed(
+    tokenizer: Tokenizer, ids: list[int], text: str, edit: Edit
+) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """Eviction's ids: each deleted span removed as whole tokens, every other id kept verbatim (so is its KV).
+
+    A span whose two ends fall on token boundaries is removed as the tokens
+    between them. From the first span that does not (a deletion starting or
+    ending inside a token), the rest of the text is re-encoded, as re-prefill
+    does: that tail is prefilled again. Returns the ids, how many lead ids are
+    unchanged, and the removed ``[start, end)`` token ranges of ``ids``.
+    """
+    removed: list[tuple[int, int]] = []
+    cut = None  # the first span not on token boundaries
+    for start, end in edit.spans:
+        first, last = _token_boundary(tokenizer, ids, text, start), _token_boundary(tokenizer, ids, text, end)
+        if first is None or last is None:
+            cut = start
+            break
+        removed.append((first, last))
+    upto = len(ids) if cut is None else tokenizer.common_prefix_tokens(ids, text, cut)
+    new_ids, last = [], 0
+    for first, end in removed:
+        new_ids += ids[last:first]
+        last = end
+    new_ids += ids[last:upto]
+    if cut is not None:
+        new_ids += tokenizer.encode(edit.text[len(tokenizer.decode(new_ids)) :])
+    if tokenizer.decode(new_ids) != edit.text:  # never seen; a tokenizer whose pieces do not concatenate
+        reencoded, shared = _reencoded_after(tokenizer, ids, text, edit.text, edit.spans[0][0])
+        return reencoded, shared, []
+    return new_ids, removed[0][0] if removed else upto, removed
+
+
+def _token_boundary(tokenizer: Tokenizer, ids: list[int], text: str, char: int) -> int | None:
+    """The number of lead tokens that decode to exactly ``text[:char]``; None when ``char`` falls inside a token."""
+    k = tokenizer.common_prefix_tokens(ids, text, char)
+    return k if len(tokenizer.decode(ids[:k])) == char else None

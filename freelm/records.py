@@ -84,6 +84,10 @@ class RoundRecord:
     clean: CleanRecord | None = None
     rewound_chars: int = 0  # trailing chars of the previous text redecoded (a split multi-byte character)
     endpoint: str | None = None  # the server that answered (None: not known, or a record older than the field)
+    # How this call resumed after the previous round's cleaning (docs/free.md, "Resuming after a deletion"):
+    evicted_tokens: int = 0  # KV entries of deleted tokens the engine removed in place (an eviction strategy)
+    rerotated_tokens: int = 0  # kept entries whose keys the engine re-rotated to a new position
+    reprefilled_tokens: int | None = None  # tokens computed before and computed again (None: cache not reported)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:

@@ -54,7 +54,9 @@ class Setting:
         return self.flag.lstrip("-").replace("-", "_")
 
     def out_of_bounds(self, value: Any) -> str | None:
-        """``"must be >= 1, got 0"`` when ``value`` is outside the bounds; None inside them (or when it is None)."""
+        """``"must be >= 1, got 0"`` when ``value`` is outside the bounds or choices; None inside them (or None)."""
+        if value is not None and self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
         if value is None or (self.minimum is None and self.maximum is None):
             return None
         low = self.minimum is None or (value > self.minimum if self.above else value >= self.minimum)

@@ -259,6 +259,18 @@ def local_backend(tiny_model_dir, free_adapter_dir, torch_one_thread):
     return LocalBackend.from_pretrained(tiny_model_dir, adapters={"free": free_adapter_dir}, threads=1)
 
 
+@pytest.fixture(scope="module")
+def embedded_backend(torch_one_thread):
+    """``LocalBackend`` over the embedded default's trained model and Free-Module (batches of 8), one per module.
+
+    A trained model has confident logits, so "batched greedy == one-by-one greedy" is a real equality on it.
+    """
+    from freelm.backends.local import LocalBackend
+
+    assets = Path(__file__).resolve().parents[1] / "freelm" / "assets" / "embedded"
+    return LocalBackend.from_pretrained(assets / "base", {"free": assets / "free"}, max_batch=8)
+
+
 @pytest.fixture(scope="session")
 def _local_sglang_server_session(local_backend, tiny_model_dir):
     from freelm.testing.sglang_server import SGLangTestServer

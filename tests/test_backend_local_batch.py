@@ -24,10 +24,8 @@ GREEDY = SamplingParams.greedy()
 
 
 @pytest.fixture(scope="module")
-def backend(torch_one_thread):
-    from freelm.backends.local import LocalBackend
-
-    return LocalBackend.from_pretrained(ASSETS / "base", {"free": ASSETS / "free"}, max_batch=8)
+def backend(embedded_backend):
+    return embedded_backend
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +103,14 @@ def test_the_cache_is_bounded_in_sequences_and_bytes(backend, requests):
     try:
         backend.cache_size = 2
         backend.generate_batch_blocking(reasoning)
-        assert len(backend._caches[None]) == 2
+        assert len(backend.prefix_cache.sequences(None)) == 2
         backend.cache_size = 64
         backend.flush_cache()
         backend.generate_batch_blocking(reasoning)
-        one = max(seq.nbytes for seq in backend._caches[None].values())
+        one = max(seq.nbytes for seq in backend.prefix_cache.sequences(None))
         backend.cache_bytes = 2 * one
         backend.generate_batch_blocking([r for r in requests if r.adapter == "free"])
-        held = [seq.nbytes for lru in backend._caches.values() for seq in lru.values()]
+        held = [seq.nbytes for ns in (None, "free") for seq in backend.prefix_cache.sequences(ns)]
         assert 1 <= len(held) <= 2 and sum(held) <= 2 * one
         backend.cache_bytes = 0  # nothing kept: every wave prefilled from scratch
         assert all(g.cached_tokens == 0 for g in backend.generate_batch_blocking(reasoning))

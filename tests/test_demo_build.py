@@ -55,3 +55,26 @@ def test_demo_runs_runner_eval_and_viewer(built, tmp_path, capsys):
     assert all(r.cleaning_rounds == 0 for r in vanilla) and any(r.cleaning_rounds > 0 for r in freelm)
     assert (out / "trace.html").read_text().startswith("<!DOCTYPE html>")
     assert (out / "plots_ctx216" / "peak_context.png").stat().st_size > 0
+
+
+def test_demo_adds_the_resume_strategies_rows_measured_once(built, tmp_path, capsys):
+    """``--resume-strategies``: vanilla and the three strategies, each measured on its own engine; the default tables
+    are printed as before, and a second call prints the rows again without running anything."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--assets", str(built), "--out", str(out), "--problems", "1", "--large-problems", "0"]
+    assert freelm_main([*argv, "--resume-strategies"]) == 3  # the quick build's Free()LM run is flagged, as above
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| 216 | ")]
+    labels = [row.split(" | ")[1] for row in rows]
+    for run in ("vanilla", "Free()LM, reprefill", "Free()LM, evict-gaps", "Free()LM, evict-rerotate"):
+        assert run in labels
+    strategies = out / "strategies"
+    for name in ("reprefill", "evict-rerotate"):
+        rounds = [r for record in read_rollouts(strategies / f"{name}_ctx216.jsonl") for r in record.rounds]
+        measured = json.loads((strategies / f"{name}_ctx216.jsonl.engine.json").read_text())
+        assert measured["evicted_tokens"] == sum(r.evicted_tokens for r in rounds)
+        assert measured["reprefilled_tokens"] == sum(r.reprefilled_tokens for r in rounds)
+        assert measured["peak_held_kv"] >= measured["peak_live_kv"] > 0 and measured["wall_s"] > 0
+    assert freelm_main([*argv, "--resume-strategies"]) == 3
+    again = capsys.readouterr().out
+    assert "(measured)" not in again and [line for line in again.splitlines() if line.startswith("| 216 | Free()LM, ")]

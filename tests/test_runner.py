@@ -338,6 +338,10 @@ def test_missing_data_file_and_bad_flags_are_clear_errors(tmp_path, capsys):
             "cannot read cleaning template",
         ),
         (["--data", "x.jsonl", "--endpoint", "h:1", "--backend", "openai"], "needs --served-model"),
+        (
+            ["--data", "x.jsonl", "--endpoint", "h:1", "--resume", "evict-gaps"],
+            "--resume evict-gaps needs an engine that evicts KV in place (--backend local); --backend sglang",
+        ),
     ]
     for flags, message in cases:
         assert run(parse_cli(*common, *flags)) == 2, flags

@@ -86,6 +86,9 @@ class BackendKind:
     :class:`BackendArgs` into the factory's keyword arguments, so the runner
     builds every kind the same way. ``order`` places the kind in
     ``--backend``'s choices (the default first); ties go by name.
+    ``evicts``: its backends honour a request's
+    :class:`~freelm.backends.base.Eviction` (the ``--resume`` eviction
+    strategies); every other kind re-prefills, so the runner refuses them those.
     """
 
     name: str
@@ -96,6 +99,7 @@ class BackendKind:
     flags: tuple[BackendFlag, ...] = ()  # runner flags only this kind reads (their values: BackendArgs.flags)
     help: str = ""
     order: int = 100
+    evicts: bool = False
 
     @property
     def interface(self) -> type:

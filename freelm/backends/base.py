@@ -46,12 +46,47 @@ class SamplingParams:
         return asdict(self)
 
 
+#: How a rollout resumes after a cleaning deleted tokens (docs/free.md, "Resuming after a deletion"): the engine
+#: prefills again everything after the first deleted token (``reprefill``, what every server does), or evicts the
+#: deleted tokens' KV in place, the survivors keeping their positions (``evict-gaps``, Memento's scheme) or their
+#: keys re-rotated to contiguous ones (``evict-rerotate``, kvpress' ``KeyRerotationPress``).
+RESUME_STRATEGIES = ("reprefill", "evict-gaps", "evict-rerotate")
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """What a cleaning deleted from this rollout's previous request, for an engine that evicts it from the KV in place.
+
+    ``removed``: sorted, disjoint ``[start, end)`` token ranges of the previous
+    request's context (its input ids followed by its output ids). The new
+    input is that context without them (:func:`freelm.loop` keeps the other
+    ids verbatim), possibly followed by a re-encoded tail. An engine checks this
+    against the ids it holds and reuses nothing it cannot match, so a wrong
+    hint costs a prefill, never a wrong token.
+    """
+
+    strategy: str  # "evict-gaps" or "evict-rerotate"
+    removed: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.strategy not in RESUME_STRATEGIES[1:]:
+            raise ValueError(f"Eviction.strategy must be one of {RESUME_STRATEGIES[1:]}, got {self.strategy!r}")
+        last = 0
+        for start, end in self.removed:
+            if not last <= start < end:
+                raise ValueError(f"Eviction.removed must be sorted disjoint [start, end) ranges, got {self.removed}")
+            last = end
+
+
 @dataclass
 class GenerateRequest:
     """One generation call. Exactly one of ``input_ids`` and ``text`` is set.
 
     ``adapter`` is the LoRA adapter NAME as registered with the server (SGLang's
-    ``--lora-paths NAME=PATH``); ``None`` is the base model.
+    ``--lora-paths NAME=PATH``); ``None`` is the base model. ``eviction`` (a
+    reasoning call after a cleaning, with an eviction strategy) is read by the
+    in-process engine only; a server re-prefills, and the runner refuses the
+    strategy for one.
     """
 
     max_new_tokens: int
@@ -61,6 +96,7 @@ class GenerateRequest:
     adapter: str | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    eviction: Eviction | None = None
 
     def __post_init__(self) -> None:
         if (self.input_ids is None) == (self.text is None):
@@ -81,6 +117,8 @@ class GenerateResult:
     cached_tokens: int | None = None
     latency_s: float = 0.0
     endpoint: str | None = None
+    evicted_tokens: int = 0  # KV entries of the previous context removed in place (an Eviction honoured)
+    rerotated_tokens: int = 0  # kept entries whose keys were re-rotated to a new position
 
 
 class BackendError(RuntimeError):

@@ -29,11 +29,9 @@ torch, transformers and peft are imported lazily (``import freelm`` stays light)
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,24 @@ from freelm.backends.base import (
     SamplingParams,
     ServerLimits,
 )
-from freelm.backends.local_batch import CachedSequence, Row, RowAdapters, RunningBatch, StepStats, check_adapter
+from freelm.backends.local_batch import (
+    DecodeStats,
+    Row,
+    RowAdapters,
+    RunningBatch,
+    StepStats,
+    StopRule,
+    check_adapter,
+)
+from freelm.backends.local_kv import (
+    CachedSequence,
+    PrefixCache,
+    Taken,
+    entry_bytes,
+    eviction_refusal,
+    rope_frequencies,
+    with_cache,
+)
 from freelm.tokenizer import Tokenizer
 
 #: How generate() admits waiting requests into the running batch (see LocalBackend._admit). "waves" is the
@@ -56,25 +71,6 @@ SCHEDULING = ("waves", "continuous")
 #: Event-loop turns between steps: a rollout's next request (through the pool, the loop, the cleaner) takes
 #: more than one turn to be sent; on the demo 4 turns saved 3% of the decode steps over 1, 16 nothing more.
 _JOIN_YIELDS = 4
-
-
-@dataclass
-class DecodeStats:
-    """Where the model's time went, per namespace (``None`` = base): prompt prefill vs token-by-token decoding.
-
-    ``prefill_tokens`` counts tokens actually computed (a reused prefix is not);
-    ``cached_tokens`` the prompt tokens served from the cache instead. In a
-    batch shared by namespaces a forward's time is booked to each row's
-    namespace by its share of the rows, and ``decode_steps`` counts the steps
-    the namespace took part in.
-    """
-
-    prefill_s: float = 0.0
-    prefill_tokens: int = 0
-    cached_tokens: int = 0
-    decode_s: float = 0.0
-    decode_tokens: int = 0
-    decode_steps: int = 0  # steps with a row of this namespace (decode_tokens / decode_steps: its mean rows)
 
 
 class LocalBackend:
@@ -104,14 +100,23 @@ class LocalBackend:
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
-        if not self.eos_token_ids:
+        eos = frozenset(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
+        if not eos:
             raise ValueError("LocalBackend needs at least one eos token id (none in tokenizer or generation_config)")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        #: Generation stops with "length" here (prompt + output never exceed the model's positions).
+        context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.stop_rule = StopRule(eos, context_length, tokenizer)
         #: sequences kept per namespace: by default two per batch row (a rollout's live one and a stale one)
-        self.cache_size = cache_size if cache_size is not None else max(4, 2 * max_batch)
-        self.cache_bytes = cache_bytes
+        self.prefix_cache = PrefixCache(
+            model.config,
+            size=cache_size if cache_size is not None else max(4, 2 * max_batch),
+            max_bytes=cache_bytes,
+            inv_freq=rope_frequencies(model),
+        )
+        #: bytes of one token's KV over all layers (what the peak KV counters are multiplied by)
+        self.kv_entry_bytes = entry_bytes(model)
         self.max_batch = max_batch
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {scheduling!r}")
@@ -123,13 +128,36 @@ class LocalBackend:
         self.row_adapters.attach(self.model)
         self.name = name
         self.model_path = model_path
-        #: Generation stops with "length" here (prompt + output never exceed the model's positions).
-        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
-        self._caches: dict[str | None, OrderedDict[int, CachedSequence]] = {}
-        self._next_key = 0
         self._waiting: list[tuple[GenerateRequest, asyncio.Future, float]] = []
         self._scheduler: asyncio.Task | None = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.stop_rule.eos_token_ids
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's ``max_position_embeddings``: prompt + output stop there (``length``)."""
+        return self.stop_rule.context_length
+
+    @property
+    def cache_size(self) -> int:
+        """Sequences the prefix cache keeps per namespace."""
+        return self.prefix_cache.size
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        self.prefix_cache.size = value
+
+    @property
+    def cache_bytes(self) -> int:
+        """KV bytes the prefix cache keeps over all namespaces."""
+        return self.prefix_cache.max_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self.prefix_cache.max_bytes = value
 
     @classmethod
     def from_pretrained(
@@ -185,20 +213,24 @@ class LocalBackend:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(path), adapter_name=name)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+                with warnings.catch_warnings():
+                    # peft 0.21 reads model.is_gradient_checkpointing (peft_model.py, PeftModel.__init__), which
+                    # transformers 5.2x deprecated: peft's call, not ours, and meaningless for inference
+                    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
             self.row_adapters.attach(self.model)
-            self._caches.pop(name, None)  # like SGLang's fresh uuid per load: no stale KV hit
+            self.prefix_cache.drop(name)  # like SGLang's fresh uuid per load: no stale KV hit
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             if name not in self.adapter_names:
                 raise BackendError(f"adapter {name!r} is not loaded (loaded: {self.adapter_names})")
             self.model.delete_adapter(name)
-            self._caches.pop(name, None)
+            self.prefix_cache.drop(name)
 
     def flush_cache(self) -> None:
         with self._lock:
-            self._caches.clear()
+            self.prefix_cache.clear()
 
     # ----- generation -----------------------------------------------------
 
@@ -234,7 +266,7 @@ class LocalBackend:
                     continue
                 if row.outcome is None:
                     try:
-                        row.outcome = self._result(row.prompt, row.output, row.finish, row.reused, row.started)
+                        row.outcome = self._row_result(row, row.started)
                     except Exception as exc:  # noqa: BLE001 - this caller's error: the scheduler must go on
                         row.outcome = exc
                 if isinstance(row.outcome, BaseException):
@@ -311,11 +343,16 @@ class LocalBackend:
         start = time.perf_counter()
         ids = self._prompt_ids(request)
         with self._lock, torch.inference_mode(), self._adapter_context(request.adapter):
-            entry, reused = self._take_cache(request.adapter, ids)
-            output_ids, finish = self._decode_loop(ids, entry.cache, reused, request)
-            entry.ids = ids + output_ids[:-1]
-            self._keep(request.adapter, entry, output_ids)
-        return self._result(ids, output_ids, finish, reused, start)
+            taken = self.prefix_cache.take(request.adapter, ids, request.eviction)
+            self.namespace_stats(request.adapter).cached_tokens += taken.reused
+            output_ids, finish = self._decode_loop(ids, taken, request)
+            self.step_stats.held_kv(taken.cache.get_seq_length(), self.prefix_cache.entries)
+            if not self.stop_rule.ends_rollout(request.adapter, output_ids):
+                sequence = CachedSequence.finished(
+                    ids, output_ids, taken.cache, taken.positions, taken.next_position, taken.exact
+                )
+                self.prefix_cache.keep(request.adapter, sequence)
+        return self._result(ids, output_ids, finish, taken.reused, start, taken.evicted, taken.rerotated)
 
     def generate_batch_blocking(self, requests: list[GenerateRequest]) -> list[GenerateResult | BackendError]:
         """Decode requests together, any mix of adapters; a bad request is returned as its error, not raised.
@@ -342,7 +379,7 @@ class LocalBackend:
             with self._lock, torch.inference_mode():
                 while joiners or batch.members:
                     for row in batch.step(joiners):
-                        outcomes[row.ticket] = self._result(row.prompt, row.output, row.finish, row.reused, start)
+                        outcomes[row.ticket] = self._row_result(row, start)
                     joiners = []
         except BackendError as exc:
             return [exc] * len(requests)
@@ -356,9 +393,22 @@ class LocalBackend:
             raise BackendError(
                 f"the input ({len(ids)} tokens) is not shorter than the context length ({self.context_length})"
             )
+        if request.eviction is not None:
+            refusal = eviction_refusal(self.model, request.eviction.strategy, self.prefix_cache.inv_freq)
+            if refusal:
+                raise BackendError(refusal)
         return ids
 
-    def _result(self, ids: list[int], output_ids: list[int], finish: str, reused: int, start: float) -> GenerateResult:
+    def _result(
+        self,
+        ids: list[int],
+        output_ids: list[int],
+        finish: str,
+        reused: int,
+        start: float,
+        evicted: int = 0,
+        rerotated: int = 0,
+    ) -> GenerateResult:
         return GenerateResult(
             text=self.tokenizer.decode(output_ids),
             output_ids=output_ids,
@@ -368,7 +418,12 @@ class LocalBackend:
             cached_tokens=reused,
             latency_s=time.perf_counter() - start,
             endpoint=self.name,
+            evicted_tokens=evicted,
+            rerotated_tokens=rerotated,
         )
+
+    def _row_result(self, row: Row, start: float) -> GenerateResult:
+        return self._result(row.prompt, row.output, row.finish, row.reused, start, row.evicted, row.rerotated)
 
     def _adapter_context(self, adapter: str | None):
         """Base model = adapters disabled; a name = that adapter active. Unknown names fail like SGLang."""
@@ -381,53 +436,7 @@ class LocalBackend:
         self.model.set_adapter(adapter)
         return nullcontext()
 
-    def _take_cache(self, namespace: str | None, ids: list[int]) -> tuple[CachedSequence, int]:
-        """The cached sequence sharing the longest prefix with ``ids``, cropped to it (or a fresh cache).
-
-        At least the last prompt token is always recomputed (its logits start
-        decoding), as in SGLang. A cache that is wholly a prefix of ``ids`` is
-        taken over in place (the usual "reasoning continues" case); a partial
-        match is copied first so the other sequence keeps its own tail.
-        """
-        from transformers import DynamicCache
-
-        lru = self._caches.setdefault(namespace, OrderedDict())
-        best_key, best = None, 0
-        for key, seq in lru.items():
-            n = min(len(os.path.commonprefix([seq.ids, ids])), len(ids) - 1)
-            if n > best:
-                best_key, best = key, n
-        if best_key is None:
-            return CachedSequence(ids=[], cache=DynamicCache(config=self.model.config)), 0
-        seq = lru[best_key]
-        if best == len(seq.ids):
-            del lru[best_key]
-            cache = seq.cache
-        else:  # the shared prefix only; the other sequence keeps its own tail
-            # no clone needed: DynamicCache.update concatenates into new tensors, never writing in place
-            cache = DynamicCache(config=self.model.config)
-            for layer, data in enumerate(seq.cache.layers):
-                cache.update(data.keys[:, :, :best], data.values[:, :, :best], layer)
-        return CachedSequence(ids=ids[:best], cache=cache), best
-
-    def _keep(self, namespace: str | None, entry: CachedSequence, output_ids: list[int]) -> None:
-        """Store a finished request's KV for the next request that shares its prefix, if it can have one."""
-        if entry.cache.get_seq_length() != len(entry.ids):  # a cache out of step with its ids must never be reused
-            return
-        if namespace is None and output_ids[-1] in self.eos_token_ids:
-            return  # the reasoning ended: its rollout is over, nothing continues this sequence
-        entry.nbytes = sum(t.nbytes for layer in entry.cache.layers for t in (layer.keys, layer.values))
-        lru = self._caches.setdefault(namespace, OrderedDict())
-        self._next_key += 1
-        lru[self._next_key] = entry
-        while len(lru) > self.cache_size:
-            lru.popitem(last=False)
-        total = sum(seq.nbytes for cached in self._caches.values() for seq in cached.values())
-        while total > self.cache_bytes:  # the least recently stored sequence of any namespace goes first
-            oldest = min((cached for cached in self._caches.values() if cached), key=lambda c: next(iter(c)))
-            total -= oldest.popitem(last=False)[1].nbytes
-
-    def _forward(self, stats: DecodeStats, prefill_tokens: int, reused: int, **inputs: Any) -> Any:
+    def _forward(self, stats: DecodeStats, prefill_tokens: int, **inputs: Any) -> Any:
         """One model step, its time booked as prefill (``prefill_tokens`` > 0) or as one decoded token per row."""
         started = time.perf_counter()
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -435,45 +444,33 @@ class LocalBackend:
         if prefill_tokens:
             stats.prefill_s += elapsed
             stats.prefill_tokens += prefill_tokens
-            stats.cached_tokens += reused
         else:
             stats.decode_s += elapsed
             stats.decode_tokens += len(logits)
             stats.decode_steps += 1
         return logits
 
-    def _decode_loop(self, ids: list[int], cache: Any, reused: int, request: GenerateRequest) -> tuple[list[int], str]:
+    def _decode_loop(self, ids: list[int], taken: Taken, request: GenerateRequest) -> tuple[list[int], str]:
         import torch
 
-        stats = self.stats.setdefault(request.adapter, DecodeStats())
+        stats = self.namespace_stats(request.adapter)
         pick = _token_picker(request.sampling, request.seed, self.model.device) or _argmax
-        feed = ids[reused:]
-        prefill, cached = len(feed), reused
+        device = self.model.device
+        feed, positions = ids[taken.reused :], taken.positions[taken.reused :]
+        prefill = len(feed)
         output: list[int] = []
         while True:
             logits = self._forward(
-                stats, prefill, cached, input_ids=torch.tensor([feed], device=self.model.device), past_key_values=cache
-            )[0]
+                stats, prefill,
+                input_ids=torch.tensor([feed], device=device), position_ids=torch.tensor([positions], device=device),
+                **with_cache(taken.cache),
+            )[0]  # fmt: skip
             prefill = 0
             output.append(pick(logits))
-            finish = self._finish(len(ids), output, request)
+            finish = self.stop_rule.reason(len(ids), output, request)
             if finish:
                 return output, finish
-            feed = [output[-1]]
-
-    def _finish(self, prompt_len: int, output: list[int], request: GenerateRequest) -> str:
-        """Why decoding stops after ``output``: ``stop`` (eos or a stop string), ``length``, or empty: go on."""
-        if output[-1] in self.eos_token_ids:
-            return "stop"
-        if request.stop:
-            window = max(len(s.encode("utf-8")) for s in request.stop) + 1
-            if any(s in self.tokenizer.decode(output[-window:]) for s in request.stop):
-                return "stop"
-        if len(output) >= request.max_new_tokens or (
-            self.context_length and prompt_len + len(output) >= self.context_length
-        ):
-            return "length"
-        return ""
+            feed, positions = [output[-1]], [taken.next_position + len(output) - 1]
 
 
 def _request_error(exc: Exception) -> BackendError:
@@ -528,6 +525,6 @@ def _runner_options(args: BackendArgs) -> dict[str, Any]:
 register_backend(
     BackendKind(
         "local", LocalBackend.from_pretrained, remote=False, options=_runner_options,
-        help="in-process transformers + peft", order=2,
+        help="in-process transformers + peft", order=2, evicts=True,
     )
 )  # fmt: skip

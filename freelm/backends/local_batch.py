@@ -3,7 +3,7 @@
 What SGLang's scheduler does on a GPU, on a tiny model on a CPU: one batch of
 running rows, each its own request (reasoning on the base model or cleaning on
 any loaded LoRA), decoded together one token per step. Between steps, rows that
-finished leave (their KV is stored in the backend's prefix cache) and waiting
+finished leave (their KV is stored in the engine's prefix cache) and waiting
 requests join: the joiners' prompts are prefilled together in one forward, each
 from its own longest cached prefix, and merged into the batch. So a rollout's
 cleaning call decodes in the same forward steps as the other rollouts'
@@ -19,10 +19,11 @@ output and an adapter row the base output plus its LoRA delta, as with
 ``disable_adapter()`` / ``set_adapter()``.
 
 Layout (as in a left-padded batch): row r's KV is ``[pad..., r's tokens]`` along
-the sequence, ``mask`` marks r's own columns and ``positions[r]`` is its next
-position id (its own token count), so each row computes what it would alone.
-A merge left-pads the shorter side; leading columns that no row uses any more
-are cut when rows leave.
+the sequence and ``mask`` marks r's own columns; each row feeds its token at its
+own position id (``Row.position``: its own token count, or under ``evict-gaps``
+the position the prefix cache gave it), so each row computes what it would
+alone. A merge left-pads the shorter side; leading columns that no row uses any
+more are cut when rows leave.
 """
 
 from __future__ import annotations
@@ -33,32 +34,19 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from freelm.backends.base import BackendError, GenerateRequest, GenerateResult
+from freelm.backends.local_kv import CachedSequence, PrefixCache, empty_cache, with_cache
 
 if TYPE_CHECKING:
-    from freelm.backends.local import LocalBackend
+    from freelm.tokenizer import Tokenizer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 #: A long joiner waits for its prefill until the steps waited reach this share of the running rows (see _admit):
 #: 1 = break-even with the step the prefill forward costs them. On the demo 0.5-2 gave the same forward count
 #: within 3% (1340-1376 forwards), 0 (prefill at once) 1420.
 HOLD_SHARE = 1.0
-
-
-@dataclass
-class CachedSequence:
-    """KV for exactly ``ids`` (prompt + output minus the last sampled token, which was never fed).
-
-    What the in-process engine's prefix cache stores per sequence and what a
-    finished batch row hands back to it (here, so the engine and its running
-    batch do not import each other).
-    """
-
-    ids: list[int]
-    cache: Any  # transformers DynamicCache
-    nbytes: int = 0  # set when stored (what the cache_bytes bound counts)
 
 
 @dataclass
@@ -71,7 +59,13 @@ class Row:
     started: float
     ticket: Any = None  # the caller's handle (a future, or an index), untouched here
     reused: int = 0
+    positions: list[int] = field(default_factory=list)  # the position of each prompt token (from the prefix cache)
+    output_position: int = 0  # the position of the first output token
+    exact: int | None = None  # its lead tokens whose KV a prefill computes alike (None: all; see local_kv.Taken)
+    evicted: int = 0  # KV entries its prefix cache take evicted in place
+    rerotated: int = 0  # kept entries re-rotated
     feed: int = 0  # the token the next decode step feeds: the last output (or, joining, the next prompt token)
+    position: int = 0  # the position ``feed`` goes at
     pending: list[int] = field(default_factory=list)  # prompt tokens still to feed after ``feed`` (a joiner)
     held_steps: int = 0  # steps it waited for a prefill forward
     output: list[int] = field(default_factory=list)
@@ -81,6 +75,65 @@ class Row:
     @property
     def namespace(self) -> str | None:
         return self.request.adapter
+
+
+@dataclass
+class DecodeStats:
+    """Where the model's time went, per namespace (``None`` = base): prompt prefill vs token-by-token decoding.
+
+    ``prefill_tokens`` counts tokens actually computed (a reused prefix is not);
+    ``cached_tokens`` the prompt tokens served from the cache instead. In a
+    batch shared by namespaces a forward's time is booked to each row's
+    namespace by its share of the rows, and ``decode_steps`` counts the steps
+    the namespace took part in.
+    """
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    decode_steps: int = 0  # steps with a row of this namespace (decode_tokens / decode_steps: its mean rows)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a request's decoding stops, and whether its KV is worth keeping afterwards."""
+
+    eos_token_ids: frozenset[int]
+    context_length: int | None  # prompt + output never reach it (the model's positions)
+    tokenizer: Tokenizer  # stop strings are checked on the decoded tail
+
+    def reason(self, prompt_len: int, output: list[int], request: GenerateRequest) -> str:
+        """Why decoding stops after ``output``: ``stop`` (eos or a stop string), ``length``, or empty: go on."""
+        if output[-1] in self.eos_token_ids:
+            return "stop"
+        if request.stop:
+            window = max(len(s.encode("utf-8")) for s in request.stop) + 1
+            if any(s in self.tokenizer.decode(output[-window:]) for s in request.stop):
+                return "stop"
+        if len(output) >= request.max_new_tokens or (
+            self.context_length and prompt_len + len(output) >= self.context_length
+        ):
+            return "length"
+        return ""
+
+    def ends_rollout(self, namespace: str | None, output: list[int]) -> bool:
+        """Reasoning that ended on eos: its rollout is over, so nothing will continue this sequence (not kept)."""
+        return namespace is None and bool(output) and output[-1] in self.eos_token_ids
+
+
+class BatchHost(Protocol):
+    """What the running batch needs from its engine (:class:`~freelm.backends.local.LocalBackend`), and nothing more."""
+
+    model: Any
+    tokenizer: Tokenizer
+    prefix_cache: PrefixCache
+    stop_rule: StopRule
+    row_adapters: RowAdapters
+    step_stats: StepStats
+
+    def namespace_stats(self, namespace: str | None) -> DecodeStats: ...
 
 
 @dataclass
@@ -94,6 +147,13 @@ class StepStats:
     rows_decoded: int = 0  # / decode_steps = the mean batch
     forward_s: float = 0.0  # inside the model (also booked per namespace in DecodeStats)
     step_s: float = 0.0  # whole steps: forward_s + the batch bookkeeping around it
+    peak_live_kv: int = 0  # most tokens whose KV requests being decoded held at once (pads excluded)
+    peak_held_kv: int = 0  # most tokens whose KV was held at once: by those requests and by the prefix cache
+
+    def held_kv(self, live: int, cached: int) -> None:
+        """Count a moment at which ``live`` entries are decoded and ``cached`` wait in the prefix cache."""
+        self.peak_live_kv = max(self.peak_live_kv, live)
+        self.peak_held_kv = max(self.peak_held_kv, live + cached)
 
 
 class RunningBatch:
@@ -103,13 +163,12 @@ class RunningBatch:
     ``torch.inference_mode()`` around each step.
     """
 
-    def __init__(self, backend: LocalBackend):
-        self.backend = backend
+    def __init__(self, host: BatchHost):
+        self.host = host
         self.rows: list[Row] = []  # decoding
         self.held: list[tuple[Row, Any]] = []  # joiners waiting for a prefill forward, with their cached prefix
         self.cache: Any = None  # DynamicCache over self.rows
         self.mask: Any = None  # [rows, columns] 1 = the row's own token
-        self.positions: Any = None  # [rows] next position id
 
     @property
     def members(self) -> list[Row]:
@@ -127,13 +186,15 @@ class RunningBatch:
             done += self._admit(joiners)
         if self.rows:
             done += self._decode()
-        self.backend.step_stats.step_s += time.perf_counter() - started
+        live = (int(self.mask.sum()) if self.mask is not None else 0) + sum(c.get_seq_length() for _, c in self.held)
+        self.host.step_stats.held_kv(live, self.host.prefix_cache.entries)
+        self.host.step_stats.step_s += time.perf_counter() - started
         return done
 
     def fail(self, exc: BaseException) -> list[Row]:
         """Every row gets ``exc`` (an engine error mid-step leaves the batch KV unknown) and the batch empties."""
         rows, self.rows, self.held = self.members, [], []
-        self.cache = self.mask = self.positions = None
+        self.cache = self.mask = None
         for row in rows:
             row.outcome = exc
         return rows
@@ -153,21 +214,21 @@ class RunningBatch:
         together in one forward, with every other joiner that has more than one
         uncached token.
         """
-        backend = self.backend
+        host = self.host
         running = len(self.rows)
-        taken = [backend._take_cache(row.namespace, row.prompt) for row in joiners]
-        for row, (_, n) in zip(joiners, taken, strict=True):
-            row.reused = n
-            backend.namespace_stats(row.namespace).cached_tokens += n
         direct, short = [], []
-        for row, (entry, _) in zip(joiners, taken, strict=True):
+        for row in joiners:
+            taken = host.prefix_cache.take(row.namespace, row.prompt, row.request.eviction)
+            row.reused, row.positions, row.output_position = taken.reused, taken.positions, taken.next_position
+            row.exact, row.evicted, row.rerotated = taken.exact, taken.evicted, taken.rerotated
+            host.namespace_stats(row.namespace).cached_tokens += row.reused
             suffix = len(row.prompt) - row.reused
             if row.reused and suffix == 1:
-                direct.append((row, entry.cache))
+                direct.append((row, taken.cache))
             elif row.reused and suffix - 1 < running:
-                short.append((row, entry.cache))
+                short.append((row, taken.cache))
             else:
-                self.held.append((row, entry.cache))
+                self.held.append((row, taken.cache))
         prefill: list[tuple[Row, Any]] = []
         if self.held and sum(row.held_steps for row, _ in self.held) >= HOLD_SHARE * running:
             prefill, self.held = self.held + short, []
@@ -178,26 +239,27 @@ class RunningBatch:
         if direct:
             for row, _ in direct:
                 row.feed, row.pending = row.prompt[row.reused], row.prompt[row.reused + 1 :]
+                row.position = row.positions[row.reused]
             rows = [row for row, _ in direct]
             lengths = [row.reused for row in rows]
-            cache = _stack_caches(backend.model.config, [c for _, c in direct], lengths)
-            mask = _left_padded_mask(lengths, max(lengths), device=backend.model.device)
-            self._merge(rows, cache, mask, mask.sum(-1))
-        backend.step_stats.joined_direct += len(direct)
-        backend.step_stats.joined_prefilled += len(prefill)
+            cache = _stack_caches(host.model.config, [c for _, c in direct], lengths)
+            mask = _left_padded_mask(lengths, max(lengths), device=host.model.device)
+            self._merge(rows, cache, mask)
+        host.step_stats.joined_direct += len(direct)
+        host.step_stats.joined_prefilled += len(prefill)
         return self._prefill(prefill) if prefill else []
 
     def _prefill(self, joiners: list[tuple[Row, Any]]) -> list[Row]:
         """Prefill the joiners' uncached suffixes in one left-padded forward; those that go on join the batch."""
         import torch
 
-        backend = self.backend
-        device = backend.model.device
-        pad = backend.tokenizer.hf.pad_token_id or 0
+        host = self.host
+        device = host.model.device
+        pad = host.tokenizer.hf.pad_token_id or 0
         rows = [row for row, _ in joiners]
         suffixes = [row.prompt[row.reused :] for row in rows]
         past, width = max(row.reused for row in rows), max(map(len, suffixes))
-        cache = _stack_caches(backend.model.config, [c for _, c in joiners], [row.reused for row in rows])
+        cache = _stack_caches(host.model.config, [c for _, c in joiners], [row.reused for row in rows])
         feed = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=device)
         mask = torch.cat(
             [
@@ -206,36 +268,40 @@ class RunningBatch:
             ],
             dim=1,
         )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        positions = torch.tensor(
+            [[0] * (width - len(x)) + row.positions[row.reused :] for row, x in zip(rows, suffixes, strict=True)],
+            device=device,
+        )
         logits = self._forward(
             rows, [len(x) for x in suffixes],
-            input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            input_ids=feed, attention_mask=mask, position_ids=positions, **with_cache(cache),
         )  # fmt: skip
-        backend.step_stats.prefill_forwards += 1
+        host.step_stats.prefill_forwards += 1
         self._pick(rows, logits)
         keep = [i for i, row in enumerate(rows) if not row.finish]
         for i, row in enumerate(rows):
             if row.finish:
-                backend._keep(row.namespace, _row_cache(backend.model.config, cache, mask, i, _fed(row)), row.output)
+                self._store(row, _row_cache(host.model.config, cache, mask, i, row))
         if keep:
             index = torch.tensor(keep, device=device)
             if len(keep) < len(rows):
                 cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-            self._merge([rows[i] for i in keep], cache, mask, positions[:, -1] + 1)
+                mask = mask[index]
+            self._merge([rows[i] for i in keep], cache, mask)
         return [row for row in rows if row.finish]
 
     def _decode(self) -> list[Row]:
         import torch
 
-        feed = torch.tensor([[row.feed] for row in self.rows], device=self.backend.model.device)
+        device = self.host.model.device
+        feed = torch.tensor([[row.feed] for row in self.rows], device=device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         logits = self._forward(
             self.rows, None,
-            input_ids=feed, attention_mask=self.mask, position_ids=self.positions[:, None], past_key_values=self.cache,
+            input_ids=feed, attention_mask=self.mask, position_ids=positions, **with_cache(self.cache),
         )  # fmt: skip
-        self.positions = self.positions + 1
-        stats = self.backend.step_stats
+        stats = self.host.step_stats
         stats.decode_steps += 1
         stats.rows_decoded += len(self.rows)
         self._pick(self.rows, logits)
@@ -250,16 +316,16 @@ class RunningBatch:
         Forwards that compute a row's prompt tokens are booked as its prefill,
         the rest as decoding.
         """
-        backend = self.backend
+        host = self.host
         started = time.perf_counter()
-        with backend.row_adapters.rows([row.namespace or BASE_ADAPTER for row in rows], backend.model.device):
-            logits = backend.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        with host.row_adapters.rows([row.namespace or BASE_ADAPTER for row in rows], host.model.device):
+            logits = host.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         elapsed = time.perf_counter() - started
-        backend.step_stats.forward_s += elapsed
+        host.step_stats.forward_s += elapsed
         share = elapsed / len(rows)
         seen = set()
         for i, row in enumerate(rows):
-            stats = backend.namespace_stats(row.namespace)
+            stats = host.namespace_stats(row.namespace)
             if not row.output:  # computing its prompt: a prefill, or a joiner's suffix fed through the decode steps
                 stats.prefill_s += share
                 stats.prefill_tokens += prefill[i] if prefill is not None else 1
@@ -276,23 +342,25 @@ class RunningBatch:
         for i, row in enumerate(rows):
             if row.pending:  # a joiner still feeding its prompt: these logits predict a token it already has
                 row.feed = row.pending.pop(0)
+                row.position = row.positions[len(row.prompt) - len(row.pending) - 1]
                 continue
             row.output.append(greedy[i] if row.picker is None else row.picker(logits[i]))
             row.feed = row.output[-1]
-            row.finish = self.backend._finish(len(row.prompt), row.output, row.request)
+            row.position = row.output_position + len(row.output) - 1
+            row.finish = self.host.stop_rule.reason(len(row.prompt), row.output, row.request)
 
     # ----- joining and leaving ----------------------------------------------
 
-    def _merge(self, rows: list[Row], cache: Any, mask: Any, positions: Any) -> None:
-        """Append ``rows`` (with their cache, mask and next positions) to the batch, left-padding the shorter side."""
+    def _merge(self, rows: list[Row], cache: Any, mask: Any) -> None:
+        """Append ``rows`` (with their cache and mask) to the batch, left-padding the shorter side."""
         import torch
         from torch.nn.functional import pad
 
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = rows, _growing(cache), mask, positions
+            self.rows, self.cache, self.mask = rows, _growing(cache), mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        merged = _empty_cache(self.backend.model.config)
+        merged = empty_cache(self.host.model.config)
         for layer, (ours, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
             parts = []
             for name in ("keys", "values"):
@@ -303,28 +371,29 @@ class RunningBatch:
             merged.update(*parts, layer)
         self.cache = _growing(merged)
         self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
-        self.positions = torch.cat([self.positions, positions])
         self.rows = self.rows + rows
+
+    def _store(self, row: Row, sequence: CachedSequence) -> None:
+        """A finished row's KV goes to the prefix cache, unless nothing can continue it."""
+        if not self.host.stop_rule.ends_rollout(row.namespace, row.output):
+            self.host.prefix_cache.keep(row.namespace, sequence)
 
     def _retire(self) -> None:
         """Store the finished rows' KV (without pads) and cut them, and columns no row uses, out of the batch."""
         import torch
 
-        backend = self.backend
         keep = []
         for i, row in enumerate(self.rows):
             if row.finish:
-                backend._keep(
-                    row.namespace, _row_cache(backend.model.config, self.cache, self.mask, i, _fed(row)), row.output
-                )
+                self._store(row, _row_cache(self.host.model.config, self.cache, self.mask, i, row))
             else:
                 keep.append(i)
         if not keep:
-            self.rows, self.cache, self.mask, self.positions = [], None, None, None
+            self.rows, self.cache, self.mask = [], None, None
             return
         index = torch.tensor(keep, device=self.mask.device)
         self.cache.batch_select_indices(index)
-        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.mask = self.mask[index]
         self.rows = [self.rows[i] for i in keep]
         first = int(self.mask.any(0).int().argmax())  # leading columns that only left rows used
         if first:
@@ -409,11 +478,6 @@ class RowAdapters:
         return output
 
 
-def _fed(row: Row) -> list[int]:
-    """The tokens a row's KV holds: its prompt and output minus the last sampled token (never fed)."""
-    return row.prompt + row.output[:-1]
-
-
 def _growing(cache: Any) -> Any:
     """``cache`` with its plain dynamic layers appending into spare room instead of concatenating.
 
@@ -475,15 +539,9 @@ def _left_padded_mask(lengths: list[int], width: int, device: Any) -> Any:
     return (columns >= width - torch.tensor(lengths, device=device)[:, None]).long()
 
 
-def _empty_cache(config: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=config)
-
-
 def _stack_caches(config: Any, caches: list[Any], lengths: list[int]) -> Any:
     """One batch cache from per-sequence caches of ``lengths`` tokens, each left-padded to the longest."""
-    batch = _empty_cache(config)
+    batch = empty_cache(config)
     past = max(lengths)
     if past == 0:
         return batch
@@ -501,17 +559,17 @@ def _stack_caches(config: Any, caches: list[Any], lengths: list[int]) -> Any:
     return batch
 
 
-def _row_cache(config: Any, cache: Any, mask: Any, row: int, ids: list[int]) -> Any:
-    """Row ``row`` of a batch cache without its padding, as a one-sequence cache for exactly ``ids``."""
-    columns = mask[row].nonzero().squeeze(-1)
-    single = _empty_cache(config)
+def _row_cache(config: Any, cache: Any, mask: Any, index: int, row: Row) -> CachedSequence:
+    """Row ``index`` of a batch cache without its padding: what the finished ``row`` leaves to the prefix cache."""
+    columns = mask[index].nonzero().squeeze(-1)
+    single = empty_cache(config)
     for layer, data in enumerate(cache.layers):
         single.update(
-            data.keys[row : row + 1].index_select(2, columns),
-            data.values[row : row + 1].index_select(2, columns),
+            data.keys[index : index + 1].index_select(2, columns),
+            data.values[index : index + 1].index_select(2, columns),
             layer,
         )
-    return CachedSequence(ids=ids, cache=single)
+    return CachedSequence.finished(row.prompt, row.output, single, row.positions, row.output_position, row.exact)
 
 
 def check_adapter(adapter: str | None, loaded: list[str]) -> None:

@@ -20,17 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freelm.cli import main as freelm_main
-from freelm.demo.corpus import CLEAN_TEMPLATE
+from freelm.demo.flags import runner_args
 from freelm.run.cleaning import EXIT_CLEANING
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
-
-#: Settings the embedded default was built and measured with (docs/embedded.md).
-CLEAN_EVERY = 32
-MAX_TOKENS = 512
-CLEAN_MAX_TOKENS = 48
-#: Rollouts in flight; the in-process backend decodes their requests as one batch (freelm/backends/local.py).
-CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -56,28 +49,6 @@ RUNS = (
 )
 
 
-def runner_args(
-    assets: Path,
-    data: Path,
-    output: Path,
-    cleaner: str | None,
-    context_limit: int,
-    limit: int,
-    *,
-    accept_unusable_cleaning: bool = False,
-) -> list[str]:
-    method = ["--mode", "vanilla"] if cleaner is None else ["--mode", "freelm", "--cleaner", cleaner]
-    if accept_unusable_cleaning:
-        method.append("--accept-unusable-cleaning")
-    return [
-        "run", "--data", str(data), "--limit", str(limit), "--output", str(output), "--n-rollouts", "1",
-        "--seed", "0", "--backend", "local", "--model", str(assets / "base"), "--adapter", str(assets / "free"),
-        *method, "--clean-template", str(CLEAN_TEMPLATE), "--clean-max-tokens", str(CLEAN_MAX_TOKENS),
-        "--clean-every", str(CLEAN_EVERY), "--max-tokens", str(MAX_TOKENS), "--context-limit", str(context_limit),
-        "--temperature", "0", "--top-p", "1", "--top-k", "-1", "--concurrency", str(CONCURRENCY),
-    ]  # fmt: skip
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--assets", type=Path, default=ASSETS, help="built embedded default (base/, free/, benchmark.jsonl)"
@@ -89,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large-problems", type=int, default=100, help="problems at the large limit (0: skip)")
     parser.add_argument("--small-limit", type=int, default=216, help="context limit too small for vanilla")
     parser.add_argument("--large-limit", type=int, default=512, help="context limit large enough for vanilla")
+    parser.add_argument(
+        "--resume-strategies", action="store_true",
+        help="also measure Free()LM resuming by re-prefill, evict-gaps and evict-rerotate beside vanilla, at both "
+        "limits (docs/free.md): pass@1, peak KV, prefill, forwards, time (under OUT/strategies/)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,9 +118,34 @@ def run(args: argparse.Namespace) -> int:
     for limit, table, _ in tables:
         print(f"### paper layout, context limit {limit} tokens\n\n{table.read_text()}")
     print(f"plots: {out}/plots_ctx*/   trace of problem {first_id}: {trace}")
+    if args.resume_strategies:
+        code = _resume_strategies(assets, out / "strategies", settings)
+        if code:
+            return code
     if flagged:
         print(f"flagged (its cleaner gave almost no usable deletion list, see above): {'; '.join(flagged)}")
         return EXIT_CLEANING
+    return 0
+
+
+def _resume_strategies(assets: Path, out: Path, settings: list[tuple[int, int]]) -> int:
+    """The strategies' rows (:mod:`freelm.demo.strategies`), after the default tables."""
+    from freelm.demo.strategies import run_strategies, table
+
+    measured = []
+    for limit, count in settings:
+        inputs = run_strategies(assets, out, limit, count)
+        metrics = out / f"metrics_ctx{limit}.json"
+        code = freelm_main([
+            "eval", "--input", *(f"{name}={path}" for name, path in inputs), "--baseline", "vanilla",
+            "--output", str(metrics), "--no-progress",
+        ])  # fmt: skip
+        if code:
+            return code
+        measured.append((limit, inputs, metrics))
+    rows = table(measured)
+    (out / "table.md").write_text(rows)
+    print(f"\n### resuming after a deletion (docs/free.md), each run on an engine of its own\n\n{rows}")
     return 0
 
 

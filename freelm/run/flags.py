@@ -255,6 +255,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.timeout <= 0 or args.down_wait <= 0:
         raise ValueError("--timeout and --down-wait must be > 0")
     setting.check(LoopConfig, vars(args))  # every loop and sampling bound, as declared on its field
+    if args.resume != "reprefill" and args.mode != "vanilla" and not get_backend_kind(args.backend).evicts:
+        evicting = ", ".join(k.name for k in backend_kinds().values() if k.evicts)
+        raise ValueError(
+            f"--resume {args.resume} needs an engine that evicts KV in place (--backend {evicting}); "
+            f"--backend {args.backend} re-prefills (no server exposes eviction over HTTP): use --resume reprefill"
+        )
     if not get_backend_kind(args.backend).remote:
         if args.model is None:
             raise ValueError(f"--backend {args.backend} needs --model DIR")

@@ -269,6 +269,26 @@ class TransientBackendError(BackendError):
     """Connection error, timeout or 5xx: worth retrying, possibly on another endpoint."""
 
 
+def check_length(request: GenerateRequest, result: GenerateResult) -> GenerateResult:
+    """``result``, unless it holds more tokens than ``request`` asked for: then a :class:`TransientBackendError`.
+
+    No engine generates past ``max_new_tokens`` (SGLang caps it further, never
+    raises it: ``managers/scheduler.py: init_req_max_new_tokens``), so a reply
+    with more output ids or a larger ``completion_tokens`` comes from a broken
+    or hostile server. It is refused rather than cut to size: what it sent is
+    not what the engine would have generated, and the request is retried (on
+    another endpoint, by the pool), so no record ever claims more tokens than
+    were asked for, nor a context past the window.
+    """
+    asked = request.max_new_tokens
+    sent = max(len(result.output_ids), result.completion_tokens)
+    if sent > asked:
+        raise TransientBackendError(
+            f"{result.endpoint or 'server'}: reply holds {sent:,} tokens for a request of at most {asked:,}: refused"
+        )
+    return result
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Anything that can generate: what the loop and the cleaners call. Implementations: sglang, openai, local, pool."""

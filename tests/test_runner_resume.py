@@ -101,6 +101,42 @@ def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(c
     assert all(run["status"] in ("starting", "running") for run in manifest["previous_runs"])
 
 
+@pytest.mark.parametrize(
+    "sig, code, line",
+    [
+        (signal.SIGINT, 130, "interrupted: finished rollouts are saved; re-run the same command to resume"),
+        (signal.SIGTERM, 143, "terminated (SIGTERM): finished rollouts are saved; re-run the same command to resume"),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_and_sigterm_end_with_one_line_an_interrupted_manifest_and_a_resume_completes(
+    counting_setup, tmp_path, sig, code, line
+):
+    server, tokenizer_dir, data = counting_setup
+    out = tmp_path / "out.jsonl"
+    command = runner_command(server, tokenizer_dir, data, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and line_count(out) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    lines = [text for text in err.splitlines() if not text.startswith("warning: ")]
+    assert lines == [line], err  # one line: no traceback, no "exception was never retrieved"
+    kept = line_count(out)
+    assert kept >= 3 and len(read_rollouts(out)) == kept  # every finished rollout written whole
+    assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
+
+    final = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert final.returncode == 0, final.stderr
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+    assert f"{kept} already present" in final.stdout
+
+
 def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):
     server, tokenizer_dir, data = counting_setup
     from freelm.run.cli import main

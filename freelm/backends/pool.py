@@ -195,6 +195,10 @@ class EndpointPool:
         self._recent: deque[tuple[int, float]] = deque(maxlen=256)  # (max_new_tokens, seconds) of successes
         self._turn = 0
         self._some_up: asyncio.Event | None = None  # created inside the running loop
+        #: Run on an endpoint that answers its health probe again, before it is re-admitted: None when it may
+        #: serve, else why not (e.g. it restarted with a smaller window). Set by the runner after its start-up
+        #: checks, so an endpoint skipped at start, or restarted mid-run, serves only what they allowed.
+        self.vet: Callable[[Backend], Awaitable[str | None]] | None = None
 
     # ----- state ----------------------------------------------------------
 
@@ -219,6 +223,10 @@ class EndpointPool:
             if not ok:
                 self._mark_down(endpoint, endpoint.backend.health_error or "health check failed")
         return self.endpoints_up
+
+    def take_out(self, endpoint: EndpointState, reason: str) -> None:
+        """Out of rotation until it answers a health probe again (and passes :attr:`vet`, when set)."""
+        self._mark_down(endpoint, reason)
 
     async def wait_until_up(self) -> bool:
         """Wait up to ``down_wait`` seconds for an endpoint to answer (a server still loading its model: 503)."""
@@ -390,7 +398,10 @@ class EndpointPool:
         while True:
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
             if await self._healthy(endpoint.backend):
-                break
+                refusal = await self._vetted(endpoint.backend)
+                if refusal is None:
+                    break
+                endpoint.last_error = refusal
             delay = min(self.max_probe_interval, delay * 2)
         endpoint.up = True
         endpoint.half_open = True
@@ -406,6 +417,15 @@ class EndpointPool:
             return bool(await backend.health())
         except Exception:  # a probe that crashes is a failed probe, never a crashed run
             return False
+
+    async def _vetted(self, backend: Backend) -> str | None:
+        """:attr:`vet`'s answer; a check that crashes keeps the endpoint out, with the crash as the reason."""
+        if self.vet is None:
+            return None
+        try:
+            return await self.vet(backend)
+        except Exception as exc:
+            return f"re-admission check failed: {type(exc).__name__}: {exc}"
 
     async def aclose(self) -> None:
         probes = [e.probe for e in self.endpoints if e.probe is not None]

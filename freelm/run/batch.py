@@ -216,16 +216,17 @@ async def _execute(
                 result, error = None, f"{type(exc).__name__}: {exc}"
             queue.put_nowait(_Finished(job, result, error))
 
-    workers = asyncio.gather(*(worker() for _ in range(min(spec.concurrency, len(jobs)))))
+    workers = [asyncio.create_task(worker()) for _ in range(min(spec.concurrency, len(jobs)))]
     try:
-        # the writer ends before the workers only when it failed: stop the rollouts in flight, they cannot be saved
-        await asyncio.wait({workers, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if writer.done() and not workers.done():
-            workers.cancel()
-        await workers
+        running = {writer, *workers}
+        while writer in running and len(running) > 1:  # the writer ends first only when it failed
+            _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not workers.done():
-            workers.cancel()
+        # interrupted, or the writer failed: the rollouts in flight cannot be saved. Every worker is cancelled AND
+        # awaited (an abandoned one printed "exception was never retrieved" at Ctrl-C); what they finished is written
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         queue.put_nowait(None)
         try:
             await writer

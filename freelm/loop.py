@@ -226,8 +226,10 @@ async def run_rollout(
         else:  # text only: never re-encode a split character's U+FFFD; count what the server did (eos included)
             whole = result.text.rstrip(MID_CHARACTER) if result.finish_reason == "length" else result.text
             split_char = len(whole) < len(result.text)
-            new_ids = tokenizer.encode(whole)
-            counted = result.completion_tokens or len(new_ids)  # its own tokenization may differ from ours
+            # its own tokenization may differ from ours; past the budget the text is not what was asked for (a
+            # server claiming few tokens can send any text): cut to it, so the context never passes the window
+            new_ids = tokenizer.encode(whole)[:budget]
+            counted = min(result.completion_tokens or len(new_ids), budget)
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
         # < len(text) only if a split character completed; commonprefix is a Python loop over the characters

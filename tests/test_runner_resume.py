@@ -177,6 +177,36 @@ def test_two_runners_on_one_output_one_exits_2_naming_the_other_and_every_rollou
     assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
 
 
+def test_a_symlink_to_a_live_runs_output_is_refused_naming_the_other_path(counting_setup, tmp_path):
+    _, tokenizer_dir, data = counting_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "real").mkdir()
+    out = tmp_path / "real" / "out.jsonl"
+    (tmp_path / "alias").symlink_to(tmp_path / "real")  # a link anywhere on the way counts
+    (tmp_path / "alias" / "other.jsonl").symlink_to(out)
+    alias = tmp_path / "alias" / "other.jsonl"
+    slow = CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), delay=0.25)
+    with SGLangTestServer(slow) as server:
+        first = subprocess.Popen(
+            runner_command(server, tokenizer_dir, data, out), env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while line_count(out) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(
+            runner_command(server, tokenizer_dir, data, alias), env=env, capture_output=True, text=True, cwd=ROOT,
+            timeout=120,
+        )  # fmt: skip
+        assert first.wait(timeout=300) == 0, first.communicate()
+    assert second.returncode == 2, second.stderr
+    assert f"error: {alias} is the same file as {out}, which is being written by another runner (pid {first.pid} " in (
+        second.stderr
+    )
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+
+
 def test_a_registered_cleaner_runs_through_runner_py_with_its_settings_in_the_config_hash(
     counting_setup, tmp_path, monkeypatch
 ):

@@ -64,7 +64,7 @@ from freelm.backends.base import (
 from freelm.backends.pool import rollout_affinity
 from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
-from freelm.records import CleanRecord, RolloutResult, RoundRecord
+from freelm.records import MAX_ANCHOR_CHARS, MAX_RAW_OUTPUT_CHARS, CleanRecord, RolloutResult, RoundRecord, clip
 from freelm.schedule import MID_CHARACTER, CleaningSchedule, may_clean
 from freelm.setting import check_fields, group, setting
 from freelm.tokenizer import Tokenizer
@@ -357,10 +357,13 @@ async def _clean(
         chars_deleted=edit.chars_deleted,
         tokens_deleted=before - after,
         applied=len(edit.applied),
-        skipped=[{**d.to_dict(), "reason": reason} for d, reason in edit.skipped],
+        skipped=[
+            {"prefix": clip(d.prefix, MAX_ANCHOR_CHARS), "suffix": clip(d.suffix, MAX_ANCHOR_CHARS), "reason": reason}
+            for d, reason in edit.skipped
+        ],
         parse_error=outcome.parse_error,
         dropped=outcome.dropped,
-        raw_output=outcome.raw_output,
+        raw_output=None if outcome.raw_output is None else clip(outcome.raw_output, MAX_RAW_OUTPUT_CHARS),
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         cached_tokens=outcome.cached_tokens,

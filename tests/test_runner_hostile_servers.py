@@ -21,8 +21,9 @@ import pytest
 from freelm.backends import transport
 from freelm.backends.openai_compat import OpenAIBackend
 from freelm.backends.pool import EndpointPool
+from freelm.free import MAX_NOTES
 from freelm.manifest import manifest_path
-from freelm.records import iter_jsonl, read_rollouts
+from freelm.records import MAX_RAW_OUTPUT_CHARS, iter_jsonl, read_rollouts
 from freelm.run.cli import main
 from freelm.run.components import Components, vet_returning_endpoints
 from freelm.run.spec import RunSpec
@@ -143,3 +144,23 @@ def test_an_endpoint_back_with_a_smaller_window_or_without_the_adapter_is_not_re
     assert ok is None and same_ok is None
     assert smaller.startswith("not re-admitted: it serves 498 tokens per request") and "less than the 998" in smaller
     assert unserved.startswith("not re-admitted: ") and "the cleaner's adapter 'free'" in unserved
+
+
+def test_a_cleaner_answering_10000_commands_per_call_keeps_every_round_small(setup, tmp_path, capsys):
+    """Notes about dropped items and the stored raw answer are capped per round, and say what they left out."""
+    tokenizer, _, _ = setup
+    hostile = json.dumps([{"prefix": f"step {i}\n", "suffix": "zz"} for i in range(300)] + [1] * 9_700)
+    assert len(tokenizer.encode(hostile)) < 32_768  # within the cleaner's budget: an answer the engine could give
+    with SGLangTestServer(CountingEngine(tokenizer, target=TARGET), context_length=65_536) as server:
+        server.override_next_adapter_output(hostile, times=10_000)
+        more = ("--clean-max-tokens", "32768", "--context-limit", "40000")
+        code, _ = run_runner(args(setup, tmp_path / "out.jsonl", server.url, more=more), 300)
+        assert code == 0, capsys.readouterr().err
+        assert server.adapter_requests["free"] > 0
+    records = every_rollout_once(tmp_path / "out.jsonl")
+    rounds = [r.clean for record in records for r in record.rounds if r.clean is not None]
+    assert rounds and all(c.raw_output.endswith(f"{len(hostile) - MAX_RAW_OUTPUT_CHARS:,} more characters not stored]")
+                          for c in rounds)  # fmt: skip
+    assert all(len(c.dropped) == MAX_NOTES + 2 and c.dropped[-2].startswith("9684 more items dropped") for c in rounds)
+    per_round = (tmp_path / "out.jsonl").stat().st_size / len(rounds)
+    assert per_round < 40_000  # the raw answer alone is 42 KB a round, its notes were 210 KB

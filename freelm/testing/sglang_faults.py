@@ -120,11 +120,19 @@ class FaultQueue:
             return self._faults.popleft() if self._faults and wanted(self._faults[0]) else None
 
 
-def override_result(result: GenerateResult, text: str, engine: Engine) -> GenerateResult:
-    """The scripted adapter answer replaces the engine's (ids from the engine's own tokenizer, no eos)."""
+def override_result(result: GenerateResult, text: str, engine: Engine, max_new_tokens: int) -> GenerateResult:
+    """The scripted adapter answer replaces the engine's (ids from the engine's own tokenizer, no eos).
+
+    Like any engine's, it ends at ``max_new_tokens`` (finished by ``length``): a reply with more
+    tokens than asked is the ``overlong`` fault, not an override.
+    """
     ids = engine.encode(text)
+    finish = "stop"
+    if len(ids) > max_new_tokens:
+        ids, finish = ids[:max_new_tokens], "length"
+        text = engine.decode(ids, skip_special_tokens=False)
     return GenerateResult(
-        text=text, output_ids=ids, finish_reason="stop", prompt_tokens=result.prompt_tokens, completion_tokens=len(ids)
+        text=text, output_ids=ids, finish_reason=finish, prompt_tokens=result.prompt_tokens, completion_tokens=len(ids)
     )
 
 

@@ -266,7 +266,7 @@ class SGLangTestServer(LocalHTTPServer):
             except BackendError as exc:
                 raise Refusal(400, str(exc)) from exc
             if override is not None:
-                result = override_result(result, override, self.engine)
+                result = override_result(result, override, self.engine, scheduled.max_new_tokens)
             self.cache.insert(namespace, prompt + result.output_ids[:-1])
             result = replace(result, cached_tokens=cached, prompt_tokens=len(prompt))
             if fault is not None and fault.kind == "overlong":

@@ -110,6 +110,20 @@ def test_unwritable_output_exits_2_before_any_request(
     assert err.startswith("error: --output ") and message in err and "Traceback" not in err
 
 
+def test_a_lone_surrogate_in_the_data_exits_2_naming_file_line_and_field(tmp_path, tokenizer_dir, capsys):
+    """JSON's \\ud800 escape decodes to a lone surrogate: no tokenizer takes it, so the run used to fail every
+    rollout forever ("re-run to retry"); it is bad input, refused before anything is sent."""
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"id": 1, "prompt": "Count to 30."}\n{"id": 2, "prompt": "Count \\ud800 to 30."}\n')
+    out = tmp_path / "out.jsonl"
+    args = cli_args(data, out, tokenizer_dir)
+    args.down_wait = 1.0  # (before the fix the run went on to its endpoint, 127.0.0.1:9, which refuses)
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {data}:2: prompt: not valid Unicode text: a lone surrogate '\\ud800' at character 6\n"
+    assert not out.exists()
+
+
 def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, monkeypatch):
     monkeypatch.setattr(output_guard, "MIN_FREE_BYTES", 2**62)
     assert run(cli_args(data, tmp_path / "out.jsonl", tokenizer_dir)) == 2

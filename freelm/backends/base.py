@@ -308,7 +308,9 @@ class RemoteBackend(Backend, Protocol):
     the recent ones (an in-process engine is never presumed hung); the runner
     reads :meth:`server_limits` and runs :meth:`startup_check` before the first
     rollout. A kind that lacks one of them is refused by the registry, by name
-    (docs/backends.md, "Writing a backend").
+    (docs/backends.md, "Writing a backend"). Its replies are untrusted: read
+    under :mod:`freelm.backends.transport`'s byte cap and total deadline,
+    probes under its probe deadline, and results through :func:`check_length`.
     """
 
     #: why the last :meth:`health` probe failed, for the operator (None: it passed, or says no more)

@@ -28,7 +28,8 @@ bursts), open it (out of rotation), because a single 5xx from a busy but
 working server is noise, and taking it out for a second each time made a run
 at a 20% error rate 10x slower. An open endpoint is re-probed in the
 background (a remote one by its ``health()``, an in-process engine simply after the cool-down)
-with exponential backoff and jitter; when it answers it is HALF-OPEN: back in
+with exponential backoff and jitter; when it answers (and passes :attr:`EndpointPool.vet`, the runner's
+start-up checks: a server that restarted with a smaller window or without the adapter stays out) it is HALF-OPEN: back in
 rotation with at most one request in flight while a closed endpoint exists, a
 success closes it, a failure opens it again at once with a doubled cool-down.
 When no endpoint is up, requests wait (up to ``down_wait`` seconds) for one to

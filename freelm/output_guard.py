@@ -62,7 +62,11 @@ class OutputWriteError(RuntimeError):
 
 def write_failure(path: Path, cause: OSError) -> str:
     """What went wrong writing ``path``, in a few words: ``the disk is full while writing X (No space left...)``."""
-    what = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
+    what = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is full",
+        errno.EFBIG: "the file reached the size limit of this process (ulimit -f)",
+    }.get(cause.errno, "a write failed")
     return f"{what} while writing {path} ({cause.strerror or cause})"
 
 
@@ -118,13 +122,16 @@ class OutputLock:
                 f"{what} is being written by another runner ({holder}); wait for it to finish, "
                 "or write to another --output"
             ) from None
-        os.ftruncate(fd, 0)
         info = {
             "pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "command": sys.argv,
             "output": os.path.abspath(self.output),
         }  # fmt: skip
-        info = redact_obj(info)
-        os.write(fd, (json.dumps(info) + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(redact_obj(info)) + "\n").encode())
+        except OSError as exc:  # a full disk: refused like any unwritable output, before anything is sent
+            os.close(fd)
+            raise OutputUnwritable(f"--output {self.output}: cannot write {self.path} ({exc.strerror})") from None
         self._fd = fd
         return self
 
@@ -149,7 +156,7 @@ def _read_holder(fd: int, wait_s: float = 2.0) -> tuple[str, str | None]:
     while True:
         try:
             info = json.loads(os.pread(fd, 65536, 0) or b"{}")
-        except (OSError, ValueError):  # empty or half-written
+        except (OSError, ValueError, RecursionError):  # empty, half-written, or not what a runner writes
             info = {}
         if (isinstance(info, dict) and "pid" in info) or time.monotonic() >= deadline:
             break

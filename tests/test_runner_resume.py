@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -135,6 +136,37 @@ def test_ctrl_c_and_sigterm_end_with_one_line_an_interrupted_manifest_and_a_resu
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
     assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
     assert f"{kept} already present" in final.stdout
+
+
+def test_a_disk_that_fills_mid_run_ends_with_one_clear_line_and_a_resume_completes(counting_setup, tmp_path):
+    """A real kernel refusal: the runner under a file-size limit (``ulimit -f``) that its output passes mid-run
+    (the kernel writes part of the line, then refuses the rest, as a full disk does). One finished rollout per
+    batch: the buffered writer kept the refused rest and raised it again, a raw OSError, when the file closed."""
+    server, tokenizer_dir, data = counting_setup
+    out = tmp_path / "out.jsonl"
+    command = [*runner_command(server, tokenizer_dir, data, out), "--concurrency", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+
+    def file_size_limit() -> None:  # in the child: the limit refuses writes past 7,000 bytes with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (7_000, 7_000))
+
+    for _ in range(2):  # twice: the second start also repairs the torn line the first left
+        full = subprocess.run(
+            command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=file_size_limit
+        )
+        lines = [text for text in full.stderr.splitlines() if not text.startswith("warning: ")]
+        assert full.returncode == 1 and len(lines) == 1, full.stderr  # one line: no traceback
+        assert lines[0].startswith(
+            f"error: the file reached the size limit of this process (ulimit -f) while writing {out}"
+        )
+        assert "re-run the same command" in lines[0]
+        assert not out.read_bytes().endswith(b"\n")  # the refused line is torn: repaired at the next start
+    final = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert final.returncode == 0, final.stderr
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
 
 
 def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):

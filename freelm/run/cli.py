@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from freelm.data import Problem, load_problem_sources
-from freelm.manifest import errors_path
-from freelm.output_guard import OutputLock, OutputWriteError, check_output_writable
+from freelm.manifest import errors_path, manifest_path
+from freelm.output_guard import OutputLock, OutputUnwritable, OutputWriteError, check_output_writable
 from freelm.run.batch import RunSummary, run_batch
 from freelm.run.cleaning import EXIT_CLEANING, describe_cleaner, flag_message
 from freelm.run.components import Components, build_components, check_health, learn_limits, startup_checks
@@ -105,9 +105,12 @@ def _run_locked(spec: RunSpec, problems: list[Problem]) -> int:
     try:
         existing = inspect_output(spec.output, spec.settings, force=spec.force)
         if not existing.mismatch:
-            record_start(spec.output, spec.settings, run_id)  # counted in previous_runs even if killed while loading
+            try:
+                record_start(spec.output, spec.settings, run_id)  # counted in previous_runs if killed while loading
+            except OSError as exc:
+                raise OutputUnwritable(str(OutputWriteError(manifest_path(spec.output), exc))) from None
         components = build_components(spec)
-    except ValueError as exc:  # includes ConfigMismatch: nothing was sent
+    except ValueError as exc:  # includes ConfigMismatch, OutputUnwritable: nothing was sent
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -18,8 +18,8 @@ import pytest
 from freelm.data import load_problems
 from freelm.evaluation import eval_cli
 from freelm.evaluation.judge import read_judgments
-from freelm.manifest import manifest_path, read_manifest
 from freelm.jsonl import iter_jsonl, repair_torn_tail
+from freelm.manifest import manifest_path, read_manifest
 from freelm.run.cli import main as runner_main
 
 DEEP = "[" * 100_000 + "]" * 100_000

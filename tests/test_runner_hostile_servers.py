@@ -22,12 +22,13 @@ from freelm.backends import transport
 from freelm.backends.openai_compat import OpenAIBackend
 from freelm.backends.pool import EndpointPool
 from freelm.free import MAX_NOTES
+from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
-from freelm.records import MAX_RAW_OUTPUT_CHARS, iter_jsonl, read_rollouts
+from freelm.records import MAX_RAW_OUTPUT_CHARS, read_rollouts
 from freelm.run.cli import main
 from freelm.run.components import Components, vet_returning_endpoints
 from freelm.run.spec import RunSpec
-from freelm.testing.counting import CountingEngine, counting_tokenizer
+from freelm.testing.counting import CountingEngine, counting_files
 from freelm.testing.sglang_server import SGLangTestServer
 
 TARGET = 20
@@ -37,14 +38,7 @@ FLAGS = ["--n-rollouts", "1", "--clean-every", "16", "--context-limit", "300", "
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    tokenizer = counting_tokenizer(TARGET)
-    tokenizer.hf.save_pretrained(root / "tokenizer")
-    data = root / "problems.jsonl"
-    data.write_text(
-        "".join(json.dumps({"id": i, "prompt": f"Count to {TARGET}.", "answer": str(TARGET)}) + "\n" for i in range(3))
-    )
-    return tokenizer, root / "tokenizer", data
+    return counting_files(tmp_path_factory.mktemp("hostile"), TARGET, PROBLEMS)
 
 
 def run_runner(argv: list[str], limit_s: float) -> tuple[int, float]:

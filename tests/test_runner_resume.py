@@ -24,7 +24,7 @@ import pytest
 from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
 from freelm.records import read_rollouts
-from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
+from freelm.testing.counting import CountingEngine, counting_answer, counting_files
 from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
@@ -37,18 +37,9 @@ ROLLOUTS = 4
 @pytest.fixture(scope="module")
 def counting_setup(tmp_path_factory):
     """(server, tokenizer dir, data file): the tokenizer is saved so the runner subprocess loads the same ids."""
-    root = tmp_path_factory.mktemp("resume")
-    tokenizer = counting_tokenizer(TARGET)
-    tokenizer.hf.save_pretrained(root / "tokenizer")
-    data = root / "problems.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"id": i, "prompt": f"Count to {TARGET} ({i}).", "answer": str(TARGET)}) + "\n"
-            for i in range(PROBLEMS)
-        )
-    )
+    tokenizer, tokenizer_dir, data = counting_files(tmp_path_factory.mktemp("resume"), TARGET, PROBLEMS)
     with SGLangTestServer(CountingEngine(tokenizer, target=TARGET, delay=0.03)) as server:
-        yield server, root / "tokenizer", data
+        yield server, tokenizer_dir, data
 
 
 def runner_command(server, tokenizer_dir: Path, data: Path, out: Path) -> list[str]:

@@ -105,45 +105,49 @@ async def read_capped(response: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def bounded_httpx_client(timeout: float, max_connections: int = 1000) -> Any:
-    """An ``httpx.AsyncClient`` whose every reply is read whole under its cap and its call's total deadline.
+def bounded_httpx_client(timeout: float) -> Any:
+    """The openai SDK's own HTTP client class, every reply read whole under its cap and its call's total deadline.
 
-    For the openai SDK (``AsyncOpenAI(http_client=...)``; it takes an httpx or
-    an httpx2 client): its timeout is per read, so a reply dripping a byte at a
-    time never ends; here the deadline is the whole exchange, the request's own
-    timeout (the SDK sets it per call: ``timeout=`` of a call overrides the
-    client's). Over the deadline is ``httpx.ReadTimeout``, over the cap
-    (:func:`current_reply_cap`) ``httpx.ReadError`` caused by
-    :class:`ReplyTooLarge`: the SDK raises them as ``APITimeoutError`` and
-    ``APIConnectionError``, both transient. Replies are asked uncompressed
-    (``Accept-Encoding: identity``) and the cap counts decoded bytes. The reply is
-    read before the SDK sees it, so a streamed call would get its reply at
-    the end (no caller streams).
+    For ``AsyncOpenAI(http_client=...)``: the SDK's timeout is per read, so a
+    reply dripping a byte at a time never ends; here the deadline is the whole
+    exchange, the request's own timeout (the SDK sets it per call: ``timeout=``
+    of a call overrides the client's). Over the deadline is the HTTP library's
+    ``ReadTimeout``, over the cap (:func:`current_reply_cap`) its ``ReadError``
+    caused by :class:`ReplyTooLarge`: the SDK raises them as ``APITimeoutError``
+    and ``APIConnectionError``, both transient. Replies are asked uncompressed
+    (``Accept-Encoding: identity``) and the cap counts decoded bytes. The reply
+    is read before the SDK sees it, so a streamed call would get its reply at
+    the end (no caller streams). The class extends ``openai.DefaultAsyncHttpxClient``
+    (the SDK's defaults; httpx2 for openai 3, httpx before): a legacy httpx
+    client cost the openai 3 SDK twice the client CPU per request (5.4 ms
+    against 2.8 ms with 128 in flight against the stand-in; this class 3.2 ms
+    against the SDK's own 3.4 ms in the same run).
     """
-    import httpx
-
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max(1, max_connections // 10))
-    return _bounded_client_class()(
-        timeout=timeout, limits=limits, follow_redirects=True, headers={"Accept-Encoding": "identity"}
-    )
+    return _bounded_client_class()(timeout=timeout, headers={"Accept-Encoding": "identity"})
 
 
 @functools.cache
 def _bounded_client_class() -> type:
-    """The client class, defined on first use: httpx is imported only by a backend that is built."""
+    """The client class, defined on first use: the SDK is imported only by a backend that is built."""
     import asyncio
+    import importlib
 
-    import httpx
+    import openai
 
-    class BoundedAsyncClient(httpx.AsyncClient):
-        async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+    base = openai.DefaultAsyncHttpxClient
+    http = importlib.import_module(
+        next(c for c in base.__mro__ if c.__name__ == "AsyncClient").__module__.split(".")[0]
+    )
+
+    class BoundedAsyncClient(base):
+        async def send(self, request: Any, **kwargs: Any) -> Any:
             timeout = (request.extensions.get("timeout") or {}).get("read")
             try:
                 return await asyncio.wait_for(self._send_capped(request, **kwargs), timeout)
             except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-                raise httpx.ReadTimeout(f"no complete reply within {timeout:g}s", request=request) from None
+                raise http.ReadTimeout(f"no complete reply within {timeout:g}s", request=request) from None
 
-        async def _send_capped(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        async def _send_capped(self, request: Any, **kwargs: Any) -> Any:
             kwargs["stream"] = True
             response = await super().send(request, **kwargs)
             limit = current_reply_cap()
@@ -158,11 +162,11 @@ def _bounded_client_class() -> type:
                         raise ReplyTooLarge(str(request.url), limit)
                     chunks.append(chunk)
             except ReplyTooLarge as exc:
-                raise httpx.ReadError(str(exc), request=request) from exc
+                raise http.ReadError(str(exc), request=request) from exc
             finally:
                 await response.aclose()
             headers = [(k, v) for k, v in response.headers.multi_items() if k not in _DECODED_AWAY]
-            return httpx.Response(
+            return http.Response(
                 response.status_code, headers=headers, content=b"".join(chunks), request=request,
                 extensions=response.extensions, history=response.history,
             )  # fmt: skip

@@ -82,6 +82,25 @@ def test_an_endpoint_that_never_answers_is_skipped_at_start_and_the_run_complete
     assert manifest["status"] == "complete"
 
 
+def test_an_endpoint_whose_start_up_check_never_answers_is_skipped_at_the_probe_deadline(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """An OpenAI-route server that lists its models but never answers the check's one-token completion."""
+    monkeypatch.setattr(transport, "PROBE_TIMEOUT_S", 1.0)
+    tokenizer = setup[0]
+    with (
+        SGLangTestServer(CountingEngine(tokenizer, target=TARGET), served_model_name="m") as good,
+        SGLangTestServer(CountingEngine(tokenizer, target=TARGET), served_model_name="m") as stuck,
+    ):
+        stuck.delay_next(3600)  # the first completion it gets: the start-up check's probe
+        more = ("--backend", "openai", "--served-model", "m")
+        code, _ = run_runner(args(setup, tmp_path / "out.jsonl", stuck.url, good.url, more=more), limit_s=120)
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert f"skipping openai@{stuck.url}/v1 (" in err and "no complete reply within 1s" in err
+    assert len(every_rollout_once(tmp_path / "out.jsonl")) == PROBLEMS
+
+
 def test_every_endpoint_silent_exits_2_after_the_named_wait(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(transport, "PROBE_TIMEOUT_S", 1.0)
     with SGLangTestServer(CountingEngine(setup[0], target=TARGET)) as mute:

@@ -138,6 +138,10 @@ class OpenAIBackend:
         return extra
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        return await self._generate(request, self._client)
+
+    async def _generate(self, request: GenerateRequest, client: openai.AsyncOpenAI) -> GenerateResult:
+        """One completion through ``client`` (the backend's, or its probe client: the start-up check's)."""
         import openai
 
         s = request.sampling
@@ -145,7 +149,7 @@ class OpenAIBackend:
         start = time.perf_counter()
         try:
             with reply_cap(reply_limit(request.max_new_tokens)):
-                response = await self._client.completions.create(
+                response = await client.completions.create(
                     model=model,
                     prompt=self._prompt(request),
                     max_tokens=request.max_new_tokens,
@@ -305,9 +309,10 @@ class OpenAIBackend:
         return self.served
 
     async def _takes_text_only(self, probe_ids: list[int]) -> bool:
+        """Whether only a text prompt works here; a probe of one token each, under the probe deadline."""
         ids_request = GenerateRequest(1, input_ids=probe_ids, sampling=_PROBE_SAMPLING)
         try:
-            await self.generate(ids_request)
+            await self._generate(ids_request, self._probes)
             return False
         except TransientBackendError as exc:
             if "HTTP" not in str(exc):  # connection trouble says nothing about the schema
@@ -318,7 +323,7 @@ class OpenAIBackend:
             return False
         self.text_prompts = True
         try:
-            await self.generate(ids_request)
+            await self._generate(ids_request, self._probes)
         except BackendError:
             self.text_prompts = False
             raise

@@ -130,6 +130,12 @@ async def check_health(components: Components) -> None:
         for endpoint in pool.endpoints:
             if not endpoint.up:
                 _warn_skipped(pool, endpoint)
+        pool.vet = _checks_not_done  # until learn_limits holds returning endpoints to what the checks found
+
+
+async def _checks_not_done(backend: Backend) -> str:
+    """An endpoint skipped at start that answers before the start-up checks are done waits for them."""
+    return "not re-admitted yet: the run's start-up checks are not done"
 
 
 def _reasons(pool: EndpointPool) -> str:

@@ -26,9 +26,9 @@ from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
 from freelm.records import MAX_RAW_OUTPUT_CHARS, read_rollouts
 from freelm.run.cli import main
-from freelm.run.components import Components, vet_returning_endpoints
+from freelm.run.components import Components, check_health, vet_returning_endpoints
 from freelm.run.spec import RunSpec
-from freelm.testing.counting import CountingEngine, counting_files
+from freelm.testing.counting import CountingBackend, CountingEngine, counting_files
 from freelm.testing.sglang_server import SGLangTestServer
 
 TARGET = 20
@@ -177,3 +177,16 @@ def test_a_cleaner_answering_10000_commands_per_call_keeps_every_round_small(set
     assert all(len(c.dropped) == MAX_NOTES + 2 and c.dropped[-2].startswith("9684 more items dropped") for c in rounds)
     per_round = (tmp_path / "out.jsonl").stat().st_size / len(rounds)
     assert per_round < 40_000  # the raw answer alone is 42 KB a round, its notes were 210 KB
+
+
+def test_an_in_process_engine_is_never_held_for_the_start_up_checks(setup):
+    """Only a remote pool's returning endpoints are vetted: an in-process engine has nothing to check."""
+    tokenizer = setup[0]
+    pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], remote=False, name="local")
+
+    async def go():
+        await check_health(Components(reasoner=pool, tokenizer=tokenizer, cleaner=None, pools=(pool,)))
+        await pool.aclose()
+
+    asyncio.run(go())
+    assert pool.vet is None and pool.endpoints_up == 1

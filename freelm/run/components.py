@@ -130,7 +130,8 @@ async def check_health(components: Components) -> None:
         for endpoint in pool.endpoints:
             if not endpoint.up:
                 _warn_skipped(pool, endpoint)
-        pool.vet = _checks_not_done  # until learn_limits holds returning endpoints to what the checks found
+        if pool.remote:  # until learn_limits holds returning endpoints to what the checks found
+            pool.vet = _checks_not_done
 
 
 async def _checks_not_done(backend: Backend) -> str:

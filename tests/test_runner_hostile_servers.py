@@ -166,7 +166,7 @@ def test_a_cleaner_answering_10000_commands_per_call_keeps_every_round_small(set
     assert len(tokenizer.encode(hostile)) < 32_768  # within the cleaner's budget: an answer the engine could give
     with SGLangTestServer(CountingEngine(tokenizer, target=TARGET), context_length=65_536) as server:
         server.override_next_adapter_output(hostile, times=10_000)
-        more = ("--clean-max-tokens", "32768", "--context-limit", "40000")
+        more = ("--clean-max-tokens", "32768", "--context-limit", "40000", "--accept-unusable-cleaning")
         code, _ = run_runner(args(setup, tmp_path / "out.jsonl", server.url, more=more), 300)
         assert code == 0, capsys.readouterr().err
         assert server.adapter_requests["free"] > 0

@@ -63,15 +63,16 @@ def encode_lines(objs: Iterable[dict[str, Any]]) -> tuple[bytes, list[tuple[int,
     return b"".join(parts), failed
 
 
-def append_bytes(handle, data: bytes) -> None:
+def append_bytes(handle: Any, data: bytes) -> None:
     """Write ``data`` to the end of ``handle``'s file and fsync it: ``os.write`` on its descriptor, no buffer.
 
     Without a buffer, a write that fails (disk full, quota, file-size limit) fails once, here: a buffered
     handle kept the unwritten rest and raised again when it was closed, a raw ``OSError`` after the clean
     message. What was written before the failure stays (at worst a torn last line, repaired on resume).
-    Open the file for appending (``"ab"``; a text handle works too, written only through this module).
+    ``handle`` is a descriptor opened with ``O_APPEND`` or a file opened for appending (``"ab"``; a text
+    handle works too, written only through this module).
     """
-    fd = handle.fileno()
+    fd = handle if isinstance(handle, int) else handle.fileno()
     view = memoryview(data)
     while view:  # a write may take only part (a signal, a filling disk): the rest follows, or the error does
         view = view[os.write(fd, view) :]

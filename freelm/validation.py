@@ -3,8 +3,7 @@
 Data rows and rollout records come from files people edit, merge and truncate;
 a wrong type must stop with the file, line and field (``file:line: rounds[2].clean.applied:
 expected integer, got string``), never pass as ``"[1, 2]"`` or crash three
-modules later; a string must be Unicode text (no lone surrogate, which JSON's
-``\\ud800`` escape can smuggle in). The schema of a record IS its dataclass: :func:`build` reads
+modules later. The schema of a record IS its dataclass: :func:`build` reads
 the field annotations (``int``, ``str | None``, ``list[RoundRecord]``,
 ``tuple[int, int]``, ``Literal[...]``, nested dataclasses), so there is no
 second copy of the field list to keep in step. The caller prefixes the
@@ -19,7 +18,7 @@ import typing
 from functools import cache
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["FieldError", "TextError", "build", "describe", "expect", "json_type"]
+__all__ = ["FieldError", "build", "check_text", "describe", "expect", "json_type"]
 
 T = TypeVar("T")
 
@@ -32,10 +31,6 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
-
-
-class TextError(FieldError):
-    """A string that is not Unicode text (a lone surrogate): the field's type is right, its content is not."""
 
 
 def json_type(value: Any) -> str:
@@ -76,7 +71,7 @@ def expect(value: Any, annotation: Any, field: str) -> Any:
             try:
                 return expect(value, option, field)
             except FieldError as exc:
-                if exc.field != field or isinstance(exc, TextError):  # the right shape, wrong inside: say so
+                if exc.field != field:  # the right shape, wrong inside: that error is the useful one
                     raise
         raise _mismatch(value, annotation, field)
     if origin is Literal:
@@ -108,21 +103,23 @@ def expect(value: Any, annotation: Any, field: str) -> Any:
             return None
         raise _mismatch(value, annotation, field)
     if isinstance(value, annotation) and not (isinstance(value, bool) and annotation is not bool):
-        if annotation is str:
-            _check_text(value, field)
         return value
     raise _mismatch(value, annotation, field)
 
 
-def _check_text(value: str, field: str) -> None:
-    """Refuse a string that is not Unicode text: JSON's ``\\ud800`` escape decodes to a lone surrogate, which
-    no tokenizer takes and no UTF-8 file can hold (a prompt with one failed every run forever, "re-run to retry")."""
-    if value.isascii():
+def check_text(value: Any, field: str) -> None:
+    """Refuse a string that is not Unicode text, naming the field (other values pass: their type is checked apart).
+
+    JSON's ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes and no UTF-8 file can
+    hold: a prompt with one failed every run of it forever ("re-run to retry"). The data boundary checks
+    its rows' text with this (:mod:`freelm.data`); records are left as read, for tools that grade them.
+    """
+    if not isinstance(value, str) or value.isascii():
         return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise TextError(
+        raise FieldError(
             field, f"not valid Unicode text: a lone surrogate {value[exc.start]!r} at character {exc.start}"
         ) from None
 

@@ -17,7 +17,7 @@ import pytest
 
 from freelm.data import load_problems
 from freelm.evaluation import eval_cli
-from freelm.evaluation.judge import read_judgments
+from freelm.evaluation.judgments import read_judgments
 from freelm.jsonl import iter_jsonl, repair_torn_tail
 from freelm.manifest import manifest_path, read_manifest
 from freelm.run.cli import main as runner_main

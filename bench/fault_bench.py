@@ -4,7 +4,9 @@ Three model-free SGLang-protocol servers (``freelm.testing.sglang_server`` with 
 ``ScriptedEngine`` that sleeps ``--delay`` then answers), each in its own
 process, answer each generation request with an independent random fault:
 HTTP 503 (``--p-5xx``), a connection closed without an answer (``--p-drop``),
-or a hang (``--p-hang``: accepted, never answered in time). The client is the
+a hang (``--p-hang``: accepted, never answered in time), a 200 whose body never
+ends (``--p-endless``) or a well-formed reply with far more tokens than asked
+(``--p-overlong``: 100,000). The client is the
 runner's own path (``build_components`` + ``run_batch``) with every execution
 setting at its default (retries, breaker, timeouts, concurrency), Free()LM
 mode: ``--rounds`` reasoning chunks each followed by a cleaning call.
@@ -15,6 +17,10 @@ fault-free one. Goal: 100% completion, at most 3x the time.
 
     .venv/bin/python bench/fault_bench.py                  # 20% 5xx, 5% drops, 1% hangs, 60 rollouts
     .venv/bin/python bench/fault_bench.py --max-retries 3  # the old default, for comparison
+    .venv/bin/python bench/fault_bench.py --p-endless 0.02 --p-overlong 0.02   # hostile replies too
+
+Every round of every record is checked against its budget: ``rounds_over_budget``
+counts rounds that claim more tokens than a chunk asks for (must be 0).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 from freelm.data import Problem
+from freelm.records import read_rollouts
 from freelm.run.batch import run_batch
 from freelm.run.components import build_components
 from freelm.run.spec import RunSpec
@@ -41,6 +48,7 @@ REASONING_TEXT = "Let us try the next case and check it carefully. " * 8
 CLEANING_TEXT = "[]"
 HANG_S = 3600.0  # a hung request never answers within any client deadline
 FAULTS_QUEUED = 100_000  # one per generation request the server may see
+OVERLONG_TOKENS = 100_000  # an overlong reply: far past any chunk's budget, under its byte cap
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -56,6 +64,10 @@ def serve(args: argparse.Namespace) -> None:
                 server.drop_next()
             elif r < args.p_5xx + args.p_drop + args.p_hang:
                 server.delay_next(HANG_S)
+            elif r < args.p_5xx + args.p_drop + args.p_hang + args.p_endless:
+                server.endless_body_next()
+            elif r < args.p_5xx + args.p_drop + args.p_hang + args.p_endless + args.p_overlong:
+                server.overlong_next(OVERLONG_TOKENS)
             else:
                 server.delay_next(0.0)
         print(server.url, flush=True)
@@ -66,9 +78,10 @@ def serve(args: argparse.Namespace) -> None:
 def start_servers(args: argparse.Namespace, faulty: bool) -> tuple[list[subprocess.Popen], list[str]]:
     procs, urls = [], []
     for i in range(args.endpoints):
-        rates = [args.p_5xx, args.p_drop, args.p_hang] if faulty else [0, 0, 0]
+        rates = [args.p_5xx, args.p_drop, args.p_hang, args.p_endless, args.p_overlong] if faulty else [0] * 5
         command = [sys.executable, __file__, "--serve", "--delay", str(args.delay), "--seed", str(args.seed + i)]
-        command += ["--p-5xx", str(rates[0]), "--p-drop", str(rates[1]), "--p-hang", str(rates[2])]
+        for flag, rate in zip(("--p-5xx", "--p-drop", "--p-hang", "--p-endless", "--p-overlong"), rates):
+            command += [flag, str(rate)]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(proc)
         urls.append(proc.stdout.readline().strip())
@@ -94,6 +107,7 @@ async def one_run(urls: list[str], args: argparse.Namespace, out: Path) -> dict:
     finally:
         await components.aclose()
     pool = components.reasoner
+    rounds = [r for record in read_rollouts(out) for r in record.rounds] if out.exists() else []
     return {
         "done": summary.done,
         "failed": summary.failed,
@@ -103,6 +117,7 @@ async def one_run(urls: list[str], args: argparse.Namespace, out: Path) -> dict:
         "retries": pool.retries,
         "hangs_abandoned": pool.hangs,
         "max_retries": spec.max_retries,
+        "rounds_over_budget": sum(r.generated_tokens > args.clean_every for r in rounds),
     }
 
 
@@ -127,6 +142,8 @@ def main() -> int:
     parser.add_argument("--p-5xx", type=float, default=0.20)
     parser.add_argument("--p-drop", type=float, default=0.05)
     parser.add_argument("--p-hang", type=float, default=0.01)
+    parser.add_argument("--p-endless", type=float, default=0.0, help="a 200 whose body never ends")
+    parser.add_argument("--p-overlong", type=float, default=0.0, help=f"a reply of {OVERLONG_TOKENS:,} tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-retries", type=int, help="override the runner default (to compare)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -140,10 +157,12 @@ def main() -> int:
     print(json.dumps({"fault_free": clean, "faulty": faulty, "time_ratio": round(ratio, 2)}, indent=2))
     print(
         f"faults per request: {args.p_5xx:.0%} 5xx, {args.p_drop:.0%} dropped, {args.p_hang:.0%} hung, "
-        f"{args.endpoints} endpoints; completion {faulty['completion']:.0%} ({faulty['failed']} failed), "
-        f"time {faulty['wall_s']}s vs {clean['wall_s']}s fault-free = {ratio:.2f}x"
+        f"{args.p_endless:.0%} endless, {args.p_overlong:.0%} overlong, {args.endpoints} endpoints; "
+        f"completion {faulty['completion']:.0%} ({faulty['failed']} failed), "
+        f"time {faulty['wall_s']}s vs {clean['wall_s']}s fault-free = {ratio:.2f}x; "
+        f"rounds over budget {faulty['rounds_over_budget']}"
     )
-    return 0 if faulty["failed"] == 0 and ratio <= 3 else 1
+    return 0 if faulty["failed"] == 0 and ratio <= 3 and faulty["rounds_over_budget"] == 0 else 1
 
 
 if __name__ == "__main__":

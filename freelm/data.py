@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from freelm.jsonl import iter_jsonl
-from freelm.validation import FieldError, expect
+from freelm.validation import FieldError, check_text, expect
 
 REQUIRED_FIELDS = ("id", "prompt")
 
@@ -49,6 +49,7 @@ def _problem_from_row(row: dict[str, Any], where: str, default_source: str) -> P
     try:
         for name, annotation in ROW_TYPES.items():
             expect(row.get(name), annotation, name)
+            check_text(row.get(name), name)  # a lone surrogate: a prompt no tokenizer takes, an answer no file holds
     except FieldError as exc:
         raise ValueError(f"{where}: {exc}") from None
     answer = row.get("answer")

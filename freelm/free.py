@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -103,6 +103,9 @@ MAX_DEPTH = 32
 #: Commands kept per round; each one scans the thinking, so the executor's cost is bounded by
 #: ``MAX_COMMANDS x len(thinking)`` whatever the cleaner writes. The rest are dropped with a note.
 MAX_COMMANDS = 256
+#: Notes kept per round about malformed items; the rest are counted in one last note. Every note reaches the
+#: rollout's record: a cleaner answering 10,000 bad items once wrote 10,000 notes into every round.
+MAX_NOTES = 16
 
 _CLOSER = {"[": "]", "{": "}"}
 _OUTSIDE = re.compile(r"[\[{]")  # prose: only an opener matters
@@ -255,13 +258,22 @@ def _commands_from_value(value, note: str | None = None) -> ParsedCommands:
     if isinstance(value, dict):
         value = [value]
     commands, dropped = [], []
+    unnoted: Counter[str] = Counter()  # reasons of the malformed items past MAX_NOTES
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            dropped.append(f"item {i}: not an object")
+            reason = "not an object"
         elif not isinstance(item.get("prefix"), str) or not isinstance(item.get("suffix"), str):
-            dropped.append(f"item {i}: needs string 'prefix' and 'suffix'")
+            reason = "needs string 'prefix' and 'suffix'"
         else:
             commands.append(Deletion(item["prefix"], item["suffix"]))
+            continue
+        if len(dropped) < MAX_NOTES:
+            dropped.append(f"item {i}: {reason}")
+        else:
+            unnoted[reason] += 1
+    if unnoted:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in unnoted.items())
+        dropped.append(f"{unnoted.total()} more items dropped ({counts})")
     if len(commands) > MAX_COMMANDS:
         dropped.append(f"too_many_commands: kept the first {MAX_COMMANDS} of {len(commands)}")
         commands = commands[:MAX_COMMANDS]

@@ -8,7 +8,10 @@ bad line), :func:`repair_torn_tail` makes the file appendable again, appends
 are flushed and fsynced before they count (:func:`append_jsonl_lines`), and a
 whole-file write goes through a temp file unique to its writer and a rename
 (:func:`write_jsonl`, :func:`atomic_write` for any other file, :func:`unique_temp`),
-so a reader sees the old file or the new one, never half. What a line holds is the schema's business
+so a reader sees the old file or the new one, never half. A line nested too deep for Python's decoder is a
+bad line like any other (:func:`decode_line`); appends go through the file descriptor with no buffer
+(:func:`append_bytes`), so a full disk fails once, and each object is encoded alone (:func:`encode_lines`), so
+one that cannot be a line (a lone surrogate) need not take the others with it. What a line holds is the schema's business
 (:mod:`freelm.records`, :mod:`freelm.data`, ...), not this module's.
 """
 
@@ -31,10 +34,49 @@ def append_jsonl(handle, obj: dict[str, Any]) -> None:
 def append_jsonl_lines(handle, objs: Iterable[dict[str, Any]]) -> None:
     """Append lines and push them to disk with ONE fsync (about 5 ms on a busy disk: per line, a burst of
     finished rollouts queued behind it); a kill before it returns loses lines still in flight, and a torn
-    last line is repaired on resume (:func:`repair_torn_tail`)."""
-    handle.write("".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objs))
-    handle.flush()
-    os.fsync(handle.fileno())
+    last line is repaired on resume (:func:`repair_torn_tail`).
+
+    All or nothing: an object that cannot be a line (:func:`encode_lines`) is a ValueError before anything
+    is written. A writer that must keep the good lines of a batch with a bad one uses :func:`encode_lines`
+    and :func:`append_bytes` itself (the runner does: a bad record fails alone).
+    """
+    data, failed = encode_lines(objs)
+    if failed:
+        index, reason = failed[0]
+        raise ValueError(f"object {index} of the batch cannot be a JSON line ({reason}); nothing was written")
+    append_bytes(handle, data)
+
+
+def encode_lines(objs: Iterable[dict[str, Any]]) -> tuple[bytes, list[tuple[int, str]]]:
+    """The objects as UTF-8 JSON lines, and ``(index, reason)`` of each left out because it cannot be one.
+
+    A string with a lone surrogate (JSON's ``\\ud800`` escape decodes to one, so a server's reply can
+    carry it) has no UTF-8 form; a value JSON has no form for, or nesting too deep, neither. Each object
+    is encoded alone, so one that cannot be does not take the others with it.
+    """
+    parts, failed = [], []
+    for index, obj in enumerate(objs):
+        try:
+            parts.append((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+            failed.append((index, f"{type(exc).__name__}: {exc}"))
+    return b"".join(parts), failed
+
+
+def append_bytes(handle: Any, data: bytes) -> None:
+    """Write ``data`` to the end of ``handle``'s file and fsync it: ``os.write`` on its descriptor, no buffer.
+
+    Without a buffer, a write that fails (disk full, quota, file-size limit) fails once, here: a buffered
+    handle kept the unwritten rest and raised again when it was closed, a raw ``OSError`` after the clean
+    message. What was written before the failure stays (at worst a torn last line, repaired on resume).
+    ``handle`` is a descriptor opened with ``O_APPEND`` or a file opened for appending (``"ab"``; a text
+    handle works too, written only through this module).
+    """
+    fd = handle if isinstance(handle, int) else handle.fileno()
+    view = memoryview(data)
+    while view:  # a write may take only part (a signal, a filling disk): the rest follows, or the error does
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 @contextmanager
@@ -100,7 +142,7 @@ def iter_jsonl_bytes(
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = decode_line(raw)
         except ValueError as exc:
             if tolerate_torn_tail and torn_tail and number == first_line + len(lines) - 1:
                 return
@@ -108,6 +150,18 @@ def iter_jsonl_bytes(
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         yield number, obj
+
+
+def decode_line(raw: bytes) -> Any:
+    """One line's JSON value; any line that is not one this process can hold is a ValueError.
+
+    Python's decoder recurses once per nesting level: a line nested about 1,000 deep (100,000 brackets of
+    careless or hostile input) raised RecursionError, past every ``except ValueError`` of the readers.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep to read (arrays or objects about 1,000 levels deep)") from None
 
 
 def repair_torn_tail(path: str | Path) -> int:
@@ -140,7 +194,7 @@ def repair_torn_tail(path: str | Path) -> int:
         f.seek(cut)
         tail = f.read()
         try:
-            json.loads(tail)
+            decode_line(tail)
         except ValueError:
             f.truncate(cut)
             return len(tail)

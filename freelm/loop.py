@@ -64,7 +64,7 @@ from freelm.backends.base import (
 from freelm.backends.pool import rollout_affinity
 from freelm.cleaners.base import Cleaner
 from freelm.prompts import PROBLEM_SUFFIX, THINK_CLOSE, render_reasoning_prompt
-from freelm.records import CleanRecord, RolloutResult, RoundRecord
+from freelm.records import MAX_ANCHOR_CHARS, MAX_RAW_OUTPUT_CHARS, CleanRecord, RolloutResult, RoundRecord, clip
 from freelm.schedule import MID_CHARACTER, CleaningSchedule, may_clean
 from freelm.setting import check_fields, group, setting
 from freelm.tokenizer import Tokenizer
@@ -226,8 +226,10 @@ async def run_rollout(
         else:  # text only: never re-encode a split character's U+FFFD; count what the server did (eos included)
             whole = result.text.rstrip(MID_CHARACTER) if result.finish_reason == "length" else result.text
             split_char = len(whole) < len(result.text)
-            new_ids = tokenizer.encode(whole)
-            counted = result.completion_tokens or len(new_ids)  # its own tokenization may differ from ours
+            # its own tokenization may differ from ours; past the budget the text is not what was asked for (a
+            # server claiming few tokens can send any text): cut to it, so the context never passes the window
+            new_ids = tokenizer.encode(whole)[:budget]
+            counted = min(result.completion_tokens or len(new_ids), budget)
         ids = ids + new_ids
         new_text = tokenizer.decode(ids)
         # < len(text) only if a split character completed; commonprefix is a Python loop over the characters
@@ -355,10 +357,13 @@ async def _clean(
         chars_deleted=edit.chars_deleted,
         tokens_deleted=before - after,
         applied=len(edit.applied),
-        skipped=[{**d.to_dict(), "reason": reason} for d, reason in edit.skipped],
+        skipped=[
+            {"prefix": clip(d.prefix, MAX_ANCHOR_CHARS), "suffix": clip(d.suffix, MAX_ANCHOR_CHARS), "reason": reason}
+            for d, reason in edit.skipped
+        ],
         parse_error=outcome.parse_error,
         dropped=outcome.dropped,
-        raw_output=outcome.raw_output,
+        raw_output=None if outcome.raw_output is None else clip(outcome.raw_output, MAX_RAW_OUTPUT_CHARS),
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         cached_tokens=outcome.cached_tokens,

@@ -71,7 +71,7 @@ def read_manifest(output: str | Path) -> dict[str, Any] | None:
     path = manifest_path(output)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested ~1,000 deep (careless hands)
         return None
     return data if isinstance(data, dict) else None
 

@@ -7,6 +7,10 @@ Why each rule:
   file was shared). :class:`OutputLock` takes an exclusive ``fcntl.flock`` on
   ``OUT.lock`` for the whole run; the second runner exits 2 naming the holder
   (pid, host, start time, command), which the holder writes into the lock file.
+  The lock is the file's, not the name's: ``OUT.lock`` sits beside the path
+  ``OUT`` resolves to, so a symlink to another live run's output is refused
+  naming that run's path (two names once let two runners write 48 lines for
+  24 keys into one file).
   The kernel drops the lock when the holder dies, even on SIGKILL, so there is
   never a stale lock to delete by hand. (``flock`` is per host on NFS before
   Linux 2.6.12 and on some network filesystems: run one host per output there.)
@@ -58,7 +62,11 @@ class OutputWriteError(RuntimeError):
 
 def write_failure(path: Path, cause: OSError) -> str:
     """What went wrong writing ``path``, in a few words: ``the disk is full while writing X (No space left...)``."""
-    what = "the disk is full" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
+    what = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is full",
+        errno.EFBIG: "the file reached the size limit of this process (ulimit -f)",
+    }.get(cause.errno, "a write failed")
     return f"{what} while writing {path} ({cause.strerror or cause})"
 
 
@@ -70,7 +78,7 @@ def check_output_writable(output: Path, min_free_bytes: int | None = None) -> No
         raise OutputUnwritable(f"--output {output}: directory {directory} does not exist (create it first)")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputUnwritable(f"--output {output}: directory {directory} is not writable")
-    for path in (output, errors_path(output), manifest_path(output), lock_path(output)):
+    for path in (output, errors_path(output), manifest_path(output), lock_path(os.path.realpath(output))):
         if path.exists() and (not path.is_file() or not os.access(path, os.W_OK)):
             raise OutputUnwritable(f"--output {output}: {path} exists and is not a writable file")
     need = MIN_FREE_BYTES if min_free_bytes is None else min_free_bytes
@@ -83,11 +91,18 @@ def check_output_writable(output: Path, min_free_bytes: int | None = None) -> No
 
 
 class OutputLock:
-    """``with OutputLock(output):`` an exclusive, process-lifetime lock on ``OUT.lock`` (see the module docstring)."""
+    """``with OutputLock(output):`` an exclusive, process-lifetime lock on the output file itself.
+
+    The lock file is ``OUT.lock`` beside the file ``OUT`` resolves to (symlinks
+    followed, of the file and of every directory on the way), so two names of
+    one file are one lock: a runner writing through a symlink to another live
+    run's output is refused, naming the path the other runner writes. (A hard
+    link is a second name the path cannot reveal: do not hard-link outputs.)
+    """
 
     def __init__(self, output: Path):
         self.output = Path(output)
-        self.path = lock_path(output)
+        self.path = lock_path(os.path.realpath(output))
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
@@ -98,16 +113,25 @@ class OutputLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            holder, theirs = _read_holder(fd)
             os.close(fd)
+            what = str(self.output)
+            if theirs is not None and os.path.abspath(theirs) != os.path.abspath(self.output):
+                what = f"{self.output} is the same file as {theirs}, which"
             raise OutputLocked(
-                f"{self.output} is being written by another runner ({holder}); wait for it to finish, "
+                f"{what} is being written by another runner ({holder}); wait for it to finish, "
                 "or write to another --output"
             ) from None
-        os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "command": sys.argv}
-        info = redact_obj(info)
-        os.write(fd, (json.dumps(info) + "\n").encode())
+        info = {
+            "pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "command": sys.argv,
+            "output": os.path.abspath(self.output),
+        }  # fmt: skip
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(redact_obj(info)) + "\n").encode())
+        except OSError as exc:  # a full disk: refused like any unwritable output, before anything is sent
+            os.close(fd)
+            raise OutputUnwritable(f"--output {self.output}: cannot write {self.path} ({exc.strerror})") from None
         self._fd = fd
         return self
 
@@ -125,18 +149,20 @@ class OutputLock:
         self.release()
 
 
-def _read_holder(fd: int, wait_s: float = 2.0) -> str:
-    """Who holds the lock; a holder that has just locked may not have written its line yet, so wait a little."""
+def _read_holder(fd: int, wait_s: float = 2.0) -> tuple[str, str | None]:
+    """Who holds the lock, and the output path it was given; a holder that has just locked may not have written
+    its line yet, so wait a little."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             info = json.loads(os.pread(fd, 65536, 0) or b"{}")
-        except (OSError, ValueError):  # empty or half-written
+        except (OSError, ValueError, RecursionError):  # empty, half-written, or not what a runner writes
             info = {}
         if (isinstance(info, dict) and "pid" in info) or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     if not isinstance(info, dict) or "pid" not in info:
-        return "pid unknown: it is just starting"
+        return "pid unknown: it is just starting", None
     command = " ".join(map(str, info.get("command") or []))
-    return f"pid {info['pid']} on {info.get('host')}, started {info.get('started_at')}: {command[:200]}"
+    output = info.get("output") if isinstance(info.get("output"), str) else None
+    return f"pid {info['pid']} on {info.get('host')}, started {info.get('started_at')}: {command[:200]}", output

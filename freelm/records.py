@@ -42,6 +42,21 @@ def _plain(value: Any) -> Any:
 
 RolloutFinish = Literal["stop", "length", "context_overflow", "error"]
 
+#: Characters of a cleaner's raw answer kept in its round (a Free-Module answer of the default 1,024 tokens is
+#: a few KB); past it the text is cut and marked. With the parser's caps (``free.MAX_NOTES`` notes,
+#: ``free.MAX_COMMANDS`` skipped commands, each anchor cut at :data:`MAX_ANCHOR_CHARS`) a round stays a few
+#: tens of KB whatever the cleaner answers: one answering 10,000 commands per call once made 4-20 MB rollouts.
+MAX_RAW_OUTPUT_CHARS = 8_192
+#: Characters of a skipped command's prefix or suffix kept in its round.
+MAX_ANCHOR_CHARS = 64
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters marked with how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}[... {len(text) - limit:,} more characters not stored]"
+
 
 @dataclass
 class CleanRecord:

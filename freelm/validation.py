@@ -18,7 +18,7 @@ import typing
 from functools import cache
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["FieldError", "build", "describe", "expect", "json_type"]
+__all__ = ["FieldError", "build", "check_text", "describe", "expect", "json_type"]
 
 T = TypeVar("T")
 
@@ -105,6 +105,23 @@ def expect(value: Any, annotation: Any, field: str) -> Any:
     if isinstance(value, annotation) and not (isinstance(value, bool) and annotation is not bool):
         return value
     raise _mismatch(value, annotation, field)
+
+
+def check_text(value: Any, field: str) -> None:
+    """Refuse a string that is not Unicode text, naming the field (other values pass: their type is checked apart).
+
+    JSON's ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes and no UTF-8 file can
+    hold: a prompt with one failed every run of it forever ("re-run to retry"). The data boundary checks
+    its rows' text with this (:mod:`freelm.data`); records are left as read, for tools that grade them.
+    """
+    if not isinstance(value, str) or value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(
+            field, f"not valid Unicode text: a lone surrogate {value[exc.start]!r} at character {exc.start}"
+        ) from None
 
 
 def build(cls: type[T], obj: Any, field: str = "") -> T:

@@ -36,6 +36,12 @@ def test_loads_rows_keeps_extra_fields_and_stringifies_ids(tmp_path):
         ('{"id": 1, "prompt": "a", "source": 3}\n', r"bench.jsonl:1: source: expected string or null, got integer"),
         ('{"id": 1, "prompt": "a"}\n{"id": "1", "prompt": "b"}\n', r"bench.jsonl:2: duplicate id '1'.*bench.jsonl:1"),
         ("[1, 2]\n", r"bench.jsonl:1: expected a JSON object"),
+        (
+            '{"id": 1, "prompt": "ok \\ud83d\\ude00"}\n{"id": 2, "prompt": "x \\ud800 y"}\n',
+            r"bench.jsonl:2: prompt: not valid Unicode text: a lone surrogate '\\ud800' at character 2",
+        ),
+        ('{"id": 1, "prompt": "a", "answer": "\\udfff"}\n', r"bench.jsonl:1: answer: not valid Unicode text"),
+        ('{"id": "\\udc00", "prompt": "a"}\n', r"bench.jsonl:1: id: not valid Unicode text"),
         ("", r"no problems"),
     ],
 )

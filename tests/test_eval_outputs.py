@@ -176,7 +176,7 @@ def test_metrics_past_the_kernels_file_size_limit_keep_the_previous_file(tmp_pat
     done = limited(1000, "eval", "--input", str(run_file), "--output", str(metrics), "--no-progress")
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1] == (
-        f"error: a write failed while writing {metrics} (File too large): {metrics} was left as it was"
+        f"error: the file reached the size limit of this process (ulimit -f) while writing {metrics} (File too large): {metrics} was left as it was"
     )
     assert "Traceback" not in done.stderr
     assert metrics.read_text() == '{"previous": "metrics"}\n'
@@ -191,7 +191,10 @@ def test_a_judge_cache_past_the_file_size_limit_keeps_its_verdicts_and_resumes(t
         done = limited(600, *argv)  # room for a few verdict lines, not all of them
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr
-        assert done.stderr.splitlines()[-1].startswith(f"error: a write failed while writing {cache} (File too large)")
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(
+            f"error: the file reached the size limit of this process (ulimit -f) while writing {cache}"
+        )
         kept = [line for line in cache.read_text().splitlines(keepends=True) if line.endswith("\n")]
         assert kept and all(json.loads(line) for line in kept)  # every complete line written before the failure
         done = subprocess.run([sys.executable, "-m", "freelm.cli", *argv], capture_output=True, text=True, cwd=REPO)

@@ -8,6 +8,7 @@ budget far above the measured ~3 us/char), so only a super-linear regression
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import FreeModuleCleaner
 from freelm.data import Problem
-from freelm.free import MAX_COMMANDS, MAX_DEPTH, Deletion, apply_deletions, format_commands, parse_commands
+from freelm.free import MAX_COMMANDS, MAX_DEPTH, MAX_NOTES, Deletion, apply_deletions, format_commands, parse_commands
 from freelm.records import read_rollouts
 from freelm.run.batch import run_batch
 from freelm.run.components import Components
@@ -106,6 +107,19 @@ def test_commands_beyond_the_cap_are_dropped_with_a_note():
     parsed = timed_parse(raw)
     assert len(parsed) == MAX_COMMANDS
     assert parsed.dropped == [f"too_many_commands: kept the first {MAX_COMMANDS} of {MAX_COMMANDS + 10}"]
+
+
+def test_notes_about_malformed_items_are_capped_and_the_rest_counted():
+    """10,000 bad items in one answer: MAX_NOTES notes and one count, not a note each (they reach every record)."""
+    raw = json.dumps([{"prefix": "p", "suffix": "s"}] * 300 + [1] * 9_000 + [{"prefix": 1}] * 700)
+    parsed = timed_parse(raw)
+    assert len(parsed) == MAX_COMMANDS
+    assert parsed.dropped[:MAX_NOTES] == [f"item {i}: not an object" for i in range(300, 300 + MAX_NOTES)]
+    assert parsed.dropped[MAX_NOTES:] == [
+        f"{9_700 - MAX_NOTES} more items dropped (not an object: {9_000 - MAX_NOTES}, "
+        "needs string 'prefix' and 'suffix': 700)",
+        f"too_many_commands: kept the first {MAX_COMMANDS} of 300",
+    ]
 
 
 # --------------------------------------------------------------------------- end to end

@@ -85,3 +85,25 @@ def test_one_call_equals_chunked_over_a_text_backend():
     text = "ü step 1\n≤ step 2\n" + counting_answer(2)
     one = asyncio.run(run_rollout(PROBLEM, reasoner=TextOnlyServer(tokenizer, text), tokenizer=tokenizer, cleaner=None))
     assert one.response == text and one.generated_tokens == len(tokenizer.encode(text)) + 1
+
+
+def test_a_text_reply_longer_than_asked_never_grows_the_context_past_what_was_asked():
+    """A server may claim few tokens and send a long text: the loop's own encoding of it is cut to the request's
+    budget, so no round counts more tokens than asked and the context never passes the window."""
+
+    class Flooding:
+        name = "flooding"
+
+        async def generate(self, request):
+            return GenerateResult(
+                text="step 1\n" * 20_000, output_ids=[], finish_reason="length",
+                prompt_tokens=len(request.input_ids), completion_tokens=3,
+            )  # fmt: skip
+
+    tokenizer = counting_tokenizer(2, steps=20)
+    config = LoopConfig(clean_every=16, max_tokens=64, context_limit=200)
+    result = asyncio.run(run_rollout(PROBLEM, reasoner=Flooding(), tokenizer=tokenizer, cleaner=None, config=config))
+    assert result.finish_reason in ("length", "context_overflow")
+    assert result.peak_context_tokens < 200 and result.generated_tokens <= 64
+    for rnd in result.rounds:
+        assert rnd.context_tokens - rnd.prompt_tokens <= 64

@@ -196,6 +196,35 @@ def test_check_health_takes_out_unhealthy_endpoints():
     }  # fmt: skip
 
 
+def test_a_returning_endpoint_is_readmitted_only_once_its_vet_passes():
+    """A server back after a restart is held to the run's checks (``EndpointPool.vet``) before it serves again."""
+    other, back = FakeEndpoint("other"), FakeEndpoint("back", healthy=False)
+    pool = EndpointPool([other, back], probe_interval=0.01, max_probe_interval=0.02, remote=True)
+    verdicts = deque(["not re-admitted: it serves a smaller window", RuntimeError("boom"), None])
+    seen: list[str | None] = []
+
+    async def vet(backend) -> str | None:
+        assert backend is back
+        verdict = verdicts.popleft()
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+
+    async def go():
+        await pool.check_health()
+        pool.vet = vet
+        back.healthy = True
+        while not pool.endpoints[1].up:
+            seen.append(pool.endpoints[1].last_error)
+            await asyncio.sleep(0.005)
+        await pool.aclose()
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    assert not verdicts and back.probes >= 4  # the check-health probe, then one per verdict
+    assert "not re-admitted: it serves a smaller window" in seen
+    assert "re-admission check failed: RuntimeError: boom" in seen
+
+
 def test_empty_pool_is_an_error():
     with pytest.raises(ValueError, match="at least one backend"):
         EndpointPool([], remote=True)

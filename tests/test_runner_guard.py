@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from freelm import output_guard
+from freelm.backends.base import GenerateRequest, GenerateResult
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import FreeModuleCleaner
 from freelm.data import Problem
@@ -61,11 +62,11 @@ def tokenizer_dir(tmp_path, tokenizer) -> Path:
     return tmp_path / "tok"
 
 
-def batch(output: Path, tokenizer, *, run_id: str | None = None) -> RunSummary:
+def batch(output: Path, tokenizer, *, run_id: str | None = None, backend: type = CountingBackend) -> RunSummary:
     spec = RunSpec.from_argv(
         ["--data", "x", "--output", str(output), "--n-rollouts", "2", "--concurrency", "2", "--no-progress", *FLAGS]
     )
-    pool = EndpointPool([CountingBackend(tokenizer, target=TARGET)], remote=False, probe_interval=0.01)
+    pool = EndpointPool([backend(tokenizer, target=TARGET)], remote=False, probe_interval=0.01)
     problems = [Problem(str(i), "count", f"Count to {TARGET} ({i}).", "30") for i in range(3)]
     components = Components(reasoner=pool, tokenizer=tokenizer, cleaner=FreeModuleCleaner(pool), pools=(pool,))
 
@@ -110,6 +111,20 @@ def test_unwritable_output_exits_2_before_any_request(
     assert err.startswith("error: --output ") and message in err and "Traceback" not in err
 
 
+def test_a_lone_surrogate_in_the_data_exits_2_naming_file_line_and_field(tmp_path, tokenizer_dir, capsys):
+    """JSON's \\ud800 escape decodes to a lone surrogate: no tokenizer takes it, so the run used to fail every
+    rollout forever ("re-run to retry"); it is bad input, refused before anything is sent."""
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"id": 1, "prompt": "Count to 30."}\n{"id": 2, "prompt": "Count \\ud800 to 30."}\n')
+    out = tmp_path / "out.jsonl"
+    args = cli_args(data, out, tokenizer_dir)
+    args.down_wait = 1.0  # (before the fix the run went on to its endpoint, 127.0.0.1:9, which refuses)
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {data}:2: prompt: not valid Unicode text: a lone surrogate '\\ud800' at character 6\n"
+    assert not out.exists()
+
+
 def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, monkeypatch):
     monkeypatch.setattr(output_guard, "MIN_FREE_BYTES", 2**62)
     assert run(cli_args(data, tmp_path / "out.jsonl", tokenizer_dir)) == 2
@@ -118,17 +133,17 @@ def test_too_little_free_space_exits_2(tmp_path, data, tokenizer_dir, capsys, mo
 
 def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out.jsonl"
-    real_append, calls = batch_module.append_jsonl_lines, []
+    real_append, calls = batch_module.append_bytes, []
 
-    def disk_fills_after_two(handle, objs):
-        for obj in objs:
-            calls.append(obj)
+    def disk_fills_after_two(handle, data: bytes):
+        for line in data.splitlines(keepends=True):
+            calls.append(line)
             if len(calls) > 2:
-                handle.write('{"half": ')  # what a full disk leaves: part of a line
+                handle.write(b'{"half": ')  # what a full disk leaves: part of a line
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real_append(handle, [obj])
+            real_append(handle, line)
 
-    monkeypatch.setattr(batch_module, "append_jsonl_lines", disk_fills_after_two)
+    monkeypatch.setattr(batch_module, "append_bytes", disk_fills_after_two)
     with pytest.raises(OutputWriteError) as caught:
         batch(out, tokenizer)
     message = str(caught.value)
@@ -136,11 +151,33 @@ def test_a_write_failing_mid_run_stops_cleanly_and_a_rerun_completes(tmp_path, t
     assert len(read_rollouts(out)) == 2  # the torn third line is dropped by readers
     assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
 
-    monkeypatch.setattr(batch_module, "append_jsonl_lines", real_append)
+    monkeypatch.setattr(batch_module, "append_bytes", real_append)
     summary = batch(out, tokenizer)
     assert summary.done == 4 and summary.present_at_start == 2
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
     assert sorted(keys) == [(str(i), r) for i in range(3) for r in range(2)]
+
+
+class SurrogateCleaning(CountingBackend):
+    """The counting model, whose cleaning replies for problem 1 carry a lone surrogate (what a server's JSON
+    ``\\ud800`` escape decodes to): that rollout's record, raw cleaner answer and all, has no UTF-8 form."""
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if request.adapter is not None and "(1)." in (request.text or ""):
+            return GenerateResult(text="[] \ud800", output_ids=[], finish_reason="stop", prompt_tokens=1,
+                                  completion_tokens=3)  # fmt: skip
+        return await super().generate(request)
+
+
+def test_a_record_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_written(tmp_path, tokenizer):
+    out = tmp_path / "out.jsonl"
+    summary = batch(out, tokenizer, backend=SurrogateCleaning)  # 3 problems x 2 rollouts, 2 at a time
+    assert summary.done == 4 and summary.failed == 2
+    assert sorted((r.id, r.rollout) for r in read_rollouts(out)) == [(i, r) for i in ("0", "2") for r in (0, 1)]
+    errors = [o for _, o in iter_jsonl(errors_path(out), tolerate_torn_tail=False)]
+    assert sorted((e["id"], e["rollout"]) for e in errors) == [("1", 0), ("1", 1)]
+    assert all(e["error"].startswith("its record cannot be written: UnicodeEncodeError: ") for e in errors)
+    assert json.loads(manifest_path(out).read_text())["status"] == "incomplete"
 
 
 def test_previous_runs_counts_runs_killed_while_starting(tmp_path, tokenizer):

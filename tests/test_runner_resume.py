@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from freelm.jsonl import iter_jsonl
 from freelm.manifest import manifest_path
 from freelm.records import read_rollouts
-from freelm.testing.counting import CountingEngine, counting_answer, counting_tokenizer
+from freelm.testing.counting import CountingEngine, counting_answer, counting_files
 from freelm.testing.sglang_server import SGLangTestServer
 from freelm.tokenizer import Tokenizer
 
@@ -36,18 +37,9 @@ ROLLOUTS = 4
 @pytest.fixture(scope="module")
 def counting_setup(tmp_path_factory):
     """(server, tokenizer dir, data file): the tokenizer is saved so the runner subprocess loads the same ids."""
-    root = tmp_path_factory.mktemp("resume")
-    tokenizer = counting_tokenizer(TARGET)
-    tokenizer.hf.save_pretrained(root / "tokenizer")
-    data = root / "problems.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"id": i, "prompt": f"Count to {TARGET} ({i}).", "answer": str(TARGET)}) + "\n"
-            for i in range(PROBLEMS)
-        )
-    )
+    tokenizer, tokenizer_dir, data = counting_files(tmp_path_factory.mktemp("resume"), TARGET, PROBLEMS)
     with SGLangTestServer(CountingEngine(tokenizer, target=TARGET, delay=0.03)) as server:
-        yield server, root / "tokenizer", data
+        yield server, tokenizer_dir, data
 
 
 def runner_command(server, tokenizer_dir: Path, data: Path, out: Path) -> list[str]:
@@ -101,6 +93,72 @@ def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(c
     assert all(run["status"] in ("starting", "running") for run in manifest["previous_runs"])
 
 
+@pytest.mark.parametrize(
+    "sig, code, line",
+    [
+        (signal.SIGINT, 130, "interrupted: finished rollouts are saved; re-run the same command to resume"),
+        (signal.SIGTERM, 143, "terminated (SIGTERM): finished rollouts are saved; re-run the same command to resume"),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_and_sigterm_end_with_one_line_an_interrupted_manifest_and_a_resume_completes(
+    counting_setup, tmp_path, sig, code, line
+):
+    server, tokenizer_dir, data = counting_setup
+    out = tmp_path / "out.jsonl"
+    command = runner_command(server, tokenizer_dir, data, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and line_count(out) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    lines = [text for text in err.splitlines() if not text.startswith("warning: ")]
+    assert lines == [line], err  # one line: no traceback, no "exception was never retrieved"
+    kept = line_count(out)
+    assert kept >= 3 and len(read_rollouts(out)) == kept  # every finished rollout written whole
+    assert json.loads(manifest_path(out).read_text())["status"] == "interrupted"
+
+    final = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert final.returncode == 0, final.stderr
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+    assert f"{kept} already present" in final.stdout
+
+
+def test_a_disk_that_fills_mid_run_ends_with_one_clear_line_and_a_resume_completes(counting_setup, tmp_path):
+    """A real kernel refusal: the runner under a file-size limit (``ulimit -f``) that its output passes mid-run
+    (the kernel writes part of the line, then refuses the rest, as a full disk does). One finished rollout per
+    batch: the buffered writer kept the refused rest and raised it again, a raw OSError, when the file closed."""
+    server, tokenizer_dir, data = counting_setup
+    out = tmp_path / "out.jsonl"
+    command = [*runner_command(server, tokenizer_dir, data, out), "--concurrency", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+
+    def file_size_limit() -> None:  # in the child: the limit refuses writes past 7,000 bytes with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (7_000, 7_000))
+
+    full = subprocess.run(
+        command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=file_size_limit
+    )
+    lines = [text for text in full.stderr.splitlines() if not text.startswith("warning: ")]
+    assert full.returncode == 1 and len(lines) == 1, full.stderr  # one line: no traceback
+    assert lines[0].startswith(
+        f"error: the file reached the size limit of this process (ulimit -f) while writing {out} ("
+    )
+    assert "re-run the same command" in lines[0]
+    assert not out.read_bytes().endswith(b"\n")  # the refused line is torn: the next start repairs it
+    final = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert final.returncode == 0, final.stderr
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+
+
 def test_separate_cleaner_endpoint_gets_every_cleaning_call_and_no_reasoning(counting_setup, tmp_path):
     server, tokenizer_dir, data = counting_setup
     from freelm.run.cli import main
@@ -137,6 +195,36 @@ def test_two_runners_on_one_output_one_exits_2_naming_the_other_and_every_rollou
     winner = next(pid for pid, (code, _, _) in results.items() if code == 0)
     loser_err = next(err for code, _, err in results.values() if code == 2)
     assert f"is being written by another runner (pid {winner} on " in loser_err
+    keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
+    assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
+
+
+def test_a_symlink_to_a_live_runs_output_is_refused_naming_the_other_path(counting_setup, tmp_path):
+    _, tokenizer_dir, data = counting_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "real").mkdir()
+    out = tmp_path / "real" / "out.jsonl"
+    (tmp_path / "alias").symlink_to(tmp_path / "real")  # a link anywhere on the way counts
+    (tmp_path / "alias" / "other.jsonl").symlink_to(out)
+    alias = tmp_path / "alias" / "other.jsonl"
+    slow = CountingEngine(Tokenizer.from_pretrained(tokenizer_dir), delay=0.25)
+    with SGLangTestServer(slow) as server:
+        first = subprocess.Popen(
+            runner_command(server, tokenizer_dir, data, out), env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while line_count(out) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(
+            runner_command(server, tokenizer_dir, data, alias), env=env, capture_output=True, text=True, cwd=ROOT,
+            timeout=120,
+        )  # fmt: skip
+        assert first.wait(timeout=300) == 0, first.communicate()
+    assert second.returncode == 2, second.stderr
+    assert f"error: {alias} is the same file as {out}, which is being written by another runner (pid {first.pid} " in (
+        second.stderr
+    )
     keys = [(o["id"], o["rollout"]) for _, o in iter_jsonl(out, tolerate_torn_tail=False)]
     assert sorted(keys) == sorted((str(i), r) for i in range(PROBLEMS) for r in range(ROLLOUTS))
 

@@ -308,9 +308,9 @@ def test_fault_queue_keeps_order_and_an_abort_waits_for_its_parsed_request():
     queue.add(Fault("abort", status=None, message="stop"), 1)
     queue.add(Fault("status", status=429), 1)
     assert queue.next_transport() is None  # the abort is first: the transport layer lets the request through
-    abort = queue.next_abort()
+    abort = queue.next_reply()
     assert abort.abort_refusal() is None and abort.abort_meta()["finish_reason"]["type"] == "abort"
     refusal = queue.next_transport().status_refusal()
     assert (refusal.status, refusal.body(openai_route=False)) == (429, {"error": {"message": "scripted server error"}})
-    assert queue.next_transport() is None and queue.next_abort() is None
+    assert queue.next_transport() is None and queue.next_reply() is None
     assert Fault("status", status=None).status_refusal().body(openai_route=False)["type"] == "500"

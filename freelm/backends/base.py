@@ -269,6 +269,26 @@ class TransientBackendError(BackendError):
     """Connection error, timeout or 5xx: worth retrying, possibly on another endpoint."""
 
 
+def check_length(request: GenerateRequest, result: GenerateResult) -> GenerateResult:
+    """``result``, unless it holds more tokens than ``request`` asked for: then a :class:`TransientBackendError`.
+
+    No engine generates past ``max_new_tokens`` (SGLang caps it further, never
+    raises it: ``managers/scheduler.py: init_req_max_new_tokens``), so a reply
+    with more output ids or a larger ``completion_tokens`` comes from a broken
+    or hostile server. It is refused rather than cut to size: what it sent is
+    not what the engine would have generated, and the request is retried (on
+    another endpoint, by the pool), so no record ever claims more tokens than
+    were asked for, nor a context past the window.
+    """
+    asked = request.max_new_tokens
+    sent = max(len(result.output_ids), result.completion_tokens)
+    if sent > asked:
+        raise TransientBackendError(
+            f"{result.endpoint or 'server'}: reply holds {sent:,} tokens for a request of at most {asked:,}: refused"
+        )
+    return result
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Anything that can generate: what the loop and the cleaners call. Implementations: sglang, openai, local, pool."""
@@ -288,7 +308,9 @@ class RemoteBackend(Backend, Protocol):
     the recent ones (an in-process engine is never presumed hung); the runner
     reads :meth:`server_limits` and runs :meth:`startup_check` before the first
     rollout. A kind that lacks one of them is refused by the registry, by name
-    (docs/backends.md, "Writing a backend").
+    (docs/backends.md, "Writing a backend"). Its replies are untrusted: read
+    under :mod:`freelm.backends.transport`'s byte cap and total deadline,
+    probes under its probe deadline, and results through :func:`check_length`.
     """
 
     #: why the last :meth:`health` probe failed, for the operator (None: it passed, or says no more)

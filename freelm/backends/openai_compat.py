@@ -53,8 +53,10 @@ from freelm.backends.base import (
     SamplingParams,
     ServerLimits,
     TransientBackendError,
+    check_length,
     refused,
 )
+from freelm.backends.transport import bounded_httpx_client, probe_timeout, reply_cap, reply_limit
 from freelm.redact import redact
 
 if TYPE_CHECKING:
@@ -101,9 +103,13 @@ class OpenAIBackend:
         self._secret = os.environ.get(api_key_env) or ""
         import openai
 
+        # the client's own timeout is per read: the bounded client makes it the whole reply's, and caps its size
         self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self._secret or _NO_KEY, timeout=timeout, max_retries=max_retries
-        )
+            base_url=self.base_url, api_key=self._secret or _NO_KEY, timeout=timeout, max_retries=max_retries,
+            http_client=bounded_httpx_client(timeout),
+        )  # fmt: skip
+        # health and start-up questions: a total of seconds, not --timeout, and never retried (the pool re-probes)
+        self._probes = self._client.with_options(timeout=probe_timeout(timeout), max_retries=0)
 
     def model_name(self, adapter: str | None) -> str:
         if adapter is None:
@@ -132,22 +138,27 @@ class OpenAIBackend:
         return extra
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        return await self._generate(request, self._client)
+
+    async def _generate(self, request: GenerateRequest, client: openai.AsyncOpenAI) -> GenerateResult:
+        """One completion through ``client`` (the backend's, or its probe client: the start-up check's)."""
         import openai
 
         s = request.sampling
         model = self.model_name(request.adapter)
         start = time.perf_counter()
         try:
-            response = await self._client.completions.create(
-                model=model,
-                prompt=self._prompt(request),
-                max_tokens=request.max_new_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                stop=list(request.stop) or None,
-                seed=request.seed,
-                extra_body=self._extra(request),
-            )
+            with reply_cap(reply_limit(request.max_new_tokens)):
+                response = await client.completions.create(
+                    model=model,
+                    prompt=self._prompt(request),
+                    max_tokens=request.max_new_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    stop=list(request.stop) or None,
+                    seed=request.seed,
+                    extra_body=self._extra(request),
+                )
         except openai.APIError as exc:
             raise self._map_error(exc) from None
         latency = time.perf_counter() - start
@@ -157,7 +168,7 @@ class OpenAIBackend:
                 f"{self.base_url}: asked for model {model!r} but the response came from {served!r}: "
                 "the server ignores the model name (an adapter it does not serve runs as the base model)"
             )
-        return self._parse(response, latency)
+        return check_length(request, self._parse(response, latency))
 
     def _parse(self, response: Any, latency: float) -> GenerateResult:
         if not response.choices:
@@ -185,7 +196,10 @@ class OpenAIBackend:
 
         status = getattr(exc, "status_code", None)
         message = self._scrub(f"{self.base_url}: {type(exc).__name__}" + (f" HTTP {status}" if status else ""))
-        detail = self._scrub(str(exc.message))
+        detail = str(exc.message)
+        if isinstance(exc, openai.APIConnectionError) and str(exc.__cause__ or ""):  # the transport's reason
+            detail += f" ({exc.__cause__})"
+        detail = self._scrub(detail)
         message += f": {detail[:_ERROR_CHARS]}" + (f"... ({len(detail)} chars)" if len(detail) > _ERROR_CHARS else "")
         invalid = any(marker in detail.lower() for marker in _VALIDATION_MARKERS)
         if isinstance(exc, openai.APIConnectionError) or (
@@ -216,18 +230,16 @@ class OpenAIBackend:
         from freelm.backends.sglang import parse_server_info
 
         origin = httpx.URL(self.base_url).copy_with(path="/", query=None)
-        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
-                response = await client.get(str(origin.join("server_info")), headers=headers)
+            response = await self._probes.get(str(origin.join("server_info")), cast_to=httpx.Response)
             if response.status_code == 200:
                 limits = parse_server_info(response.json(), self.base_url)
                 if limits.window is not None:
                     return limits
-        except (httpx.HTTPError, ValueError, BackendError):
+        except (openai.APIError, ValueError, BackendError):
             pass  # not SGLang (or not reachable there): ask the OpenAI route
         try:
-            models = await self._client.models.list()
+            models = await self._probes.models.list()
         except openai.APIError:
             return ServerLimits()
         for card in models.data:
@@ -247,7 +259,7 @@ class OpenAIBackend:
         import openai
 
         try:
-            await self._client.models.list()
+            await self._probes.models.list()
         except openai.APIError as exc:
             self.health_error = self._map_error(exc).args[0]  # e.g. llama-server's 503 "Loading model"
             return False
@@ -265,7 +277,7 @@ class OpenAIBackend:
         import openai
 
         try:
-            cards = (await self._client.models.list()).data
+            cards = (await self._probes.models.list()).data
         except openai.APIError as exc:
             raise self._map_error(exc) from None
         served = [card.id for card in cards]
@@ -297,9 +309,10 @@ class OpenAIBackend:
         return self.served
 
     async def _takes_text_only(self, probe_ids: list[int]) -> bool:
+        """Whether only a text prompt works here; a probe of one token each, under the probe deadline."""
         ids_request = GenerateRequest(1, input_ids=probe_ids, sampling=_PROBE_SAMPLING)
         try:
-            await self.generate(ids_request)
+            await self._generate(ids_request, self._probes)
             return False
         except TransientBackendError as exc:
             if "HTTP" not in str(exc):  # connection trouble says nothing about the schema
@@ -310,7 +323,7 @@ class OpenAIBackend:
             return False
         self.text_prompts = True
         try:
-            await self.generate(ids_request)
+            await self._generate(ids_request, self._probes)
         except BackendError:
             self.text_prompts = False
             raise
@@ -323,7 +336,7 @@ class OpenAIBackend:
 
         root = self.base_url.removesuffix("/v1")
         try:
-            response = await self._client.get(f"{root}/props", cast_to=httpx.Response)
+            response = await self._probes.get(f"{root}/props", cast_to=httpx.Response)
             settings = response.json().get("default_generation_settings", {}).get("params")
         except (openai.APIError, ValueError, AttributeError):
             return None

@@ -28,7 +28,8 @@ bursts), open it (out of rotation), because a single 5xx from a busy but
 working server is noise, and taking it out for a second each time made a run
 at a 20% error rate 10x slower. An open endpoint is re-probed in the
 background (a remote one by its ``health()``, an in-process engine simply after the cool-down)
-with exponential backoff and jitter; when it answers it is HALF-OPEN: back in
+with exponential backoff and jitter; when it answers (and passes :attr:`EndpointPool.vet`, the runner's
+start-up checks: a server that restarted with a smaller window or without the adapter stays out) it is HALF-OPEN: back in
 rotation with at most one request in flight while a closed endpoint exists, a
 success closes it, a failure opens it again at once with a doubled cool-down.
 When no endpoint is up, requests wait (up to ``down_wait`` seconds) for one to
@@ -195,6 +196,10 @@ class EndpointPool:
         self._recent: deque[tuple[int, float]] = deque(maxlen=256)  # (max_new_tokens, seconds) of successes
         self._turn = 0
         self._some_up: asyncio.Event | None = None  # created inside the running loop
+        #: Run on an endpoint that answers its health probe again, before it is re-admitted: None when it may
+        #: serve, else why not (e.g. it restarted with a smaller window). Set by the runner after its start-up
+        #: checks, so an endpoint skipped at start, or restarted mid-run, serves only what they allowed.
+        self.vet: Callable[[Backend], Awaitable[str | None]] | None = None
 
     # ----- state ----------------------------------------------------------
 
@@ -219,6 +224,10 @@ class EndpointPool:
             if not ok:
                 self._mark_down(endpoint, endpoint.backend.health_error or "health check failed")
         return self.endpoints_up
+
+    def take_out(self, endpoint: EndpointState, reason: str) -> None:
+        """Out of rotation until it answers a health probe again (and passes :attr:`vet`, when set)."""
+        self._mark_down(endpoint, reason)
 
     async def wait_until_up(self) -> bool:
         """Wait up to ``down_wait`` seconds for an endpoint to answer (a server still loading its model: 503)."""
@@ -390,7 +399,10 @@ class EndpointPool:
         while True:
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
             if await self._healthy(endpoint.backend):
-                break
+                refusal = await self._vetted(endpoint.backend)
+                if refusal is None:
+                    break
+                endpoint.last_error = refusal
             delay = min(self.max_probe_interval, delay * 2)
         endpoint.up = True
         endpoint.half_open = True
@@ -406,6 +418,15 @@ class EndpointPool:
             return bool(await backend.health())
         except Exception:  # a probe that crashes is a failed probe, never a crashed run
             return False
+
+    async def _vetted(self, backend: Backend) -> str | None:
+        """:attr:`vet`'s answer; a check that crashes keeps the endpoint out, with the crash as the reason."""
+        if self.vet is None:
+            return None
+        try:
+            return await self.vet(backend)
+        except Exception as exc:
+            return f"re-admission check failed: {type(exc).__name__}: {exc}"
 
     async def aclose(self) -> None:
         probes = [e.probe for e in self.endpoints if e.probe is not None]

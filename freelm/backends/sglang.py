@@ -44,8 +44,10 @@ from freelm.backends.base import (
     GenerateResult,
     ServerLimits,
     TransientBackendError,
+    check_length,
     refused,
 )
+from freelm.backends.transport import ReplyTooLarge, probe_timeout, read_capped, reply_limit
 
 if TYPE_CHECKING:
     import aiohttp  # imported where a backend is built: discovering the kinds (the runner's --help) does not pay for it
@@ -204,8 +206,10 @@ class SGLangBackend:
         self.max_connections = max(1, max_connections)
         import aiohttp
 
-        # A long generation is one request: the total timeout is the whole call, connect fails fast.
+        # A long generation is one request: the total timeout is the whole call (the body read included),
+        # connect fails fast; health and start-up questions get a total of seconds (probe_timeout)
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout(timeout), sock_connect=min(timeout, 10.0))
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._readiness: bool | None = None  # whether GET /readiness exists (a model gateway), once probed
@@ -224,8 +228,9 @@ class SGLangBackend:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         start = time.perf_counter()
-        response = await self._request("POST", "/generate", json=generate_payload(request))
-        result = parse_generate_response(_json(response), self.base_url)
+        limit = reply_limit(request.max_new_tokens)
+        response = await self._request("POST", "/generate", json=generate_payload(request), limit=limit)
+        result = check_length(request, parse_generate_response(_json(response), self.base_url))
         result.latency_s = time.perf_counter() - start
         return result
 
@@ -242,14 +247,14 @@ class SGLangBackend:
 
         try:
             if self._readiness is not False:
-                response = await self._send("GET", "/readiness")
-                if response.status_code == 404:
-                    self._readiness = False
-                else:
-                    self._readiness = True
-            if self._readiness is False:
-                response = await self._send("GET", "/health")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                response = await self._send("GET", "/readiness", timeout=self.probe_timeout)
+                self._readiness = response.status_code != 404
+            if not self._readiness:
+                response = await self._send("GET", "/health", timeout=self.probe_timeout)
+        except asyncio.TimeoutError:  # first: aiohttp's ServerTimeoutError is a ClientError too
+            self.health_error = f"{self.base_url}: no answer within {self.probe_timeout.total:g}s"
+            return False
+        except (aiohttp.ClientError, ReplyTooLarge) as exc:
             self.health_error = f"{self.base_url}: {type(exc).__name__}: {exc}".rstrip(": ")
             return False
         ok = response.status_code == 200
@@ -257,11 +262,12 @@ class SGLangBackend:
         return ok
 
     async def model_info(self) -> dict[str, Any]:
-        return _json(await self._request("GET", "/model_info"))
+        return _json(await self._request("GET", "/model_info", timeout=self.probe_timeout))
 
     async def server_limits(self) -> ServerLimits:
         """The served window, seed and cache-report settings, from ``GET /server_info``."""
-        return parse_server_info(_json(await self._request("GET", "/server_info")), self.base_url)
+        reply = await self._request("GET", "/server_info", timeout=self.probe_timeout)
+        return parse_server_info(_json(reply), self.base_url)
 
     async def startup_check(self, adapters: Sequence[str | None], probe_ids: Sequence[int] = ()) -> dict[str, Any]:
         """Every adapter the run calls is loaded here, from ``GET /v1/models``; returns the models listed.
@@ -272,7 +278,8 @@ class SGLangBackend:
         model is always served, and ``/generate`` takes token ids, so
         ``probe_ids`` have nothing to learn here.
         """
-        served = [card.get("id") for card in _cards(_json(await self._request("GET", "/v1/models")), self.base_url)]
+        listing = await self._request("GET", "/v1/models", timeout=self.probe_timeout)
+        served = [card.get("id") for card in _cards(_json(listing), self.base_url)]
         for adapter in dict.fromkeys(a for a in adapters if a is not None):
             if adapter not in served:
                 raise BackendError(
@@ -298,14 +305,15 @@ class SGLangBackend:
             await self._session.close()
         self._session = None
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> Reply:
+    async def _send(self, method: str, path: str, *, limit: int | None = None, **kwargs: Any) -> Reply:
+        """One exchange; the body is read under ``limit`` bytes (:func:`~freelm.backends.transport.reply_limit`)."""
         url = f"{self.base_url}{path}"
         async with self._client().request(method, url, **kwargs) as response:
-            body = await response.read()
+            body = await read_capped(response, reply_limit() if limit is None else limit)
             return Reply(url, response.status, body.decode("utf-8", errors="replace"))
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
-        """One call with retries; 4xx fails at once with the server's message."""
+        """One call with retries; 4xx fails at once with the server's message; an over-size reply is transient."""
         import aiohttp
 
         last = ""
@@ -315,11 +323,14 @@ class SGLangBackend:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retries of many rollouts spread out
             try:
                 response = await self._send(method, path, **kwargs)
-            except asyncio.TimeoutError as exc:  # aiohttp's timeouts subclass it (not the builtin before 3.11)
-                last = f"timeout ({type(exc).__name__})"
+            except asyncio.TimeoutError:  # aiohttp's timeouts subclass it (not the builtin before 3.11)
+                last = f"timeout: no complete reply within {kwargs.get('timeout', self.timeout).total:g}s"
                 continue
             except aiohttp.ClientError as exc:
                 last = f"connection error ({type(exc).__name__}: {exc})"
+                continue
+            except ReplyTooLarge as exc:
+                last = str(exc)
                 continue
             if response.status_code >= 500:
                 last = f"HTTP {response.status_code}: {error_message(response)}"

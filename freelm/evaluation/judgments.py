@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from freelm.evaluation.metrics import JudgeKey
-from freelm.jsonl import iter_jsonl, iter_jsonl_bytes, repair_torn_tail
+from freelm.jsonl import append_bytes, iter_jsonl, iter_jsonl_bytes, repair_torn_tail
 
 Verdict = Literal["correct", "incorrect", "unparseable", "error"]
 FINAL_VERDICTS = ("correct", "incorrect", "unparseable")
@@ -175,13 +175,11 @@ class JudgmentCache:
 
     def append(self, judgment: Judgment) -> None:
         """Append one verdict line (fsynced); a torn tail left by a killed judge is cut off first."""
-        line = memoryview((json.dumps(asdict(judgment)) + "\n").encode("ascii"))  # see the module docstring
+        line = (json.dumps(asdict(judgment)) + "\n").encode("ascii")  # see the module docstring
         fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, _WRITE_LOCK, os.SEEK_SET)
         try:
             repair_torn_tail(self.path)
-            while line:  # one write but for a short one (the disk filling up): the rest, or the error
-                line = line[os.write(self._fd, line) :]
-            os.fsync(self._fd)
+            append_bytes(self._fd, line)
         finally:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _WRITE_LOCK, os.SEEK_SET)
         self.done[judgment.key] = judgment

@@ -31,9 +31,9 @@ from typing import Any
 from freelm.backends.base import ContextWindow
 from freelm.backends.pool import EndpointPool
 from freelm.data import Problem
-from freelm.jsonl import append_jsonl_lines, repair_torn_tail
+from freelm.jsonl import append_bytes, encode_lines, repair_torn_tail
 from freelm.loop import run_rollout
-from freelm.manifest import errors_path, now_iso, package_versions
+from freelm.manifest import errors_path, manifest_path, now_iso, package_versions
 from freelm.output_guard import OutputWriteError
 from freelm.records import RolloutRecord, RolloutResult
 from freelm.run.cleaning import CleaningTally
@@ -125,8 +125,11 @@ async def run_batch(
     if existing.mismatch:
         print(f"--force: moved the old output aside to {move_aside(output)}", file=sys.stderr)
     else:
-        repair_torn_tail(output)
-        repair_torn_tail(errors_path(output))  # a kill tears its last line too: the next batch must not extend it
+        for path in (output, errors_path(output)):  # a kill tears the errors file's last line too
+            try:
+                repair_torn_tail(path)
+            except OSError as exc:
+                raise OutputWriteError(path, exc) from exc
         previous = history(output, settings, run_id)
 
     jobs, owned = plan_jobs(problems, spec.n_rollouts, settings.seed, existing.keys, spec.shard)
@@ -146,7 +149,10 @@ async def run_batch(
             manifest.cleaning = spec.cleaning_rule.report(summary.output_cleaning)
         if status != "running":
             manifest.ended_at = now_iso()
-        manifest.write()
+        try:
+            manifest.write()
+        except OSError as exc:  # a full disk refuses the manifest too: the same clear message, never a traceback
+            raise OutputWriteError(manifest_path(output), exc) from exc
 
     save("running")
     started = time.perf_counter()
@@ -157,7 +163,7 @@ async def run_batch(
         summary.wall_time_s = time.perf_counter() - started
         try:
             save("interrupted")
-        except OSError:  # the disk that refused the output may refuse the manifest too: the output is what counts
+        except OutputWriteError:  # the disk that refused the output may refuse the manifest too: the output counts
             pass
         raise
     summary.wall_time_s = time.perf_counter() - started
@@ -216,16 +222,17 @@ async def _execute(
                 result, error = None, f"{type(exc).__name__}: {exc}"
             queue.put_nowait(_Finished(job, result, error))
 
-    workers = asyncio.gather(*(worker() for _ in range(min(spec.concurrency, len(jobs)))))
+    workers = [asyncio.create_task(worker()) for _ in range(min(spec.concurrency, len(jobs)))]
     try:
-        # the writer ends before the workers only when it failed: stop the rollouts in flight, they cannot be saved
-        await asyncio.wait({workers, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if writer.done() and not workers.done():
-            workers.cancel()
-        await workers
+        running = {writer, *workers}
+        while writer in running and len(running) > 1:  # the writer ends first only when it failed
+            _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not workers.done():
-            workers.cancel()
+        # interrupted, or the writer failed: the rollouts in flight cannot be saved. Every worker is cancelled AND
+        # awaited (an abandoned one printed "exception was never retrieved" at Ctrl-C); what they finished is written
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         queue.put_nowait(None)
         try:
             await writer
@@ -263,18 +270,23 @@ async def _write_finished(
     pools: tuple[EndpointPool, ...],
     started: float,
 ) -> None:
-    """Drain the queue in batches; each batch is written and fsynced once (``append_jsonl_lines``) in a thread,
-    off the event loop: one fsync per line (about 5 ms here) queued a burst of finished rollouts behind the disk."""
-    with output.open("a", encoding="utf-8") as out:
+    """Drain the queue in batches; each batch is written and fsynced once (``append_bytes``) in a thread,
+    off the event loop: one fsync per line (about 5 ms here) queued a burst of finished rollouts behind the disk.
+
+    The output is open unbuffered: a write that fails (a full disk) fails once, in the batch that hit it,
+    and nothing is left in a buffer to fail again when the file closes (a raw OSError traceback after the
+    clean message, one run in six)."""
+    try:
+        out = output.open("ab", buffering=0)
+    except OSError as exc:
+        raise OutputWriteError(output, exc) from exc
+    with out:
         while True:
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
             finished = [item for item in batch if item is not None]
-            try:
-                await asyncio.to_thread(_append_finished, out, output, finished, settings)
-            except OSError as exc:
-                raise OutputWriteError(output, exc) from exc
+            await asyncio.to_thread(_append_finished, out, output, finished, settings)
             for item in finished:
                 if item.error is None:
                     summary.done += 1
@@ -293,26 +305,46 @@ async def _write_finished(
 
 
 def _append_finished(out, output: Path, finished: list[_Finished], settings: RunSettings) -> None:
-    """One batch: its records, then its errors, each file with one fsync for the batch."""
+    """One batch: its records, then its errors, each file with one fsync for the batch.
+
+    A record that cannot be written (a lone surrogate in a server's text has no UTF-8 form) fails alone:
+    its rollout goes to the errors file with the reason, and the batch's other records are written.
+    """
     config_hash = settings.config_hash  # a property that hashes the settings: once per batch, not per record
-    records = [
+    done = [item for item in finished if item.error is None]
+    data, unwritable = encode_lines(
         RolloutRecord.from_result(
             item.result, id=item.job.problem.id, source=item.job.problem.source, rollout=item.job.rollout,
             seed=item.job.seed, answer=item.job.problem.answer, mode=settings.mode, config_hash=config_hash,
             prompt=item.job.problem.prompt,
         ).to_dict()
-        for item in finished
-        if item.error is None
-    ]  # fmt: skip
-    if records:
-        append_jsonl_lines(out, records)
+        for item in done
+    )  # fmt: skip
+    for index, reason in unwritable:
+        done[index].error = f"its record cannot be written: {reason}"
+    if data:
+        _append(output, out, data)
     errors = [_error_entry(item, config_hash) for item in finished if item.error is not None]
     if errors:
-        with errors_path(output).open("a", encoding="utf-8") as handle:
-            append_jsonl_lines(handle, errors)
+        path = errors_path(output)
+        try:
+            handle = path.open("ab", buffering=0)
+        except OSError as exc:
+            raise OutputWriteError(path, exc) from exc
+        with handle:
+            _append(path, handle, encode_lines(errors)[0])
+
+
+def _append(path: Path, handle, data: bytes) -> None:
+    try:
+        append_bytes(handle, data)
+    except OSError as exc:
+        raise OutputWriteError(path, exc) from exc
 
 
 def _error_entry(item: _Finished, config_hash: str) -> dict[str, Any]:
+    """The errors file's line; its text is escaped where it is not Unicode (a server's message can carry a
+    lone surrogate), so the entry of a rollout that failed is always written."""
     job, result = item.job, item.result
     return {
         "time": now_iso(),
@@ -321,7 +353,7 @@ def _error_entry(item: _Finished, config_hash: str) -> dict[str, Any]:
         "rollout": job.rollout,
         "seed": job.seed,
         "config_hash": config_hash,
-        "error": item.error,
+        "error": item.error.encode("utf-8", "backslashreplace").decode("utf-8"),
         "generated_tokens": result.generated_tokens if result is not None else 0,
         "rounds": len(result.rounds) if result is not None else 0,
     }

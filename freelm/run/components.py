@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from freelm.backends import BackendArgs, BackendKind, get_backend_kind
-from freelm.backends.base import BackendError, ContextWindow, ServerLimits
-from freelm.backends.pool import EndpointPool
+from freelm.backends.base import Backend, BackendError, ContextWindow, ServerLimits, TransientBackendError
+from freelm.backends.pool import EndpointPool, EndpointState
 from freelm.cleaners.base import Cleaner
 from freelm.cleaners.registry import get_cleaner
 from freelm.run.spec import RunSpec
@@ -110,23 +111,59 @@ def load_tokenizer(path: Path | None) -> Tokenizer:
         raise ValueError(f"--tokenizer {path}: cannot load a tokenizer ({exc})") from exc
 
 
-async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
-    """What a pool's servers serve: the tightest window over its endpoints, and whether all honour seeds.
+async def check_health(components: Components) -> None:
+    """Every endpoint of every pool probed at once (short deadlines); a pool with none up waits ``--down-wait``.
 
-    Each endpoint is asked (SGLang ``/server_info``, the OpenAI route's
-    ``/v1/models``; the in-process model's ``max_position_embeddings``). An
-    endpoint that reports no window is taken to serve ``context_limit`` under
-    SGLang's margins, the strictest rules known, so no request is one a real
-    server refuses.
+    An endpoint that fails its probe (down, still loading, or accepting
+    connections and never answering) is skipped with a warning while others of
+    its pool are up: it rejoins when it answers and passes the start-up checks
+    again (:func:`vet_returning_endpoints`). Raises ValueError when a pool has
+    no endpoint up after ``--down-wait`` seconds.
     """
-    reports: list[ServerLimits] = []
-    for state in pool.endpoints:
-        backend = state.backend  # every kind reports its limits (RemoteBackend, InProcessBackend)
-        try:
-            reports.append(await backend.server_limits())
-        except BackendError as exc:
-            print(f"warning: {backend.name}: cannot read its limits ({exc})", file=sys.stderr)
-            reports.append(ServerLimits())
+    pools = components.pools
+    await asyncio.gather(*(pool.check_health() for pool in pools))
+    for pool in pools:
+        if pool.endpoints_up == 0:
+            print(f"waiting up to {pool.down_wait:g}s for {pool.name} ({_reasons(pool)})", file=sys.stderr)
+            if not await pool.wait_until_up():
+                raise ValueError(f"no healthy endpoint in {pool.name} after {pool.down_wait:g}s ({_reasons(pool)})")
+        for endpoint in pool.endpoints:
+            if not endpoint.up:
+                _warn_skipped(pool, endpoint)
+        if pool.remote:  # until learn_limits holds returning endpoints to what the checks found
+            pool.vet = _checks_not_done
+
+
+async def _checks_not_done(backend: Backend) -> str:
+    """An endpoint skipped at start that answers before the start-up checks are done waits for them."""
+    return "not re-admitted yet: the run's start-up checks are not done"
+
+
+def _reasons(pool: EndpointPool) -> str:
+    return "; ".join(f"{e.backend.name}: {e.last_error}" for e in pool.endpoints if not e.up)
+
+
+def _warn_skipped(pool: EndpointPool, endpoint: EndpointState) -> None:
+    print(
+        f"warning: {pool.name}: skipping {endpoint.backend.name} ({endpoint.last_error}); the run goes on with "
+        f"{pool.endpoints_up} of {len(pool.endpoints)} endpoints, and takes it back once it answers and passes "
+        "the start-up checks",
+        file=sys.stderr,
+    )
+
+
+async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
+    """What a pool's servers serve: the tightest window over its endpoints that are up, and whether all honour seeds.
+
+    Each endpoint is asked at once (SGLang ``/server_info``, the OpenAI route's
+    ``/v1/models``; the in-process model's ``max_position_embeddings``), under
+    the backends' short probe deadline. An endpoint that reports no window is
+    taken to serve ``context_limit`` under SGLang's margins, the strictest
+    rules known, so no request is one a real server refuses. An endpoint that
+    is down is not asked: it serves nothing until it passes
+    :func:`vet_returning_endpoints`' check, which holds it to this window.
+    """
+    reports = await asyncio.gather(*(_limits(e.backend) for e in pool.endpoints if e.up))
     fallback = ContextWindow.sglang(context_limit, source="--context-limit (the server reports no window)")
     window: ContextWindow | None = None
     for report in reports:
@@ -141,6 +178,15 @@ async def served_limits(pool: EndpointPool, context_limit: int) -> ServerLimits:
     )
 
 
+async def _limits(backend: Backend) -> ServerLimits:
+    """Every kind reports its limits (RemoteBackend, InProcessBackend); one that cannot is taken to say nothing."""
+    try:
+        return await backend.server_limits()
+    except BackendError as exc:
+        print(f"warning: {backend.name}: cannot read its limits ({exc})", file=sys.stderr)
+        return ServerLimits()
+
+
 async def learn_limits(spec: RunSpec, components: Components) -> tuple[ContextWindow | None, dict[str, Any]]:
     """Ask the servers for their windows and seed handling; size the cleaner to its window; warn once.
 
@@ -150,10 +196,12 @@ async def learn_limits(spec: RunSpec, components: Components) -> tuple[ContextWi
     context_limit, sampling = spec.loop.context_limit, spec.loop.sampling
     reasoner = await served_limits(components.reasoner, context_limit)
     served: dict[str, Any] = {"reasoner": reasoner.to_dict(), "seeds_honoured": reasoner.seeds_honoured}
+    windows = {id(components.reasoner): reasoner.window}
     if components.cleaner_pool is not None:  # a model-calling cleaner: sized to its servers' window
         cleaning = reasoner
         if components.cleaner_pool is not components.reasoner:
             cleaning = await served_limits(components.cleaner_pool, context_limit)
+            windows[id(components.cleaner_pool)] = cleaning.window
         served["cleaner"] = cleaning.to_dict()
         entry = get_cleaner(spec.cleaner)
         if "window" in entry.components:
@@ -176,35 +224,84 @@ async def learn_limits(spec: RunSpec, components: Components) -> tuple[ContextWi
             "--enable-deterministic-inference): rollouts are not reproducible from --seed",
             file=sys.stderr,
         )
+    vet_returning_endpoints(spec, components, windows)
     return reasoner.window, served
+
+
+def _checks(spec: RunSpec, components: Components, pool: EndpointPool) -> tuple[list[str | None], Sequence[int]]:
+    """The model names a pool's endpoints must serve (None: the base model) and the prompt the check sends.
+
+    The reasoner's servers are asked for the base model, the cleaner's for the
+    adapter its cleaner declares (``None``, the ICL baseline's base model, is
+    asked once where both share a pool).
+    """
+    adapters: list[str | None] = [None] if pool is components.reasoner else []
+    if pool is components.cleaner_pool and spec.cleaner_adapter not in adapters:
+        adapters.append(spec.cleaner_adapter)
+    return adapters, components.tokenizer.encode("Hello") if None in adapters else ()
 
 
 async def startup_checks(spec: RunSpec, components: Components) -> dict[str, Any]:
     """Before the first rollout: each server serves the model names the run uses, in the prompt kind it takes.
 
-    The reasoner's servers are asked for the base model, the cleaner's for the
-    adapter its cleaner declares (``None``, the ICL baseline's base model, is
-    asked once where both share a pool). Returns what each checked endpoint
-    reported (served models, prompt kind, the sampling fields sent and the
-    server's own defaults) for the manifest; raises ValueError with the reason
-    otherwise. The window is :func:`served_limits`'s. In-process engines load
-    what they serve themselves: there is nothing to ask.
+    Every remote endpoint that is up is checked at once (:func:`_checks`).
+    Returns what each reported (served models, prompt kind, the sampling
+    fields sent and the server's own defaults) for the manifest. An endpoint
+    that does not answer in time (a transient error) is skipped with a
+    warning, like a failed health probe; one that answers wrongly (a model or
+    adapter it does not serve) raises ValueError with the reason, as does a
+    pool left with no endpoint. The window is :func:`served_limits`'s.
+    In-process engines load what they serve themselves: there is nothing to ask.
     """
+    checked = [
+        (pool, endpoint) for pool in components.pools if pool.remote for endpoint in pool.endpoints if endpoint.up
+    ]
+    results = await asyncio.gather(
+        *(endpoint.backend.startup_check(*_checks(spec, components, pool)) for pool, endpoint in checked),
+        return_exceptions=True,
+    )
     served: dict[str, Any] = {}
-    probe_ids = components.tokenizer.encode("Hello")
+    for (pool, endpoint), result in zip(checked, results):
+        if isinstance(result, TransientBackendError):
+            pool.take_out(endpoint, str(result))
+            _warn_skipped(pool, endpoint)
+        elif isinstance(result, BackendError):
+            raise ValueError(str(result)) from None
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            served[endpoint.backend.name] = result
+    for pool in components.pools:
+        if pool.endpoints_up == 0:
+            raise ValueError(f"no endpoint of {pool.name} passed the start-up checks ({_reasons(pool)})")
+    return served
+
+
+def vet_returning_endpoints(spec: RunSpec, components: Components, windows: dict[int, ContextWindow | None]) -> None:
+    """Hold every endpoint that comes back (skipped at start, or restarted mid-run) to what the start-up checks found.
+
+    Before a remote pool re-admits it, it must serve the run's model names
+    (:func:`startup_checks`' check) and a window at least the one the run
+    was sized to: a server restarted with a smaller window or without the
+    adapter stays out, its reason in the manifest's ``last_error``.
+    """
+    fallback = ContextWindow.sglang(spec.loop.context_limit, source="--context-limit (the server reports no window)")
     for pool in components.pools:
         if not pool.remote:
             continue
-        adapters: list[str | None] = [None] if pool is components.reasoner else []
-        if pool is components.cleaner_pool and spec.cleaner_adapter not in adapters:
-            adapters.append(spec.cleaner_adapter)
-        for endpoint in pool.endpoints:
-            if not endpoint.up:
-                continue
+        window, (adapters, probe_ids) = windows.get(id(pool)), _checks(spec, components, pool)
+
+        async def vet(backend: Backend, window=window, adapters=adapters, probe_ids=probe_ids) -> str | None:
             try:
-                served[endpoint.backend.name] = await endpoint.backend.startup_check(
-                    adapters, probe_ids if None in adapters else ()
-                )
+                await backend.startup_check(adapters, probe_ids)
+                served = (await backend.server_limits()).window or fallback
             except BackendError as exc:
-                raise ValueError(str(exc)) from None
-    return served
+                return f"not re-admitted: {exc}"
+            if window is not None and (served.max_input < window.max_input or served.max_total < window.max_total):
+                return (
+                    f"not re-admitted: it serves {served.max_total} tokens per request ({served.source}), "
+                    f"less than the {window.max_total} this run was sized to"
+                )
+            return None
+
+        pool.vet = vet

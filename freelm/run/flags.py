@@ -43,10 +43,11 @@ cleaning: with --mode freelm the summary and the manifest count every cleaning r
 nothing to delete, unresolved spans, parse errors by kind, failed calls by reason, no room); more than
 --max-unusable-cleaning of the output's rounds without a usable deletion list flags the run (exit 3).
 
-exit codes: 0 every rollout present; 1 some failed (re-run to retry); 2 bad input/config, nothing sent;
-3 the cleaner (nearly) never gave a usable deletion list: every rollout is kept and the run is flagged, but
-re-running would not help (wrong template, adapter name or window: the message names the cause and the check;
-it takes precedence over 1); 130 interrupted (finished rollouts are kept)."""
+exit codes: 0 every rollout present; 1 some failed, or a write failed (re-run to retry); 2 bad input/config,
+nothing sent; 3 the cleaner (nearly) never gave a usable deletion list: every rollout is kept and the run is
+flagged, but re-running would not help (wrong template, adapter name or window: the message names the cause and
+the check; it takes precedence over 1); 130 interrupted by Ctrl-C, 143 by SIGTERM (a scheduler's stop):
+finished rollouts are kept, the manifest says "interrupted", and re-running the same command resumes."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

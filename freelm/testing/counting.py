@@ -19,6 +19,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from freelm.backends.base import GenerateRequest, GenerateResult, ServerLimits
 from freelm.prompts import THINK_CLOSE
@@ -41,6 +42,20 @@ def counting_tokenizer(target: int, steps: int = 100) -> Tokenizer:
 
     corpus = [f"step {n}\n" for n in range(steps)] + [counting_answer(target)]
     return Tokenizer(train_tokenizer(corpus, vocab_size=400))
+
+
+def counting_files(root: Path, target: int, problems: int) -> tuple[Tokenizer, Path, Path]:
+    """A runner's inputs for the counting model under ``root``: (tokenizer, its saved directory, problem file).
+
+    The tokenizer is saved so that a runner in a subprocess loads the same ids; problem ``i`` asks to count
+    to ``target`` (its prompt names ``i``, so no two prompts are alike).
+    """
+    tokenizer = counting_tokenizer(target)
+    tokenizer.hf.save_pretrained(root / "tokenizer")
+    data = root / "problems.jsonl"
+    rows = ({"id": i, "prompt": f"Count to {target} ({i}).", "answer": str(target)} for i in range(problems))
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tokenizer, root / "tokenizer", data
 
 
 @dataclass

@@ -42,7 +42,7 @@ from freelm.backends.base import BackendError, GenerateRequest, GenerateResult
 from freelm.testing.engines import Engine
 from freelm.testing.http_server import LocalHTTPServer, QuietHandler
 from freelm.testing.radix_cache import RadixCache
-from freelm.testing.sglang_faults import Fault, FaultQueue, override_result
+from freelm.testing.sglang_faults import Fault, FaultQueue, overlong_result, override_result
 from freelm.testing.sglang_protocol import (
     Refusal,
     meta_info,
@@ -113,6 +113,9 @@ class SGLangTestServer(LocalHTTPServer):
             engine.load_adapter(name, path)
             self.adapters[name] = _Adapter(str(path), _launch_id(name, str(path)))
         self.faults = FaultQueue()
+        self._answering = threading.Event()
+        self._answering.set()
+        self._closing = False
         self.status: Literal["starting", "up", "crashed"] = "starting" if starting else "up"
         self.in_flight = 0
         self.reset()
@@ -154,6 +157,31 @@ class SGLangTestServer(LocalHTTPServer):
     def abort_next(self, message: str = "Aborted", status: int | None = None, times: int = 1) -> None:
         """The scheduler aborts the next request (``managers/schedule_batch.py: FINISH_ABORT``)."""
         self.faults.add(Fault("abort", status=status, message=message), times)
+
+    def endless_body_next(self, times: int = 1) -> None:
+        """The next request gets a 200 whose body never ends (until the client hangs up or the server stops)."""
+        self.faults.add(Fault("endless_body"), times)
+
+    def drip_next(self, seconds_per_byte: float = 1.0, times: int = 1) -> None:
+        """The next request gets its normal answer, one byte every ``seconds_per_byte``."""
+        self.faults.add(Fault("drip", seconds=seconds_per_byte), times)
+
+    def overlong_next(self, tokens: int, times: int = 1) -> None:
+        """The next request gets a well-formed 200 with ``tokens`` output ids, whatever it asked for."""
+        self.faults.add(Fault("overlong", tokens=tokens), times)
+
+    def stop_answering(self) -> None:
+        """From now on every request, on every path (health included), is read and never answered."""
+        self._answering.clear()
+
+    def resume_answering(self) -> None:
+        """Requests held by :meth:`stop_answering` are answered, and new ones too."""
+        self._answering.set()
+
+    def stop(self) -> None:
+        self._closing = True  # held requests and endless bodies end without an answer
+        self._answering.set()
+        super().stop()
 
     def override_next_adapter_output(self, text: str, times: int = 1) -> None:
         """The next adapter (cleaning) call answers ``text`` verbatim (e.g. malformed JSON) instead of the engine's."""
@@ -211,8 +239,13 @@ class SGLangTestServer(LocalHTTPServer):
     def _namespace(self, adapter: str | None) -> str | None:
         return None if adapter is None else self.adapters[adapter].lora_id
 
-    def _run(self, request: GenerateRequest) -> tuple[GenerateResult, GenerateRequest, bool]:
-        """Admit, run the engine, cache; also returns the request as scheduled, and whether an override answered."""
+    def _run(
+        self, request: GenerateRequest, fault: Fault | None = None
+    ) -> tuple[GenerateResult, GenerateRequest, bool]:
+        """Admit, run the engine, cache; also returns the request as scheduled, and whether an override answered.
+
+        An ``overlong`` ``fault`` replaces the engine's answer after it ran (and is not cached).
+        """
         with self._lock:
             if self.status != "up":
                 raise Refusal(503, "the server is not up", kind="http")
@@ -233,9 +266,11 @@ class SGLangTestServer(LocalHTTPServer):
             except BackendError as exc:
                 raise Refusal(400, str(exc)) from exc
             if override is not None:
-                result = override_result(result, override, self.engine)
+                result = override_result(result, override, self.engine, scheduled.max_new_tokens)
             self.cache.insert(namespace, prompt + result.output_ids[:-1])
             result = replace(result, cached_tokens=cached, prompt_tokens=len(prompt))
+            if fault is not None and fault.kind == "overlong":
+                return overlong_result(result, fault.tokens, self.engine), scheduled, True
             return result, scheduled, override is not None
         finally:
             with self._lock:
@@ -243,22 +278,22 @@ class SGLangTestServer(LocalHTTPServer):
 
     def handle_generate(self, body: Any) -> dict:
         request, skip_special, no_trim = parse_generate(body)
-        fault = self._abort_fault()
-        if fault is not None:
+        fault = self._reply_fault()
+        if fault is not None and fault.kind == "abort":
             return {"text": "", "output_ids": [], "meta_info": fault.abort_meta()}
-        result, scheduled, overridden = self._run(request)
+        result, scheduled, overridden = self._run(request, fault)
         text, finish = shape_output(result, scheduled, self.engine, skip_special, no_trim, overridden)
         return {"text": text, "output_ids": result.output_ids, "meta_info": meta_info(result, finish)}
 
     def handle_completions(self, body: Any) -> dict:
         request, skip_special, no_trim = parse_completion(body, self.served_model_name)
-        fault = self._abort_fault()
-        if fault is not None:
+        fault = self._reply_fault()
+        if fault is not None and fault.kind == "abort":
             choice_finish = "abort"
             result = GenerateResult(text="", output_ids=[], finish_reason="stop", prompt_tokens=0, completion_tokens=0)
             text = ""
         else:
-            result, scheduled, overridden = self._run(request)
+            result, scheduled, overridden = self._run(request, fault)
             text, finish = shape_output(result, scheduled, self.engine, skip_special, no_trim, overridden)
             choice_finish = finish["type"]
         # entrypoints/openai/usage_processor.py: cached_tokens only with --enable-cache-report
@@ -277,10 +312,10 @@ class SGLangTestServer(LocalHTTPServer):
             },
         }
 
-    def _abort_fault(self) -> Fault | None:
-        """A queued ``abort``: raised as its :meth:`~Fault.abort_refusal`, or returned when the 200 body says abort."""
-        fault = self.faults.next_abort()
-        refusal = fault.abort_refusal() if fault is not None else None
+    def _reply_fault(self) -> Fault | None:
+        """A queued fault that shapes the answer; an ``abort`` with a status is raised as its refusal."""
+        fault = self.faults.next_reply()
+        refusal = fault.abort_refusal() if fault is not None and fault.kind == "abort" else None
         if refusal is not None:
             raise refusal
         return fault
@@ -434,19 +469,22 @@ class _Handler(QuietHandler):
         with state._lock:
             state.requests[path] += 1
         body = self._read_body()
+        while not state._answering.wait(0.05):  # stop_answering(): read, then silence
+            pass
+        if state._closing:
+            return self._hang_up()
         if path not in routes:
             return self._send(404, {"detail": "Not Found"})
-        if path in ("/generate", "/v1/completions"):
-            fault = state.faults.next_transport()
-            if fault is not None and fault.kind == "drop":
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return None
-            if fault is not None and fault.kind == "status":
-                refusal = fault.status_refusal()
-                return self._send(refusal.status, refusal.body(openai_route))
-            if fault is not None and fault.kind == "delay":
-                time.sleep(fault.seconds)
+        fault = state.faults.next_transport() if path in ("/generate", "/v1/completions") else None
+        if fault is not None and fault.kind == "drop":
+            return self._hang_up()
+        if fault is not None and fault.kind == "status":
+            refusal = fault.status_refusal()
+            return self._send(refusal.status, refusal.body(openai_route))
+        if fault is not None and fault.kind == "delay":
+            time.sleep(fault.seconds)
+        if fault is not None and fault.kind == "endless_body":
+            return self._send_endless()
         try:
             parsed = json.loads(body) if body else {}
         except ValueError as exc:
@@ -462,22 +500,48 @@ class _Handler(QuietHandler):
             return self._send(500, Refusal(500, f"{type(exc).__name__}: {exc}", "http").body(openai_route))
         if isinstance(answer, int):  # a bare status (health probes)
             return self._send(answer, "")
-        return self._send(200, answer)
+        return self._send(200, answer, seconds_per_byte=fault.seconds if fault and fault.kind == "drip" else 0.0)
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, payload: Any) -> None:
+    def _hang_up(self) -> None:
+        """Close the connection without a response."""
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send(self, status: int, payload: Any, seconds_per_byte: float = 0.0) -> None:
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not seconds_per_byte:
+                return self.wfile.write(data)
+            for byte in data:  # drip
+                if self.server_state._closing:
+                    return self._hang_up()
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(seconds_per_byte)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (timeout): nothing to answer
+
+    def _send_endless(self) -> None:
+        """A 200 with no ``Content-Length`` whose JSON body goes on until the client hangs up (or the server stops)."""
+        self.close_connection = True
+        chunk = b"a" * (1 << 16)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"text": "')
+            while not self.server_state._closing:
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the client hung up: what a capped reader does
 
 
 SGLangTestServer.handler_class = _Handler

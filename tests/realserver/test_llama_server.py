@@ -144,11 +144,14 @@ def test_free_cleaner_on_a_second_endpoint_and_an_unserved_adapter_fails_first(
     assert "adapter 'free'" in unserved.stderr and llama_server.url in unserved.stderr
     cleaner = make_server(alias=f"{ALIAS}:free", ctx=2048, parallel=2).start()  # the base model, named as the adapter
     result = run_runner([*args, *flags, "--cleaner-endpoint", cleaner.endpoint])
-    ok(result)
+    # SmolLM2 writes no deletion JSON: garbage is recorded and skipped, the rollouts go on and all are kept,
+    # but a Free()LM run whose cleaner never deletes is no success: flagged, exit 3, naming the reason
+    assert result.returncode == 3, f"runner exited {result.returncode}:\n{result.stderr[-3000:]}"
+    assert "parse_error" in result.stderr
     records = read_records(tmp_path / "free.jsonl")
+    assert sorted(r["id"] for r in records) == ["0", "1"]
     cleans = [rnd["clean"] for r in records for rnd in r["rounds"] if rnd["clean"]]
     assert cleans and all(r["error"] is None for r in records)
-    # SmolLM2 writes no deletion JSON: garbage is recorded and skipped, the rollouts go on
     assert all(c["parse_error"] or c["applied"] >= 0 for c in cleans)
     assert any(c["raw_output"] for c in cleans)
 

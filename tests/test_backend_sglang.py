@@ -166,5 +166,5 @@ def test_make_backend_by_kind():
     backend = make_backend("sglang", base_url="http://127.0.0.1:9")
     assert isinstance(backend, SGLangBackend) and isinstance(backend, Backend)
     asyncio.run(backend.aclose())
-    with pytest.raises(ValueError, match="unknown backend kind 'vllm'"):
-        make_backend("vllm")
+    with pytest.raises(ValueError, match="unknown backend kind 'tgi'"):
+        make_backend("tgi")

@@ -31,12 +31,15 @@ def spec(*flags: str) -> RunSpec:
 
 
 def test_every_backend_module_registers_its_kind_and_the_choices_follow():
-    assert list(backend_kinds()) == ["sglang", "openai", "local"]
+    assert list(backend_kinds()) == ["sglang", "openai", "vllm", "local"]
     assert get_backend_kind("sglang").factory is SGLangBackend and get_backend_kind("openai").factory is OpenAIBackend
     choices = {a.dest: a.choices for a in build_parser()._actions if a.dest in ("backend", "cleaner_backend")}
-    assert choices == {"backend": ["sglang", "openai", "local"], "cleaner_backend": ["sglang", "openai"]}
-    with pytest.raises(ValueError, match="unknown backend kind 'vllm'; expected one of sglang, openai, local"):
-        get_backend_kind("vllm")
+    assert choices == {
+        "backend": ["sglang", "openai", "vllm", "local"],
+        "cleaner_backend": ["sglang", "openai", "vllm"],
+    }
+    with pytest.raises(ValueError, match="unknown backend kind 'tgi'; expected one of sglang, openai, vllm, local"):
+        get_backend_kind("tgi")
 
 
 def test_discovery_never_imports_torch_nor_the_openai_sdk():
@@ -90,7 +93,7 @@ def test_an_engine_loads_the_adapter_only_under_the_name_the_cleaner_calls_on_it
 
 def test_a_new_kind_is_one_file_and_runs_through_runner_py(counting_kind, tmp_path, capsys):
     """The file alone: --backend offers it, its flag exists, the in-process checks apply, its rollouts run."""
-    assert list(backend_kinds()) == ["sglang", "openai", "local", "counting"]
+    assert list(backend_kinds()) == ["sglang", "openai", "vllm", "local", "counting"]
     parser = build_parser()
     assert "counting" in next(a for a in parser._actions if a.dest == "backend").choices
     text = " ".join(parser.format_help().split())

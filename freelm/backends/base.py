@@ -135,15 +135,25 @@ class ContextLengthError(BackendError):
 
 #: How servers word a window refusal: SGLang ``tokenizer_manager.py`` ("is longer than the model's
 #: context length", "exceeds the model's maximum context length"), SGLang ``managers/utils.py``
-#: ``validate_input_length`` ("exceeds the maximum allowed length"), vLLM / OpenAI ("maximum context
-#: length", ``context_length_exceeded``), llama-server ``tools/server/server-context.cpp`` ("exceeds the
-#: available context size").
+#: ``validate_input_length`` ("exceeds the maximum allowed length"), OpenAI ("maximum context length",
+#: ``context_length_exceeded``), llama-server ``tools/server/server-context.cpp`` ("exceeds the available
+#: context size"), and vLLM's, read in 0.32.0 (:meth:`ContextWindow.vllm`): a prompt of exactly
+#: ``max_model_len`` tokens leaves ``max_tokens`` 0 (``entrypoints/serve/utils/api_utils.py: get_max_tokens``),
+#: which ``sampling_params.py`` refuses ("max_tokens must be at least 1, got 0"); a longer one is refused by
+#: ``renderers/params.py`` ("This model's maximum context length is N tokens. However, your prompt contains M
+#: input tokens ...") or ``v1/engine/input_processor.py`` ("... is longer than the maximum model length of
+#: N"); ``max_tokens`` above the window is refused by ``renderers/params.py`` ("max_tokens=X cannot be
+#: greater than max_model_len=N"). Older vLLM refused prompt + max_tokens over the window instead of
+#: clamping, in wordings that begin "This model's maximum context length is" too.
 _CONTEXT_ERROR_MARKERS = (
     "context length",
     "maximum context length",
     "maximum allowed length",
     "context_length_exceeded",
     "available context size",
+    "max_tokens must be at least 1, got 0",
+    "maximum model length",
+    "cannot be greater than max_model_len",
 )
 
 
@@ -209,6 +219,23 @@ class ContextWindow:
         for at least one new token.
         """
         return cls(max_input=n_ctx - 2, max_total=n_ctx - 1, source=source or f"llama-server n_ctx {n_ctx}")
+
+    @classmethod
+    def vllm(cls, max_model_len: int, source: str = "") -> ContextWindow:
+        """vLLM's window for ``max_model_len`` (read in vLLM 0.32.0).
+
+        ``entrypoints/serve/utils/api_utils.py: get_max_tokens`` clamps
+        ``max_tokens`` to ``max_model_len - prompt`` silently (the call ends
+        ``length`` early, status 200), so a prompt of ``max_model_len - 1``
+        tokens still gets one new token and prompt + output may reach
+        ``max_model_len`` exactly; a prompt of ``max_model_len`` tokens is
+        refused (``max_tokens`` clamped to 0, ``sampling_params.py``), a longer
+        one too (``renderers/params.py``). :meth:`room` never asks for more
+        than is served, so the silent clamp never shortens a call.
+        """
+        return cls(
+            max_input=max_model_len - 1, max_total=max_model_len, source=source or f"vLLM max_model_len {max_model_len}"
+        )
 
     @classmethod
     def budget(cls, context_limit: int) -> ContextWindow:

@@ -7,14 +7,25 @@ text only (llama-cpp-python's server answers HTTP 500 to a token array) gets the
 decoded text instead: ``text_prompts=True``, or detected once by
 :meth:`OpenAIBackend.startup_check` (a token prompt fails where the same text
 succeeds), never per rollout. The adapter is selected through the model name:
-``"<model>:<adapter>"`` is SGLang's convention; vLLM serves a LoRA under its own
-``--lora-modules NAME=PATH`` name, given via ``adapter_models``.
+``"<model>:<adapter>"`` is SGLang's convention; vLLM serves a LoRA under its bare
+``--lora-modules NAME=PATH`` name (``adapter_models`` maps a run's adapter to any
+served name; :mod:`freelm.backends.vllm` is the backend that speaks vLLM's own rules).
+
+The class is the transport (the ``openai`` client, its retries and the error
+mapping, as lm-eval's ``api_models.py`` keeps them in its base class) with hooks
+a server-specific subclass overrides: :meth:`OpenAIBackend.model_name` (how an
+adapter is addressed), :meth:`OpenAIBackend._extra` (the extension fields sent),
+:meth:`OpenAIBackend._output_ids` (where a response's generated ids are), and
+:meth:`OpenAIBackend.server_limits` / :meth:`OpenAIBackend.startup_check`.
 
 Servers accept any model name and silently serve the base model (llama-server
 and llama-cpp-python both do), so a Free()LM run against a server without the
 adapter would be a vanilla run: :meth:`startup_check` requires every model name
-the run will use in ``/v1/models``, and every adapter response's ``model`` field
-must name what was asked for (llama-server answers with its own model name).
+the run will use in ``/v1/models`` (or, for SGLang's ``SERVED:ADAPTER``, which its
+listing shows as the bare adapter name, a one-token request under that exact
+name that the server answers as itself: vLLM lists its adapters the same way but
+answers ``SERVED:ADAPTER`` with 404), and every adapter response's ``model``
+field must name what was asked for (llama-server answers with its own model name).
 
 Differences from the native SGLang backend, by API design: ``output_ids`` is
 ``[]`` (the loop tokenizes the text itself, dropping a character split at the
@@ -42,7 +53,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from freelm.backends import BackendArgs, BackendFlag, BackendKind, register_backend
 from freelm.backends.base import (
@@ -69,10 +80,14 @@ _ERROR_CHARS = 300  # a server's error body can be 60 KB (a whole validation dum
 _VALIDATION_MARKERS = ("validation error", "input should be", "field required", "extra inputs are not permitted")
 _NEUTRAL_PENALTY = {"repetition_penalty": 1.0, "repeat_penalty": 1.0}
 _PROBE_SAMPLING = SamplingParams.greedy()
+_NAME_PROBE = "Hello"  # the prompt of the one-token request that proves a served name
 
 
 class OpenAIBackend:
     """One OpenAI-compatible endpoint. The client retries first; what is left is mapped to our errors."""
+
+    #: the repetition penalty of 1.0 under every name a server may default otherwise (sent unless standard_only)
+    neutral_penalty: ClassVar[dict[str, float]] = _NEUTRAL_PENALTY
 
     def __init__(
         self,
@@ -129,7 +144,7 @@ class OpenAIBackend:
         s = request.sampling
         extra: dict[str, Any] = {}
         if not self.standard_only:
-            extra = {"min_p": s.min_p, "skip_special_tokens": False, **_NEUTRAL_PENALTY}
+            extra = {"min_p": s.min_p, "skip_special_tokens": False, **self.neutral_penalty}
             if s.temperature > 0:  # greedy needs no top_k, and some servers reject -1
                 extra["top_k"] = s.top_k
         if self.ids_via_logprobs:
@@ -181,7 +196,7 @@ class OpenAIBackend:
         cached = getattr(details, "cached_tokens", None) if details else None
         return GenerateResult(
             text=choice.text or "",
-            output_ids=_logprob_ids(choice, usage.completion_tokens if usage else 0),
+            output_ids=self._output_ids(choice, usage.completion_tokens if usage else 0),
             finish_reason=choice.finish_reason,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
@@ -189,6 +204,10 @@ class OpenAIBackend:
             latency_s=latency,
             endpoint=self.base_url,
         )
+
+    def _output_ids(self, choice: Any, generated: int) -> list[int]:
+        """The generated token ids of a choice; ``[]`` (the loop encodes the text) where the server gives none."""
+        return _logprob_ids(choice, generated)
 
     def _map_error(self, exc: openai.APIError) -> BackendError:
         """Connection errors, timeouts, 429 and 5xx are transient, except a 500 that says the request is invalid."""
@@ -282,18 +301,28 @@ class OpenAIBackend:
             raise self._map_error(exc) from None
         served = [card.id for card in cards]
         # SGLang lists a loaded LoRA under its own name, parent = the base, and serves it as "base:name"
-        # (entrypoints/http_server.py: available_models); other servers list the name a request uses
-        loras = {card.id for card in cards if getattr(card, "parent", None) == self.model}
+        # (entrypoints/http_server.py: available_models); vLLM lists its LoRAs the same way but serves them
+        # only under the bare name (entrypoints/openai/models/serving.py: show_available_models, check_model
+        # answers anything else 404). So a parent card proves nothing alone: the exact name must answer.
+        loras = {card.id: card for card in cards if getattr(card, "parent", None) == self.model}
         for adapter in dict.fromkeys(adapters):
             name = self.model_name(adapter)
-            sglang_lora = adapter is not None and adapter not in self.adapter_models and adapter in loras
-            if name not in served and not sglang_lora:
-                what = f"the cleaner's adapter {adapter!r} (model name {name!r})" if adapter else f"model {name!r}"
-                raise BackendError(  # the listing is the server's text: redacted like its errors
-                    f"{self.base_url}: {what} is not served here; /v1/models lists {self._scrub(str(served))}. "
-                    "Serve the adapter (SGLang --lora-paths NAME=PATH, vLLM --lora-modules) or point "
-                    "--cleaner-endpoint at a server that has it"
-                )
+            if name in served:
+                continue
+            refusal = ""
+            if adapter is not None and adapter not in self.adapter_models and adapter in loras:
+                refusal = await self._refusal_of(adapter)
+                if not refusal:
+                    continue
+            what = f"the cleaner's adapter {adapter!r} (model name {name!r})" if adapter else f"model {name!r}"
+            hint = ""
+            if adapter in loras and getattr(loras[adapter], "owned_by", None) == "vllm":
+                hint = f" This is vLLM, which serves the adapter as model {adapter!r}: use --backend vllm."
+            raise BackendError(  # the listing is the server's text: redacted like its errors
+                f"{self.base_url}: {what} is not served here; /v1/models lists {self._scrub(str(served))}"
+                f"{refusal}.{hint} Serve the adapter (SGLang --lora-paths NAME=PATH, vLLM --lora-modules "
+                "NAME=PATH with --backend vllm) or point --cleaner-endpoint at a server that has it"
+            )
         # llama-server's logprobs name each generated token's id: the ids it generated, which re-encoding
         # the text does not give back ("\n\n" generated as one token encodes as two)
         self.ids_via_logprobs = any(c.id == self.model and getattr(c, "owned_by", None) == "llamacpp" for c in cards)
@@ -303,10 +332,21 @@ class OpenAIBackend:
             "models": served,
             "text_prompts": self.text_prompts,
             "token_ids_from_logprobs": self.ids_via_logprobs,
-            "sent": {} if self.standard_only else {**_NEUTRAL_PENALTY, **self.extra_body},
+            "sent": {} if self.standard_only else {**self.neutral_penalty, **self.extra_body},
             "server_defaults": await self._server_defaults(),
         }
         return self.served
+
+    async def _refusal_of(self, adapter: str) -> str:
+        """Why a one-token request for ``adapter`` under its model name fails (``""``: the server answers as it)."""
+        try:
+            request = GenerateRequest(1, text=_NAME_PROBE, sampling=_PROBE_SAMPLING, adapter=adapter)
+            await self._generate(request, self._probes)
+        except TransientBackendError:
+            raise  # a server in trouble says nothing about the name
+        except BackendError as exc:
+            return f" (a request for it failed: {str(exc).removeprefix(self.base_url + ': ')})"
+        return ""
 
     async def _takes_text_only(self, probe_ids: list[int]) -> bool:
         """Whether only a text prompt works here; a probe of one token each, under the probe deadline."""
@@ -376,24 +416,30 @@ def _runner_options(args: BackendArgs) -> dict[str, Any]:
     }  # fmt: skip
 
 
+#: the flags the OpenAI-route kinds share (``--backend openai`` and ``vllm``): one declaration, added once
+SERVED_MODEL = BackendFlag(
+    "--served-model",
+    "--backend openai: the served model name (adapters as NAME:ADAPTER); vllm: optional, /v1/models names it",
+    {"metavar": "NAME", "default": None},
+)
+API_KEY_ENV = BackendFlag(
+    "--api-key-env",
+    "--backend openai/vllm: environment variable holding the API key",
+    {"metavar": "VAR", "default": "OPENAI_API_KEY"},
+)
+
 register_backend(
     BackendKind(
         "openai", OpenAIBackend, remote=True, options=_runner_options, needs=("--served-model",),
         help="any OpenAI-compatible /v1/completions", order=1,
         flags=(
-            BackendFlag(
-                "--served-model", "--backend openai: the served model name (adapters as NAME:ADAPTER)",
-                {"metavar": "NAME", "default": None},
-            ),
+            SERVED_MODEL,
             BackendFlag(
                 "--text-prompts",
                 "--backend openai: send prompts as text (for servers that take no token ids; detected at startup too)",
                 {"action": "store_true"},
             ),
-            BackendFlag(
-                "--api-key-env", "--backend openai: environment variable holding the API key",
-                {"metavar": "VAR", "default": "OPENAI_API_KEY"},
-            ),
+            API_KEY_ENV,
         ),
     )
 )  # fmt: skip

@@ -23,6 +23,6 @@ class FreeModuleCleaner(PromptedCleaner):
 
     adapter: str | None = setting(
         "free", flag="--adapter-name", metavar="NAME",
-        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH)",
+        help="LoRA adapter name as registered with the server (SGLang --lora-paths NAME=PATH, vLLM --lora-modules NAME=PATH)",
     )  # fmt: skip
     name: str = "free"

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from freelm import setting
-from freelm.backends import backend_kinds, get_backend_kind
+from freelm.backends import BackendFlag, backend_kinds, get_backend_kind
 from freelm.cleaners import registry as cleaners
 from freelm.loop import LoopConfig
 from freelm.run.cleaning import add_rule_arguments, validate_rule_arguments
@@ -155,8 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="the reasoner's tokenizer directory (default: --model); required for remote backends, the loop sends token ids",
     )
+    added: dict[str, BackendFlag] = {}
     for kind in kinds.values():
         for flag in kind.flags:
+            if added.get(flag.name) is flag:  # one declaration shared by several kinds (--served-model)
+                continue
+            added[flag.name] = flag
             g.add_argument(flag.name, help=flag.help, **flag.options)
 
     g = parser.add_argument_group("method")

@@ -27,6 +27,7 @@ from freelm.run.batch import RunSummary, run_batch
 from freelm.run.cleaning import EXIT_CLEANING, describe_cleaner, flag_message
 from freelm.run.components import Components, build_components, check_health, learn_limits, startup_checks
 from freelm.run.flags import add_arguments, build_parser, validate_args
+from freelm.run.isolation import check_isolation
 from freelm.run.plan import ExistingOutput, inspect_output, record_start
 from freelm.run.spec import RunSpec
 
@@ -146,12 +147,13 @@ async def _run_async(
             await check_health(components)
             endpoints = await startup_checks(spec, components)
             window, served = await learn_limits(spec, components)
+            isolation = await check_isolation(spec, components, problems)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         summary = await run_batch(
             problems, spec, components, existing=existing, window=window,
-            served={**served, "endpoints": endpoints}, run_id=run_id,
+            served={**served, "endpoints": endpoints, "isolation": isolation}, run_id=run_id,
         )  # fmt: skip
     finally:
         await components.aclose()

@@ -207,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request waits for any endpoint to become healthy again",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--skip-isolation-check",
+        action="store_true",
+        help="do not probe, before the first rollout, that a server answering both the reasoner and the cleaner's "
+        "adapter keeps the adapter out of base-model requests batched with adapter requests (freelm/backends/isolation.py)",
+    )
 
 
 def build_parser(prog: str = "runner.py", description: str | None = None) -> argparse.ArgumentParser:

@@ -63,6 +63,7 @@ class RunSpec:
     down_wait: float
     progress: bool | None  # None: a bar only on a terminal
     flags: dict[str, Any]  # every flag as given (Paths as text): the manifest's "config"
+    isolation_check: bool = True  # probe servers answering both modes for adapter leaks (freelm.run.isolation)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunSpec:
@@ -91,7 +92,7 @@ class RunSpec:
             cleaning_rule=CleaningRule.from_args(args),
             concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
             down_wait=args.down_wait, progress=False if args.no_progress else None,
-            flags={**flags, "output": str(output)},
+            flags={**flags, "output": str(output)}, isolation_check=not args.skip_isolation_check,
         )  # fmt: skip
 
     @classmethod

@@ -51,7 +51,7 @@ NEEDS_TORCH = re.compile(
 )
 NEEDS_SERVER = re.compile(
     r"\b(subprocess|Popen|multiprocessing|ProcessPool\w*|GraderPool|AnswerGrader|\w*TestServer|\w*HTTPServer|"
-    r"http_server|local_sglang_server|start_server\w*)\b"
+    r"http_server|local_sglang_server|start_server\w*|VLLMServer|vllm_server|run_runner)\b"
 )
 #: What a fast test must not do at run time: start a process (``sys.addaudithook`` events) or a server.
 SLOW_EVENTS = ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec")

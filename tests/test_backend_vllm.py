@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from backend_calls import call
-from vllm_replay import EXCHANGES, ReplayServer
+from vllm_replay import EXCHANGES, ReplayTestServer
 
 from freelm.backends.base import (
     BackendError,
@@ -32,11 +32,11 @@ run = partial(call, VLLMBackend)
 
 @pytest.fixture
 def server():
-    with ReplayServer() as srv:
+    with ReplayTestServer() as srv:
         yield srv
 
 
-def completion_bodies(server: ReplayServer) -> list[dict]:
+def completion_bodies(server: ReplayTestServer) -> list[dict]:
     return [body for path, body in server.bodies if path == "/v1/completions"]
 
 

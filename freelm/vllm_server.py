@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
+
+from freelm.loopback import LoopbackServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_SCRIPT = ROOT / "scripts" / "serve_vllm.sh"
@@ -44,14 +45,8 @@ def vllm_python() -> Path:
     return python
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class VLLMServer:
+class VLLMServer(LoopbackServer):
     """One vLLM server on 127.0.0.1 serving ``model`` and ``adapters`` (name -> directory) as the script serves them.
 
     ``settings`` are further variables of ``scripts/serve_vllm.sh`` (e.g.
@@ -69,14 +64,6 @@ class VLLMServer:
     log: Path | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
 
     def environment(self) -> dict[str, str]:
         adapters = " ".join(f"{name}={Path(path).resolve()}" for name, path in self.adapters.items())

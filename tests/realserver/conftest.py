@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 import pytest
+
+from freelm.loopback import LoopbackServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "freelm" / "assets" / "embedded"
@@ -81,13 +82,7 @@ def smollm2_tokenizer_dir(smollm2_gguf) -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
+class LlamaServer(LoopbackServer):
     """One ``llama-server`` process on 127.0.0.1; ``stop()``/``start()`` kill and restart it on the same port.
 
     One thread: ggml's worker threads spin while they wait, and on a loaded 2-core machine two of them ran
@@ -99,14 +94,6 @@ class LlamaServer:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = CACHE / f"server-{self.port}.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
 
     def start(self, wait: bool = True) -> LlamaServer:
         command = [

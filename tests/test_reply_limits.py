@@ -16,11 +16,11 @@ import tracemalloc
 import pytest
 from backend_calls import call, scripted_server_fixture
 
-from freelm.backends import transport
+from freelm import http_limits as transport
 from freelm.backends.base import GenerateRequest, TransientBackendError
 from freelm.backends.openai_compat import OpenAIBackend
 from freelm.backends.sglang import SGLangBackend
-from freelm.backends.transport import reply_limit
+from freelm.http_limits import reply_limit
 
 scripted_server = scripted_server_fixture({None: "thinking along", "free": "[]"}, served_model_name="m")
 

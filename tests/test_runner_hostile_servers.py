@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from freelm.backends import transport
+from freelm import http_limits as transport
 from freelm.backends.openai_compat import OpenAIBackend
 from freelm.backends.pool import EndpointPool
 from freelm.free import MAX_NOTES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import pytest
 
@@ -121,6 +122,19 @@ def test_openai_teacher_survives_replies_with_fields_missing_or_null():
         )
         reply = ask()
         assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("", 0, 0)
+
+
+def test_openai_teacher_stops_reading_a_reply_that_never_ends():
+    """A 200 whose body never ends: the teacher reads at most its byte cap (http_limits) and fails that call as a
+    TeacherError naming the cap, instead of buffering until the machine kills synthesis."""
+    problem = Problem(id="1", source="s", prompt="P?", answer="1")
+    with OpenAIChatTestServer("[]") as server:
+        server.script(ChatFault(200, body="{", endless=True))
+        teacher = OpenAITeacher(server.base_url, "teacher", "key", max_tokens=16, timeout=60, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(TeacherError, match="larger than"):
+            asyncio.run(teacher.suggest(problem, "t"))
+        assert time.monotonic() - started < 30  # stopped at the cap (about 1 MiB), not at the 60 s deadline
 
 
 def test_keeps_empty_is_deterministic_and_near_the_share():

@@ -336,7 +336,7 @@ class RemoteBackend(Backend, Protocol):
     reads :meth:`server_limits` and runs :meth:`startup_check` before the first
     rollout. A kind that lacks one of them is refused by the registry, by name
     (docs/backends.md, "Writing a backend"). Its replies are untrusted: read
-    under :mod:`freelm.backends.transport`'s byte cap and total deadline,
+    under :mod:`freelm.http_limits`'s byte cap and total deadline,
     probes under its probe deadline, and results through :func:`check_length`.
     """
 

@@ -67,7 +67,7 @@ from freelm.backends.base import (
     check_length,
     refused,
 )
-from freelm.backends.transport import bounded_httpx_client, probe_timeout, reply_cap, reply_limit
+from freelm.http_limits import bounded_httpx_client, probe_timeout, reply_cap, reply_limit, with_transport_reason
 from freelm.redact import redact
 
 if TYPE_CHECKING:
@@ -215,10 +215,7 @@ class OpenAIBackend:
 
         status = getattr(exc, "status_code", None)
         message = self._scrub(f"{self.base_url}: {type(exc).__name__}" + (f" HTTP {status}" if status else ""))
-        detail = str(exc.message)
-        if isinstance(exc, openai.APIConnectionError) and str(exc.__cause__ or ""):  # the transport's reason
-            detail += f" ({exc.__cause__})"
-        detail = self._scrub(detail)
+        detail = self._scrub(with_transport_reason(exc) if isinstance(exc, openai.APIConnectionError) else exc.message)
         message += f": {detail[:_ERROR_CHARS]}" + (f"... ({len(detail)} chars)" if len(detail) > _ERROR_CHARS else "")
         invalid = any(marker in detail.lower() for marker in _VALIDATION_MARKERS)
         if isinstance(exc, openai.APIConnectionError) or (

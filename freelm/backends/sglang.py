@@ -47,7 +47,7 @@ from freelm.backends.base import (
     check_length,
     refused,
 )
-from freelm.backends.transport import ReplyTooLarge, probe_timeout, read_capped, reply_limit
+from freelm.http_limits import ReplyTooLarge, probe_timeout, read_capped, reply_limit
 
 if TYPE_CHECKING:
     import aiohttp  # imported where a backend is built: discovering the kinds (the runner's --help) does not pay for it
@@ -306,7 +306,7 @@ class SGLangBackend:
         self._session = None
 
     async def _send(self, method: str, path: str, *, limit: int | None = None, **kwargs: Any) -> Reply:
-        """One exchange; the body is read under ``limit`` bytes (:func:`~freelm.backends.transport.reply_limit`)."""
+        """One exchange; the body is read under ``limit`` bytes (:func:`~freelm.http_limits.reply_limit`)."""
         url = f"{self.base_url}{path}"
         async with self._client().request(method, url, **kwargs) as response:
             body = await read_capped(response, reply_limit() if limit is None else limit)

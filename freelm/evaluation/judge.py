@@ -24,6 +24,7 @@ from typing import Any
 from freelm.evaluation.extract import last_boxed
 from freelm.evaluation.judgments import Judgment, JudgmentCache
 from freelm.evaluation.metrics import JudgeKey
+from freelm.http_limits import reply_cap, reply_limit, with_transport_reason
 from freelm.redact import redact
 
 #: Seconds between two looks at an answer another judge process is asking about.
@@ -141,19 +142,20 @@ async def _judge_one(client, item: JudgeItem, settings: JudgeSettings) -> Judgme
     raw, malformed, replied = None, "", False
     for attempt in range(1, settings.parse_retries + 2):
         try:
-            async with asyncio.timeout(settings.request_timeout):
-                response = await client.chat.completions.create(
+            with reply_cap(reply_limit(settings.max_tokens)):  # read by the client of http_limits.bounded_httpx_client
+                call = client.chat.completions.create(
                     model=settings.model,
                     messages=[{"role": "user", "content": prompt}],
                     temperature=settings.temperature,
                     max_tokens=settings.max_tokens,
                 )
+                response = await asyncio.wait_for(call, settings.request_timeout)
             content = reply_text(response)
-        except TimeoutError:
+        except (asyncio.TimeoutError, openai.APITimeoutError):  # ours or the bounded client's (the same deadline)
             return failed(attempt, raw, f"no complete reply within {settings.request_timeout:g} s")
         except openai.APIError as exc:
             if not isinstance(exc, openai.APIResponseValidationError):  # the client already retried it
-                return failed(attempt, raw, f"{type(exc).__name__}: {exc}")
+                return failed(attempt, raw, f"{type(exc).__name__}: {with_transport_reason(exc)}")
             malformed = f"malformed reply: {exc}"
             continue
         except Exception as exc:  # a 200 the client could not read as a completion (untrusted bytes)

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     from freelm.evaluation.judge import JudgeSettings, judge_items, load_judge_template
     from freelm.evaluation.outputs import refuse_aliases, run_input_files
+    from freelm.http_limits import bounded_httpx_client
     from freelm.output_guard import write_failure
 
     try:
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             api_key=key or "EMPTY",
             max_retries=args.max_retries,
             timeout=args.request_timeout,
+            http_client=bounded_httpx_client(args.request_timeout),  # a reply's bytes are capped, not only its time
         )
         async with client:
             return await judge_items(items, client, settings, args.output, progress=not args.no_progress)

@@ -40,7 +40,9 @@ class ChatFault:
     do not sleep through its default backoff. ``content_type`` is the header sent
     (a proxy's error page is ``text/html``). ``drip_s`` > 0 sends the body one
     byte at a time with that pause between bytes (every read returns promptly,
-    so a per-read timeout never fires).
+    so a per-read timeout never fires). ``endless`` sends ``body`` and then
+    spaces without end (no length, 64 KiB a write, until the client hangs up):
+    a server whose reply never ends.
     """
 
     status: int = 500
@@ -48,7 +50,11 @@ class ChatFault:
     retry_after_ms: int | None = 1
     content_type: str = "application/json"
     drip_s: float = 0.0
+    endless: bool = False
 
+
+#: ``_send``'s pause between bytes that means "never stop sending" (``ChatFault.endless``).
+ENDLESS = -1.0
 
 Reply = str | ChatFault
 Responder = Callable[[dict[str, Any]], Reply]
@@ -130,7 +136,7 @@ class OpenAIChatTestServer(LocalHTTPServer):
                 with self._lock:
                     self.malformed += 1
             text = reply.body if reply.body is not None else _error_body(f"scripted error {reply.status}", "server")
-            return reply.status, text, headers, reply.drip_s
+            return reply.status, text, headers, (ENDLESS if reply.endless else reply.drip_s)
         prompt_words = sum(count_words(str(m.get("content") or "")) for m in body["messages"])
         completion = chat_completion(reply, model=self.model, prompt_words=prompt_words)
         with self._lock:
@@ -202,22 +208,31 @@ class _Handler(QuietHandler):
     server_state: OpenAIChatTestServer
 
     def _send(self, status: int, text: str, headers: dict[str, str] | None = None, drip_s: float = 0.0) -> None:
+        """``drip_s``: seconds between bytes; :data:`ENDLESS`: the body never ends (read until the connection closes)."""
         data = text.encode("utf-8", "surrogatepass")  # a scripted body may carry a lone surrogate: sent as is
         headers = {"Content-Type": "application/json", **(headers or {})}
         self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
+        if drip_s == ENDLESS:
+            self.send_header("Connection", "close")  # no length: the body is whatever comes until the close
+        else:
+            self.send_header("Content-Length", str(len(data)))
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
         self.server_state.record_status(status)
-        if not drip_s:
-            self.wfile.write(data)
-            return
         try:
-            for i in range(len(data)):
-                self.wfile.write(data[i : i + 1])
-                self.wfile.flush()
-                time.sleep(drip_s)
+            if drip_s == ENDLESS:
+                self.wfile.write(data)
+                filler = b" " * (64 << 10)
+                while True:
+                    self.wfile.write(filler)
+            elif not drip_s:
+                self.wfile.write(data)
+            else:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(drip_s)
         except OSError:  # the client gave up on the reply
             self.close_connection = True
 

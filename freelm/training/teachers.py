@@ -17,6 +17,7 @@ from typing import Protocol
 
 from freelm.cleaners.base import Cleaner
 from freelm.data import Problem
+from freelm.http_limits import bounded_httpx_client, reply_cap, reply_limit, with_transport_reason
 from freelm.prompts import MARKS, PROBLEM_MARK, template_skeleton
 from freelm.redact import redact
 
@@ -117,7 +118,10 @@ class OpenAITeacher:
     ):
         from openai import AsyncOpenAI
 
-        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self.client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+            http_client=bounded_httpx_client(timeout),  # a teacher's reply is untrusted: bytes capped, deadline total
+        )  # fmt: skip
         self._secret = api_key
         self.model = model
         self.template = template
@@ -129,14 +133,17 @@ class OpenAITeacher:
         import openai
 
         try:
-            response = await self.client.chat.completions.create(
-                model=self.model,
-                messages=teacher_messages(problem.prompt, thinking, self.template),
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-            )
+            with reply_cap(reply_limit(self.max_tokens)):  # read by the bounded client
+                response = await self.client.chat.completions.create(
+                    model=self.model,
+                    messages=teacher_messages(problem.prompt, thinking, self.template),
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                )
         except openai.OpenAIError as exc:
-            raise TeacherError(redact(f"{type(exc).__name__}: {exc}", [self._secret])[:500]) from None
+            raise TeacherError(
+                redact(f"{type(exc).__name__}: {with_transport_reason(exc)}", [self._secret])[:500]
+            ) from None
         # the client does not validate replies: any field may be missing or null
         choices = getattr(response, "choices", None)
         message = getattr(choices[0], "message", None) if choices else None

@@ -1,12 +1,14 @@
-"""The limits every remote backend's HTTP exchange obeys: a byte cap per reply and a deadline per call.
+"""The limits every HTTP exchange with a model server obeys: a byte cap per reply and a deadline per call.
 
 Why: a server's reply is untrusted. A 200 whose body never ends grew the
 runner's memory by about 400 MB/s until the machine killed it (the body was read
 whole), and a reply that drips one byte at a time never trips a per-read
 timeout. So every reply is read with a byte cap, and every call has a total
-deadline covering the whole reply; exceeding either is a
-:class:`~freelm.backends.base.TransientBackendError` of that one request
-(retried elsewhere by the pool), never the run's problem.
+deadline covering the whole reply; exceeding either fails that one request
+(a transient error the caller retries: the runner's backends, the LLM judge,
+the synthesis teacher), never the run's problem. A core module, so that every
+layer that talks to a server (backends, evaluation, training) reads replies
+the same way.
 
 The cap is derived from what was asked: a generation reply may hold
 :data:`REPLY_BYTES_PER_TOKEN` bytes per requested token plus
@@ -22,9 +24,9 @@ an endpoint that accepts connections and never answers must cost seconds, not
 the 10-minute request timeout.
 
 The aiohttp client (SGLang) reads through :func:`read_capped`; the httpx
-client under the openai SDK (the OpenAI-compatible backends) through
-:mod:`freelm.backends.httpx_transport`, which reads the cap set here with
-:func:`reply_cap` for the call in progress.
+client under the openai SDK (the OpenAI-compatible backends, the judge, the
+teacher) is :func:`bounded_httpx_client`, which reads the cap set with
+:func:`reply_cap` for the call in progress (:data:`INFO_REPLY_BYTES` outside one).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ class ReplyTooLarge(Exception):
     def __init__(self, url: str, limit: int):
         super().__init__(f"{url}: reply larger than {limit:,} bytes: stopped reading it (a broken or hostile server)")
         self.limit = limit
+
+
+def with_transport_reason(exc: BaseException) -> str:
+    """``exc``'s text with the transport's reason the openai SDK hides (its ``APIConnectionError`` reads
+    "Connection error." over a reply cut at its cap; the cause says which): what a log line or a record keeps."""
+    text, cause = str(exc), exc.__cause__
+    return f"{text} ({cause})" if cause is not None and str(cause) and str(cause) not in text else text
 
 
 def reply_limit(max_new_tokens: int | None = None) -> int:

@@ -4,7 +4,10 @@ A 1000-token window, the counting model told to count far past it: vanilla with
 ``--max-tokens`` equal to the window keeps every rollout (finished
 ``context_overflow``, none in OUT.errors.jsonl), and Free()LM with the default
 ``--clean-max-tokens`` (1024, more than the whole window) keeps cleaning up to
-the window and finishes with the right answer.
+the window and finishes with the right answer. Two windows at once (the served
+one and ``--context-limit``) allow what both allow; a server whose real window is
+smaller than the one it reports ends rollouts as ``context_overflow``, not as
+failures to retry.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from freelm.backends.base import ContextWindow
 from freelm.backends.sglang import SGLangBackend
@@ -154,3 +159,87 @@ def test_runner_records_whether_seeds_are_honoured_and_warns_once(counting, tmp_
         if deterministic:
             assert "asserts on min_p > 0" in capsys.readouterr().err
             assert not (tmp_path / "min_p.jsonl").exists() and server.status == "up"
+
+
+# --------------------------------------------------------------------------- two windows at once
+
+WINDOWS = st.builds(ContextWindow, st.integers(0, 3000), st.integers(0, 3000), st.just("w"))
+
+
+@given(WINDOWS, WINDOWS, st.integers(0, 3100))
+def test_two_windows_at_once_allow_exactly_what_both_allow(first, second, prompt):
+    """Whichever window contains the other, or neither: a prompt gets the smaller room of the two, in either order."""
+    assert first.narrow(second).room(prompt) == min(first.room(prompt), second.room(prompt))
+    assert second.narrow(first).room(prompt) == min(first.room(prompt), second.room(prompt))
+    assert first.narrow(None).room(prompt) == first.room(prompt)
+
+
+@pytest.mark.parametrize("budget_first", [True, False])
+def test_a_context_limit_just_below_sglangs_window_bounds_prompt_plus_response(budget_first):
+    """``--context-limit 997`` on a 1000-token SGLang window: neither contains the other.
+
+    The budget takes longer prompts (up to 995 against SGLang's 993) but shorter
+    requests (996 against 998): together, prompts up to 993 and never more than
+    996 tokens in all, so prompt + response stays below the flag.
+    """
+    budget, served = ContextWindow.budget(997), ContextWindow.sglang(1000)
+    window = budget.narrow(served) if budget_first else served.narrow(budget)
+    assert [window.room(p) for p in (0, 992, 993, 994, 995)] == [996, 4, 3, 0, 0]
+    assert max(p + window.room(p) for p in range(994)) == 996
+    assert "--context-limit" in window.source and "SGLang" in window.source
+
+
+@pytest.mark.parametrize("backend", ["sglang", "openai"])
+def test_a_rollout_under_a_context_limit_below_the_window_stays_below_the_limit(counting, tmp_path, backend):
+    server, root, data, _ = counting
+    server.reset()
+    out = tmp_path / "limited.jsonl"
+    assert _run(server, root, data, out, backend, "--mode", "vanilla", "--context-limit", "997") == 0
+    records = read_rollouts(out)
+    assert len(records) == PROBLEMS * ROLLOUTS and {r.finish_reason for r in records} == {"context_overflow"}
+    assert {r.final_context_tokens for r in records} == {996}  # not SGLang's 998: the flag is the tighter side
+
+
+# --------------------------------------------------------------------------- a window smaller than reported
+
+
+class SmallerThanReported(SGLangTestServer):
+    """What the runner meets behind sgl-router when its workers were launched with different ``--context-length``.
+
+    The router forwards ``/server_info`` to any worker: here the answer comes from
+    one serving ``reported`` tokens, while ``/generate`` reaches this one, whose
+    window is ``context_length`` (every rule applied is the stand-in's).
+    """
+
+    def __init__(self, engine, *, reported: int, **kwargs):
+        super().__init__(engine, **kwargs)
+        self.reported = reported
+
+    def server_info(self) -> dict:
+        larger = min(self.reported - 1, self.kv_capacity - 1)  # managers/tp_worker.py, for the other worker
+        return {**super().server_info(), "context_length": self.reported, "max_req_input_len": larger - 5}
+
+
+@pytest.mark.parametrize(("backend", "mode"), [("sglang", "vanilla"), ("sglang", "freelm"), ("openai", "freelm")])
+def test_a_window_refusal_ends_the_rollout_as_context_overflow_and_is_not_retried(counting, tmp_path, backend, mode):
+    _, root, data, template = counting
+    engine = CountingEngine(Tokenizer.from_pretrained(root / "tokenizer"), target=TARGET)
+    flags = ["--mode", mode, "--max-tokens", "8000", "--context-limit", str(2 * WINDOW)]
+    if mode == "freelm":  # one cleaning round (its call fits the real window), then the rest in one reasoning call
+        flags += ["--clean-every", "128", "--max-clean-rounds", "1", "--clean-max-tokens", "64"]
+        flags += ["--clean-template", str(template)]
+    out = tmp_path / "refused.jsonl"
+    with SmallerThanReported(engine, served_model_name="counter", context_length=WINDOW, reported=2 * WINDOW) as server:
+        assert _run(server, root, data, out, backend, *flags) == 0
+        records = read_rollouts(out)
+        assert len(records) == PROBLEMS * ROLLOUTS and not errors_path(out).exists()
+        for record in records:
+            assert record.finish_reason == "context_overflow"
+            assert "maximum context length of 1000 tokens" in record.error
+            if mode == "freelm":  # the text before the refusal is kept
+                assert record.cleaning_rounds == 1 and record.response.startswith("step ")
+                assert [r.clean.error for r in record.rounds if r.clean is not None] == [None]
+        assert _run(server, root, data, out, backend, *flags) == 0  # the same command again: nothing to retry
+    summary = json.loads(manifest_path(out).read_text())["summary"]
+    assert summary["present_at_start"] == PROBLEMS * ROLLOUTS and summary["done"] == summary["failed"] == 0
+    assert read_rollouts(out) == records and not errors_path(out).exists()

@@ -156,3 +156,39 @@ def test_secret_environment_variables_are_redacted_everywhere(monkeypatch):
     monkeypatch.setenv("SOME_SERVICE_TOKEN", "tok-1234567890")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM_PATH", "/models/Qwen3-8B")  # not a secret name
     assert redact("sent tok-1234567890 to /models/Qwen3-8B") == f"sent {MASK} to /models/Qwen3-8B"
+
+
+# --------------------------------------------------------------------------- secrets inside secrets
+
+#: A key and a shorter secret inside it (no credential pattern matches either: only the known values can catch them).
+OUTER = "tenant-4f9c2e7a11b3d5e6-secret-7d"
+INNER = "4f9c2e7a11b3d5e6"
+
+
+@pytest.mark.parametrize("order", [[OUTER, INNER], [INNER, OUTER]], ids=["outer-first", "inner-first"])
+def test_no_character_of_a_secret_containing_another_survives_in_either_order(order):
+    text = f"upstream said: {OUTER}; then {INNER} alone"
+    assert redact(text, order) == f"upstream said: {MASK}; then {MASK} alone"
+    assert redact_obj({"error": [text]}, order) == {"error": [f"upstream said: {MASK}; then {MASK} alone"]}
+
+
+@pytest.mark.parametrize("from_env", [INNER, OUTER])
+def test_a_secret_from_the_environment_and_one_from_the_caller_nest_in_either_role(monkeypatch, from_env):
+    monkeypatch.setenv("FREELM_NESTED_TEST_TOKEN", from_env)
+    passed = OUTER if from_env == INNER else INNER
+    assert redact(f"[{OUTER}]", [passed]) == f"[{MASK}]"
+
+
+def test_known_secrets_from_eight_characters_are_redacted_shorter_ones_are_not(monkeypatch):
+    assert redact("a 1x2y3z4w b", ["1x2y3z4w"]) == f"a {MASK} b"
+    assert redact("a 1x2y3z4 b", ["1x2y3z4"]) == "a 1x2y3z4 b"  # seven characters: too likely to occur by chance
+    monkeypatch.setenv("FREELM_SHORT_TEST_TOKEN", "9q8w7e6")
+    monkeypatch.setenv("FREELM_LONG_TEST_TOKEN", "9q8w7e6r")
+    assert redact("9q8w7e6 9q8w7e6r") == f"9q8w7e6 {MASK}"
+
+
+def test_every_occurrence_is_redacted_at_either_end_of_the_text():
+    key = "k3y-v4lu3-0123"
+    assert redact(key + " and " + key, [key]) == f"{MASK} and {MASK}"
+    assert redact(f"{key}, {key}, {key}.", [key]) == f"{MASK}, {MASK}, {MASK}."
+    assert redact("", [key]) == "" and redact(key, [None, "", key]) == MASK

@@ -55,11 +55,31 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     if not text:
         return text
     values = {s for s in [*secrets, *environment_secrets()] if s and len(s) >= _MIN_SECRET_LEN}
-    for value in sorted(values, key=len, reverse=True):  # longest first: one key may contain another
-        text = text.replace(value, MASK)
+    if values:
+        text = _mask_known(text, values)
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + MASK, text)
     return text
+
+
+def _mask_known(text: str, values: set[str]) -> str:
+    """Every run of characters covered by some occurrence of a known value, replaced by one :data:`MASK`.
+
+    The union of all occurrences, not one replacement after another: replacing
+    one value first would break an occurrence of another that contains or
+    overlaps it and leave that one's other characters in clear.
+    """
+    covered = bytearray(len(text))
+    for value in values:
+        at = text.find(value)
+        while at >= 0:
+            covered[at : at + len(value)] = b"\x01" * len(value)
+            at = text.find(value, at + 1)
+    pieces, pos = [], 0
+    for run in re.finditer(rb"\x01+", covered):
+        pieces += [text[pos : run.start()], MASK]
+        pos = run.end()
+    return "".join(pieces) + text[pos:]
 
 
 def redact_obj(obj: Any, secrets: Iterable[str | None] = ()) -> Any:

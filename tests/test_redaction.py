@@ -179,6 +179,14 @@ def test_a_secret_from_the_environment_and_one_from_the_caller_nest_in_either_ro
     assert redact(f"[{OUTER}]", [passed]) == f"[{MASK}]"
 
 
+def test_overlapping_secrets_leave_no_character_of_either():
+    """The end of one known secret is the start of another: whichever is replaced first, neither may leak."""
+    first, second = "alpha-key-0123456789", "0123456789-beta-key"
+    for order in ([first, second], [second, first]):
+        assert redact("x alpha-key-0123456789-beta-key y", order) == f"x {MASK} y"
+    assert redact("x" + "7" * 9 + "y", ["7" * 8]) == f"x{MASK}y"  # a secret overlapping itself
+
+
 def test_known_secrets_from_eight_characters_are_redacted_shorter_ones_are_not(monkeypatch):
     assert redact("a 1x2y3z4w b", ["1x2y3z4w"]) == f"a {MASK} b"
     assert redact("a 1x2y3z4 b", ["1x2y3z4"]) == "a 1x2y3z4 b"  # seven characters: too likely to occur by chance

@@ -20,7 +20,7 @@ import pytest
 from freelm.data import load_problem_sources
 from freelm.evaluation import eval_cli
 from freelm.manifest import manifest_path
-from freelm.records import read_rollouts
+from freelm.records import RolloutRecord, RolloutResult, read_rollouts
 from freelm.run.cli import main as runner_main
 from freelm.shards import Shard, read_run, run_files, shard_of
 from freelm.testing.counting import CountingEngine, counting_tokenizer
@@ -185,6 +185,65 @@ def test_a_missing_shard_is_refused(sharded, tmp_path, capsys):
     assert "missing shard(s) [1] of 3 (expected " in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"missing shard\(s\) \[1\] of 3"):
         find_record(two, "1", 0, source="hmmt")
+
+
+def test_one_shard_given_alone_is_refused_naming_the_others(sharded, tmp_path, capsys):
+    """By its own name, by the run's name where it is the only shard, and renamed: never read as the whole run."""
+    alone = tmp_path / "alone" / sharded[1].name
+    alone.parent.mkdir()
+    shutil.copy(sharded[1], alone)
+    shutil.copy(manifest_path(sharded[1]), manifest_path(alone))
+    renamed = tmp_path / "mine.jsonl"  # its manifest still says which shard it is
+    shutil.copy(sharded[1], renamed)
+    shutil.copy(manifest_path(sharded[1]), manifest_path(renamed))
+    for given, expected in [
+        (sharded[1], [sharded[0], sharded[2]]),
+        (
+            alone.with_name("run.jsonl"),
+            [alone.with_name("run.shard-0-of-3.jsonl"), alone.with_name("run.shard-2-of-3.jsonl")],
+        ),
+        (renamed, [tmp_path / "mine.shard-0-of-3.jsonl", tmp_path / "mine.shard-2-of-3.jsonl"]),
+    ]:
+        assert evaluate(tmp_path, f"x={given}") == 2
+        error = capsys.readouterr().err
+        assert f"missing shard(s) [0, 2] of 3 (expected {expected[0]}, {expected[1]})" in error
+        with pytest.raises(SystemExit, match=r"missing shard\(s\) \[0, 2\] of 3"):
+            find_record(given, "1", 0, source="hmmt")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def _shard_by_name(folder: Path, index: int, count: int) -> Path:
+    """A shard known by its file name alone (no manifest): a record for every key of 4 problems x 3 it owns."""
+    shard = Shard(index, count)
+    path = shard.output(folder / "run.jsonl")
+    result = RolloutResult("done", "stop", 1, 1, 2, 2)
+    lines = [
+        RolloutRecord.from_result(
+            result, id=str(i), source="aime", rollout=r, seed=0, answer="1", mode="vanilla", config_hash="h"
+        ).to_dict()
+        for i in range(4)
+        for r in range(3)
+        if shard.owns("aime", str(i), r)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(("index", "count"), [(0, 2), (1, 2), (0, 3), (2, 3)])
+def test_a_shard_named_as_one_is_never_read_as_a_whole_run(tmp_path, index, count):
+    paths = [_shard_by_name(tmp_path, i, count) for i in range(count)]
+    assert run_files(tmp_path / "run.jsonl") == paths
+    assert keys(read_run(paths)) == sorted(("aime", str(i), r) for i in range(4) for r in range(3))
+    others = [i for i in range(count) if i != index]
+    for path in paths:
+        if path != paths[index]:
+            path.unlink()
+    for given in ([paths[index]], run_files(tmp_path / "run.jsonl")):
+        with pytest.raises(ValueError) as info:
+            read_run(given)
+        assert str(info.value) == (
+            f"missing shard(s) {others} of {count} (expected {', '.join(str(paths[i]) for i in others)})"
+        )
 
 
 def test_a_duplicated_shard_is_refused(sharded, tmp_path, capsys):

@@ -122,6 +122,58 @@ def test_notes_about_malformed_items_are_capped_and_the_rest_counted():
     ]
 
 
+def _marked(n: int) -> tuple[str, list[Deletion]]:
+    """A thinking of ``n`` marked lines and one command per line deleting it."""
+    lines = [f"<{i:04d}> note {i}.\n" for i in range(n)]
+    return "".join(lines), [Deletion(f"<{i:04d}>", f"note {i}.\n") for i in range(n)]
+
+
+def test_exactly_the_cap_is_applied_whole_and_one_more_applies_the_first_ones():
+    thinking, commands = _marked(MAX_COMMANDS + 1)
+    parsed = parse_commands(format_commands(commands[:MAX_COMMANDS]))
+    assert parsed == commands[:MAX_COMMANDS] and parsed.dropped == [] and parsed.error is None
+    parsed = parse_commands("Deleting:\n" + format_commands(commands))
+    assert parsed.dropped == [f"too_many_commands: kept the first {MAX_COMMANDS} of {MAX_COMMANDS + 1}"]
+    edit = apply_deletions(thinking, parsed)
+    assert edit.text == f"<{MAX_COMMANDS:04d}> note {MAX_COMMANDS}.\n"  # the last line is the one left
+    assert edit.applied == commands[:MAX_COMMANDS] and edit.skipped == []
+
+
+def test_the_cap_counts_commands_not_malformed_items():
+    _, commands = _marked(MAX_COMMANDS)
+    items = [{"prefix": 1, "suffix": "x"}, *(c.to_dict() for c in commands), "junk"]
+    parsed = parse_commands(json.dumps(items))
+    assert parsed == commands
+    assert parsed.dropped == ["item 0: needs string 'prefix' and 'suffix'", f"item {MAX_COMMANDS + 1}: not an object"]
+
+
+def _padded(depth: int, in_list: bool = True) -> str:
+    """The GOOD command nested ``depth`` brackets deep in all: its object carries a ``pad`` nested the rest of the way.
+
+    In a list the pad is lists; a single object's pad is objects (a list inside it would be read as the list).
+    """
+    inner = depth - (2 if in_list else 1)  # the list (if any) and the command's object are levels too
+    pad = "[" * inner + "]" * inner if in_list else '{"a": ' * inner + "0" + "}" * inner
+    command = '{"prefix": "Let me try", "suffix": "dead end.", "pad": ' + pad + "}"
+    return f"[{command}]" if in_list else command
+
+
+def test_exactly_the_deepest_nesting_decodes_and_one_level_more_is_skipped():
+    for depth in (MAX_DEPTH - 1, MAX_DEPTH):
+        parsed = parse_commands(_padded(depth))
+        assert parsed == GOOD and parsed.dropped == [] and parsed.error is None
+        assert apply_deletions(THINKING, parsed).text == "Plan.\n\nSo x = 4.\n"
+    parsed = parse_commands(_padded(MAX_DEPTH + 1))
+    assert parsed == [] and parsed.dropped[0] == "nesting_too_deep"
+    assert apply_deletions(THINKING, parsed).text == THINKING
+
+
+def test_a_single_object_at_the_deepest_nesting_decodes_one_level_more_does_not():
+    assert parse_commands(_padded(MAX_DEPTH, in_list=False)) == GOOD
+    deeper = parse_commands(_padded(MAX_DEPTH + 1, in_list=False))
+    assert deeper == [] and "nesting_too_deep" in [deeper.error, *deeper.dropped]
+
+
 # --------------------------------------------------------------------------- end to end
 
 

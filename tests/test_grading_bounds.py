@@ -15,7 +15,7 @@ import pytest
 
 from freelm.evaluation import eval_cli
 from freelm.evaluation.extract import extract_answer, last_boxed
-from freelm.evaluation.grade import MAX_ANSWER_CHARS, GraderPool, grade_pairs, normalize_answer, quick_grade
+from freelm.evaluation.grade import MAX_ANSWER_CHARS, Grade, GraderPool, grade_pairs, normalize_answer, quick_grade
 
 BIG = "9" * 5000
 
@@ -66,27 +66,59 @@ def test_answers_over_the_size_bound_are_incorrect_with_a_reason():
     assert normalize_answer(long_answer) == long_answer  # not even normalized
 
 
-def test_eval_finishes_on_adversarial_answers_and_counts_them(tmp_path):
-    lines = []
-    finals = {**ADVERSARIAL, "plain": "\\boxed{7}"}
-    for i, (name, final) in enumerate(sorted(finals.items())):
-        lines.append({
-            "id": name, "source": "adv", "rollout": 0, "seed": i, "answer": "7", "mode": "freelm", "config_hash": "h",
-            "response": response(final), "finish_reason": "stop", "prompt_tokens": 1, "generated_tokens": 1,
-            "final_context_tokens": 2, "peak_context_tokens": 2, "cleaning_rounds": 0, "wall_time_s": 0.0,
-            "reasoning_time_s": 0.0, "cleaning_time_s": 0.0,
-        })  # fmt: skip
+def _rollout(name: str, final: str, index: int = 0) -> dict:
+    return {
+        "id": name, "source": "adv", "rollout": 0, "seed": index, "answer": "7", "mode": "freelm", "config_hash": "h",
+        "response": response(final), "finish_reason": "stop", "prompt_tokens": 1, "generated_tokens": 1,
+        "final_context_tokens": 2, "peak_context_tokens": 2, "cleaning_rounds": 0, "wall_time_s": 0.0,
+        "reasoning_time_s": 0.0, "cleaning_time_s": 0.0,
+    }  # fmt: skip
+
+
+def _eval_args(tmp_path, lines: list[dict], *flags: str) -> argparse.Namespace:
+    """``eval_passk.py``'s arguments for a run of these rollouts; metrics go to ``tmp_path / "metrics.json"``."""
     run = tmp_path / "adv.jsonl"
     run.write_text("".join(json.dumps(line) + "\n" for line in lines))
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
-    args = parser.parse_args(
-        ["--input", str(run), "--output", str(tmp_path / "metrics.json"), "--grade-timeout", "1", "--no-progress"]
-    )
+    return parser.parse_args(["--input", str(run), "--output", str(tmp_path / "metrics.json"), "--no-progress", *flags])
+
+
+def _overall(tmp_path) -> dict:
+    return json.loads((tmp_path / "metrics.json").read_text())["runs"][0]["overall"]
+
+
+#: Seven written with leading zeros to exactly the length limit, and with one zero more.
+AT_LIMIT = "0" * (MAX_ANSWER_CHARS - 1) + "7"
+OVER_LIMIT = "0" + AT_LIMIT
+
+
+def test_an_answer_of_exactly_the_length_limit_is_graded_one_character_more_is_too_long():
+    assert normalize_answer(AT_LIMIT) == "7" and normalize_answer(OVER_LIMIT) == OVER_LIMIT
+    with GraderPool(1) as pool:
+        grades = grade_pairs([("7", AT_LIMIT), ("7", OVER_LIMIT), ("7", AT_LIMIT[:-1] + "8")], pool)
+    assert grades[("7", AT_LIMIT)] == Grade(True, "string", True)
+    assert grades[("7", AT_LIMIT[:-1] + "8")] == Grade(False, "integer", True)
+    reason = f"answer of {MAX_ANSWER_CHARS + 1} chars > {MAX_ANSWER_CHARS}"
+    assert grades[("7", OVER_LIMIT)] == Grade(False, "too_long", True, reason)  # decided: no judge is asked
+
+
+def test_evaluation_grades_a_boxed_answer_at_the_limit_and_counts_one_over_it(tmp_path):
+    lines = [_rollout("at", f"\\boxed{{{AT_LIMIT}}}"), _rollout("over", f"\\boxed{{{OVER_LIMIT}}}", 1)]
+    assert eval_cli.run(_eval_args(tmp_path, lines)) == 0
+    overall = _overall(tmp_path)
+    assert overall["grade_methods"] == {"string": 1, "too_long": 1} and overall["over_bounds"] == 1
+    assert overall["avg_at_n"] == pytest.approx(1 / 2)
+
+
+def test_eval_finishes_on_adversarial_answers_and_counts_them(tmp_path):
+    finals = {**ADVERSARIAL, "plain": "\\boxed{7}"}
+    lines = [_rollout(name, final, i) for i, (name, final) in enumerate(sorted(finals.items()))]
+    args = _eval_args(tmp_path, lines, "--grade-timeout", "1")
     started = time.perf_counter()
     assert eval_cli.run(args) == 0
     assert time.perf_counter() - started < 120  # each answer is bounded (1 + 4 CPU s); before: over an hour
-    overall = json.loads((tmp_path / "metrics.json").read_text())["runs"][0]["overall"]
+    overall = _overall(tmp_path)
     assert overall["rollouts"] == 6
     # nested_16000 (32,001 chars) and one_mb_box exceed the size bound; digits_5000 is an integer (textually);
     # nested_1000 (2,001 chars) is math-verify's (in a worker, under the deadline); boxes_1mb has no complete box

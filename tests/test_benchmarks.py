@@ -379,6 +379,42 @@ def test_aime24_parquet_from_the_hub_layout_sorted_by_exam(tmp_path):
     assert out[1]["answer"] == "2" and out[1]["answer_raw"] == "002"
 
 
+@pytest.mark.parametrize("name", ["aime25", "aime26"])
+@pytest.mark.parametrize(("index", "exam", "number"), [(1, "I", 1), (15, "I", 15), (16, "II", 1), (30, "II", 15)])
+def test_matharena_aime_numbering_puts_15_in_exam_i_and_16_first_in_exam_ii(name, index, exam, number):
+    year = name.removeprefix("aime")
+    row = BENCHMARKS[name].convert({"problem_idx": index, "problem": "Find $n$.", "answer": "042"}, _ref(name, index))
+    assert (row["id"], row["exam"], row["problem_number"]) == (str(index), f"AIME 20{year} {exam}", number)
+    assert (row["answer"], row["answer_raw"]) == ("42", "042")
+
+
+@pytest.mark.parametrize("index", [0, -1, 31])
+def test_matharena_aime_indices_outside_one_to_thirty_name_the_row(index):
+    with pytest.raises(BenchmarkDataError, match=r"^aime25: data/train-00000-of-00001.parquet row 3: "):
+        BENCHMARKS["aime25"].convert({"problem_idx": index, "problem": "p", "answer": 1}, _ref("aime25", 3))
+
+
+def test_aime25_parquet_from_the_hub_layout_numbers_both_exams(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [
+        {"problem_idx": i, "problem": f"Problem {i}.", "answer": str(i), "problem_type": ["Algebra"]}
+        for i in range(1, 31)
+    ]
+    path = tmp_path / "aime_2025" / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    result = prepare_benchmark(BENCHMARKS["aime25"], tmp_path / "out", tmp_path, local_dir=tmp_path / "aime_2025")
+    lines = {line["id"]: line for line in map(json.loads, result.path.read_text().splitlines())}
+    problems = {problem.id: problem for problem in load_problems(result.path)}
+    assert sorted(lines, key=int) == sorted(problems, key=int) == [str(i) for i in range(1, 31)]
+    for index in range(1, 31):
+        exam, number = ("I", index) if index <= 15 else ("II", index - 15)
+        line = lines[str(index)]
+        assert (line["exam"], line["problem_number"], line["answer"]) == (f"AIME 2025 {exam}", number, str(index))
+        assert problems[str(index)].prompt == f"Problem {index}." and problems[str(index)].source == "aime25"
+
+
 def test_csv_with_unbalanced_quote_names_the_row(tmp_path):
     path = tmp_path / "answerbench.csv"
     path.write_text(

@@ -189,6 +189,43 @@ def test_different_config_is_refused_with_the_differences_then_forced(tmp_path, 
     assert len(moved) == 2  # the old output and its manifest, kept
 
 
+def _failing(tokenizer, times: int, message: str) -> CountingBackend:
+    backend = CountingBackend(tokenizer, target=TARGET)
+    backend.fail_next = deque([BackendError(message)] * times)
+    return backend
+
+
+def _replaced(folder: Path) -> list[Path]:
+    """The outputs --force moved aside in ``folder`` (their manifests and error files sit next to them)."""
+    return [
+        path
+        for path in folder.iterdir()
+        if ".replaced-" in path.name and not path.name.endswith((".manifest.json", ".errors.jsonl"))
+    ]
+
+
+def test_force_moves_the_old_errors_aside_with_the_output_the_new_file_holds_only_new_errors(tmp_path, tokenizer):
+    out = tmp_path / "out.jsonl"
+    batch(tmp_path, tokenizer, n_rollouts=2, backend=_failing(tokenizer, 2, "HTTP 400: old run"))
+    old = {path: path.read_bytes() for path in (out, manifest_path(out), errors_path(out))}
+    summary, _ = batch(
+        tmp_path, tokenizer, "--clean-every", "25", "--force", n_rollouts=2,
+        backend=_failing(tokenizer, 1, "HTTP 400: new run"),
+    )  # fmt: skip
+    assert summary.failed == 1 and summary.done == 5
+    errors = [obj for _, obj in iter_jsonl(errors_path(out))]
+    assert [e["error"] for e in errors] == ["reasoner: HTTP 400: new run"]
+    assert {e["config_hash"] for e in errors} == {r.config_hash for r in read_rollouts(out)}
+    # the old files sit together under one name, byte for byte
+    [moved] = _replaced(tmp_path)
+    assert {path: path.read_bytes() for path in (moved, manifest_path(moved), errors_path(moved))} == dict(
+        zip((moved, manifest_path(moved), errors_path(moved)), old.values())
+    )
+    # the same command again retries exactly the new run's failure: the old failures are not its business
+    summary, backend = batch(tmp_path, tokenizer, "--clean-every", "25", n_rollouts=2)
+    assert summary.done == 1 and summary.present_at_start == 5
+
+
 def test_execution_settings_do_not_change_the_hash_results_settings_do():
     base = parse().settings.config_hash
     assert (

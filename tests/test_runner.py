@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -224,6 +225,19 @@ def test_force_moves_the_old_errors_aside_with_the_output_the_new_file_holds_onl
     # the same command again retries exactly the new run's failure: the old failures are not its business
     summary, backend = batch(tmp_path, tokenizer, "--clean-every", "25", n_rollouts=2)
     assert summary.done == 1 and summary.present_at_start == 5
+
+
+def test_a_second_force_in_the_same_second_keeps_the_first_replaced_run(tmp_path, tokenizer, monkeypatch):
+    """Two --force runs within one second (a script that retries at once): nothing moved aside is overwritten."""
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261201-120000")  # one clock second for all
+    out = tmp_path / "out.jsonl"
+    contents = []
+    for n, every in enumerate(("20", "25", "30")):
+        backend = _failing(tokenizer, 1, f"HTTP 400: run {n}")
+        batch(tmp_path, tokenizer, "--clean-every", every, "--force", n_rollouts=2, backend=backend)
+        contents.append((out.read_bytes(), errors_path(out).read_bytes()))
+    kept = [(path.read_bytes(), errors_path(path).read_bytes()) for path in _replaced(tmp_path)]
+    assert sorted(kept) == sorted(contents[:2])
 
 
 def test_execution_settings_do_not_change_the_hash_results_settings_do():

@@ -89,7 +89,15 @@ def _mismatch_message(output: Path, theirs: list[str], settings: RunSettings) ->
 
 
 def move_aside(output: Path) -> Path:
-    target = Path(f"{output}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Rename the output, its manifest and its error file to ``OUT.replaced-TIME``; returns the new output path.
+
+    A name an earlier ``--force`` took in the same second gets ``-2``, ``-3``, ...: a rename would overwrite it.
+    """
+    stamp = f"{output}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = Path(stamp), 1
+    while any(p.exists() for p in (target, manifest_path(target), errors_path(target))):
+        n += 1
+        target = Path(f"{stamp}-{n}")
     for path, moved in zip(
         (output, manifest_path(output), errors_path(output)), (target, manifest_path(target), errors_path(target))
     ):

@@ -227,6 +227,19 @@ def test_force_moves_the_old_errors_aside_with_the_output_the_new_file_holds_onl
     assert summary.done == 1 and summary.present_at_start == 5
 
 
+def test_force_moves_aside_an_old_run_whose_every_rollout_failed(tmp_path, tokenizer):
+    """The old output holds no record, only its error file does: --force with other settings still starts afresh."""
+    out = tmp_path / "out.jsonl"
+    batch(tmp_path, tokenizer, n_rollouts=2, backend=_failing(tokenizer, 6, "HTTP 400: old run"))
+    assert read_rollouts(out) == [] and len(list(iter_jsonl(errors_path(out)))) == 6
+    with pytest.raises(ConfigMismatch, match="--force"):  # the error file is the old settings' as much as the output
+        batch(tmp_path, tokenizer, "--clean-every", "25", n_rollouts=2)
+    summary, _ = batch(tmp_path, tokenizer, "--clean-every", "25", "--force", n_rollouts=2)
+    assert summary.done == 6 and summary.failed == 0 and not errors_path(out).exists()
+    [moved] = _replaced(tmp_path)
+    assert len(list(iter_jsonl(errors_path(moved)))) == 6
+
+
 def test_a_second_force_in_the_same_second_keeps_the_first_replaced_run(tmp_path, tokenizer, monkeypatch):
     """Two --force runs within one second (a script that retries at once): nothing moved aside is overwritten."""
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261201-120000")  # one clock second for all

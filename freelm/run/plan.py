@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from freelm.data import Problem
+from freelm.jsonl import iter_jsonl
 from freelm.manifest import errors_path, manifest_path, now_iso, read_manifest
 from freelm.records import read_rollouts
 from freelm.run.cleaning import CleaningTally
@@ -54,17 +55,19 @@ class ExistingOutput:
 
 
 def inspect_output(output: Path, settings: RunSettings, *, force: bool) -> ExistingOutput:
-    """Read ``output`` (if any) without changing it; raise ConfigMismatch unless ``force``.
+    """Read ``output`` and its error file (if any) without changing them; raise ConfigMismatch unless ``force``.
 
-    A torn last line is ignored here and truncated by :func:`~freelm.run.batch.run_batch` when the
-    run starts; any other bad line is an error naming file and line.
+    The error file counts too: a run whose every rollout failed leaves no record, and its failures
+    must not be mixed with another configuration's. A torn last line is ignored here and truncated
+    by :func:`~freelm.run.batch.run_batch` when the run starts; any other bad line is an error naming
+    file and line.
     """
     existing = ExistingOutput()
-    if not output.exists():
-        return existing
-    records = read_rollouts(output)
+    errors = errors_path(output)
+    records = read_rollouts(output) if output.exists() else []
+    failed = {obj.get("config_hash") for _, obj in iter_jsonl(errors)} if errors.exists() else set()
     ours = settings.config_hash
-    theirs = sorted({r.config_hash for r in records} - {ours})
+    theirs = sorted(({r.config_hash for r in records} | {h for h in failed if isinstance(h, str)}) - {ours})
     existing.keys = {r.key for r in records if r.config_hash == ours}
     for record in records:
         if record.config_hash == ours:

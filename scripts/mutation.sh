@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the core rules with mutmut (slow: not in CI). docs/testing.md has the last score.
 #
-#   bash scripts/mutation.sh [GROUP ...]      groups: free loop hash reward (default: all four)
+#   bash scripts/mutation.sh [GROUP ...]      groups: free loop hash reward window redact shards grade
+#                                             benchmarks runner (default: all)
 #
 # Each group mutates one set of functions and runs only the fast tests that guard them; mutmut then
 # runs, per mutant, just the tests that call the mutated function. Work happens in a copy of the
@@ -11,7 +12,7 @@
 # test (tests/test_grad_accumulation.py).
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,19 +30,25 @@ export OMP_NUM_THREADS=1
 
 # group -> "files to mutate|mutant-name globs (functions in scope)|test files"
 declare -A GROUPS_SPEC=(
-    [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
+    [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_free_bounds.py tests/test_core_edges.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
     [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/test_loop.py tests/test_loop_cleaning.py tests/test_loop_records.py tests/test_schedule.py tests/test_runner_guard.py::test_a_prompt_far_beyond_the_window_ends_after_tokenizing_only_a_prefix tests/test_runner_guard.py::test_a_long_prompt_that_fits_is_tokenized_exactly tests/test_runner_guard.py::test_a_prompt_that_fits_is_never_cut_however_many_characters_a_token_holds"
     [hash]="freelm/run/settings.py freelm/run/spec.py|freelm.run.settings.* freelm.run.spec.*|tests/test_settings_hash.py tests/test_runner.py tests/test_runner_shards.py tests/test_backends_registry.py tests/test_cleaners_registry.py"
     [reward]="freelm/training/reward.py freelm/training/synth.py|freelm.training.reward.xǁRewardFilterǁ* freelm.training.synth.xǁSynthesizerǁdecide__mutmut_*|tests/test_reward_filter.py tests/test_synth.py"
+    [window]="freelm/backends/base.py|freelm.backends.base.xǁContextWindowǁ* freelm.backends.base.x_refused__mutmut_* freelm.backends.base.x_says_window_exceeded__mutmut_*|tests/test_window_edge.py tests/test_loop.py tests/test_backend_sglang.py tests/test_backend_openai.py"
+    [redact]="freelm/redact.py|freelm.redact.*|tests/test_redaction.py"
+    [shards]="freelm/shards.py|freelm.shards.*|tests/test_runner_shards.py tests/test_viewer.py"
+    [grade]="freelm/evaluation/grade.py|freelm.evaluation.grade.x_normalize_answer__mutmut_* freelm.evaluation.grade.x_quick_grade__mutmut_* freelm.evaluation.grade.x_grade_pairs__mutmut_*|tests/test_grading_bounds.py tests/test_grade.py::test_normalize_and_quick_path tests/test_grade.py::test_dedup_grades_each_distinct_pair_once tests/test_grade.py::test_golden"
+    [benchmarks]="freelm/benchmarks/sources.py|freelm.benchmarks.sources.*|tests/test_benchmarks.py"
+    [runner]="freelm/run/plan.py freelm/run/batch.py|freelm.run.plan.x_inspect_output__mutmut_* freelm.run.plan.x_move_aside__mutmut_* freelm.run.plan.x_plan_jobs__mutmut_* freelm.run.batch.x__execute__mutmut_* freelm.run.batch.x__append_finished__mutmut_* freelm.run.batch.x__error_entry__mutmut_*|tests/test_runner.py tests/test_window_edge.py tests/test_free_bounds.py"
 )
 SELECTED=("$@")
-[ ${#SELECTED[@]} -gt 0 ] || SELECTED=(free loop hash reward)
+[ ${#SELECTED[@]} -gt 0 ] || SELECTED=(free loop hash reward window redact shards grade benchmarks runner)
 
 list() { printf '%s\n' "$@" | sed 's/^/    /'; }
 
 for group in "${SELECTED[@]}"; do
     spec="${GROUPS_SPEC[$group]:-}"
-    [ -n "$spec" ] || { echo "unknown group $group (free loop hash reward)" >&2; exit 2; }
+    [ -n "$spec" ] || { echo "unknown group $group (${!GROUPS_SPEC[*]})" >&2; exit 2; }
     IFS='|' read -r files names tests <<<"$spec"
     dir="$WORK/$group"
     mkdir -p "$dir"

@@ -28,7 +28,10 @@ if [ "$("$PY" -c 'import importlib.metadata as m; print(m.version("mutmut"))' 2>
 fi
 export OMP_NUM_THREADS=1
 
-# group -> "files to mutate|mutant-name globs (functions in scope)|test files"
+# group -> "files to mutate|mutant-name globs (functions in scope)|test files[|mutmut setting]"
+# Groups whose tests start worker processes (the grader's multiprocessing forkserver) or keep state in
+# a module across runs run each mutant from mutmut's own fork server: its default forks every mutant
+# from the process that ran the clean tests, where such a pool cannot start again.
 declare -A GROUPS_SPEC=(
     [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_free_bounds.py tests/test_core_edges.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
     [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/test_loop.py tests/test_loop_cleaning.py tests/test_loop_records.py tests/test_schedule.py tests/test_runner_guard.py::test_a_prompt_far_beyond_the_window_ends_after_tokenizing_only_a_prefix tests/test_runner_guard.py::test_a_long_prompt_that_fits_is_tokenized_exactly tests/test_runner_guard.py::test_a_prompt_that_fits_is_never_cut_however_many_characters_a_token_holds"
@@ -37,8 +40,8 @@ declare -A GROUPS_SPEC=(
     [window]="freelm/backends/base.py|freelm.backends.base.xǁContextWindowǁ* freelm.backends.base.x_refused__mutmut_* freelm.backends.base.x_says_window_exceeded__mutmut_*|tests/test_window_edge.py tests/test_loop.py tests/test_backend_sglang.py tests/test_backend_openai.py"
     [redact]="freelm/redact.py|freelm.redact.*|tests/test_redaction.py"
     [shards]="freelm/shards.py|freelm.shards.*|tests/test_runner_shards.py tests/test_viewer.py"
-    [grade]="freelm/evaluation/grade.py|freelm.evaluation.grade.x_normalize_answer__mutmut_* freelm.evaluation.grade.x_quick_grade__mutmut_* freelm.evaluation.grade.x_grade_pairs__mutmut_*|tests/test_grading_bounds.py tests/test_grade.py::test_normalize_and_quick_path tests/test_grade.py::test_dedup_grades_each_distinct_pair_once tests/test_grade.py::test_golden"
-    [benchmarks]="freelm/benchmarks/sources.py|freelm.benchmarks.sources.*|tests/test_benchmarks.py"
+    [grade]="freelm/evaluation/grade.py|freelm.evaluation.grade.x_normalize_answer__mutmut_* freelm.evaluation.grade.x_quick_grade__mutmut_* freelm.evaluation.grade.x_grade_pairs__mutmut_*|tests/test_grading_bounds.py tests/test_grade.py::test_normalize_and_quick_path tests/test_grade.py::test_dedup_grades_each_distinct_pair_once tests/test_grade.py::test_golden|process_isolation = forkserver"
+    [benchmarks]="freelm/benchmarks/sources.py|freelm.benchmarks.sources.*|tests/test_benchmarks.py|process_isolation = forkserver"
     [runner]="freelm/run/plan.py freelm/run/batch.py|freelm.run.plan.x_inspect_output__mutmut_* freelm.run.plan.x_move_aside__mutmut_* freelm.run.plan.x_plan_jobs__mutmut_* freelm.run.batch.x__execute__mutmut_* freelm.run.batch.x__append_finished__mutmut_* freelm.run.batch.x__error_entry__mutmut_*|tests/test_runner.py tests/test_window_edge.py tests/test_free_bounds.py"
 )
 SELECTED=("$@")
@@ -49,7 +52,7 @@ list() { printf '%s\n' "$@" | sed 's/^/    /'; }
 for group in "${SELECTED[@]}"; do
     spec="${GROUPS_SPEC[$group]:-}"
     [ -n "$spec" ] || { echo "unknown group $group (${!GROUPS_SPEC[*]})" >&2; exit 2; }
-    IFS='|' read -r files names tests <<<"$spec"
+    IFS='|' read -r files names tests setting <<<"$spec"
     dir="$WORK/$group"
     mkdir -p "$dir"
     # the working tree as it is (tracked and new files), without ignored ones
@@ -62,6 +65,7 @@ for group in "${SELECTED[@]}"; do
         echo "pytest_add_cli_args_test_selection ="; list $tests
         echo "also_copy ="; list runner.py eval_passk.py llm_judge.py scripts configs  # for tests that run them
         echo "pytest_add_cli_args ="; list -p no:cacheprovider --hypothesis-seed=0
+        [ -z "$setting" ] || echo "$setting"
     } >"$dir/setup.cfg"
     sed -i '/^\[tool.mutmut\]/,$d' "$dir/pyproject.toml"  # setup.cfg is read only without a [tool.mutmut]
     echo "== $group: $files (log: $dir/run.log)"

@@ -65,6 +65,15 @@ def test_normalize_and_quick_path():
     assert quick_grade("\\frac{1}{2}", "0.5") is None  # needs math-verify
 
 
+def test_spellings_of_one_answer_normalize_alike_so_they_vote_together():
+    """What normalization merges, majority voting counts as one answer and the quick path grades as equal."""
+    halves = ("\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac{1}{2}", "$\\dfrac{1}{2}$.")
+    assert {normalize_answer(a) for a in halves} == {"\\frac{1}{2}"}
+    assert quick_grade("\\frac{1}{2}", "\\tfrac{1}{2}") == Grade(True, "string", True)
+    assert normalize_answer("\\text{5.}") == "5" and normalize_answer("5.\\,") == "5"  # a period found late
+    assert normalize_answer("$X$") == "X" and normalize_answer("2X.") == "2X"  # only "$" and "." go at the ends
+
+
 def test_dedup_grades_each_distinct_pair_once(pool):
     pairs = [("588", "588"), ("588", "588"), ("\\frac{1}{2}", "0.5"), ("\\frac{1}{2}", "0.5"), ("1", None)]
     grades = grade_pairs(pairs, pool)

@@ -486,6 +486,12 @@ def test_github_download_over_http(tmp_path, monkeypatch):
     assert entry["origin"] == "github" and entry["commit"] == "b" * 40
 
 
+def _hub():
+    """``huggingface_hub`` with its ``constants`` submodule loaded: the package exposes it only once imported."""
+    pytest.importorskip("huggingface_hub.constants")
+    return pytest.importorskip("huggingface_hub")
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -502,7 +508,7 @@ def test_github_unreachable_fails_as_a_network_error(tmp_path, monkeypatch):
 
 def test_hub_download_goes_through_huggingface_hub(tmp_path, monkeypatch):
     """The Hub path: one probe for the commit, then ``snapshot_download`` of just the benchmark's files."""
-    hub = pytest.importorskip("huggingface_hub")
+    hub = _hub()
     snapshot = _math500_repo(tmp_path / "snapshots" / ("c" * 40))
     calls = {}
 
@@ -532,7 +538,7 @@ def test_hub_download_goes_through_huggingface_hub(tmp_path, monkeypatch):
 
 
 def test_gated_dataset_says_how_to_get_access(monkeypatch, tmp_path):
-    hub = pytest.importorskip("huggingface_hub")
+    hub = _hub()
     from huggingface_hub import errors
 
     def refuse(*args, **kwargs):
@@ -559,7 +565,7 @@ class _Response:
 
 def test_hub_probe_is_one_request_then_fails(tmp_path, monkeypatch):
     """A host that drops every connection: huggingface_hub alone retries 5 times with back-off (~30 s)."""
-    hub = pytest.importorskip("huggingface_hub")
+    hub = _hub()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -645,7 +651,7 @@ def test_cli_list_shows_status(tmp_path, capsys):
 
 @pytest.mark.parametrize("offline", [True, False])
 def test_hub_cache_is_used_offline_or_when_the_hub_does_not_answer(tmp_path, monkeypatch, offline):
-    hub = pytest.importorskip("huggingface_hub")
+    hub = _hub()
     snapshot = _math500_repo(tmp_path / "snapshots" / ("d" * 40))
     calls = []
 

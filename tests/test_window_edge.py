@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from freelm.backends.base import ContextWindow
+from freelm.backends.openai_compat import OpenAIBackend
 from freelm.backends.sglang import SGLangBackend
 from freelm.cleaners import FreeModuleCleaner
 from freelm.loop import LoopConfig, run_rollout
@@ -122,6 +123,58 @@ def test_a_context_400_on_a_reasoning_call_ends_the_rollout_context_overflow_wit
         result = asyncio.run(go())
     assert result.finish_reason == "context_overflow" and "exceeds the maximum allowed length" in result.error
     assert result.response == "x" * 98 and result.generated_tokens == 98  # capped at max_req_len - input - 1
+
+
+#: How a refusal reaches the client, the server's words, and how the rollout ends: only a window's words are an
+#: overflow (base.py's markers); any other 400 or abort is a failure, written to OUT.errors.jsonl and retried.
+REFUSALS = [
+    (
+        "sglang",
+        400,
+        "The input (9000 tokens) is longer than the model's context length (4096 tokens).",
+        "context_overflow",
+    ),
+    ("sglang", 400, "Unknown sampling parameter: frequency_penalty_x", "error"),
+    (
+        "sglang",
+        None,
+        "Input length (5000 tokens) exceeds the maximum allowed length (4090 tokens).",
+        "context_overflow",
+    ),
+    ("sglang", None, "Aborted by the scheduler: out of memory", "error"),
+    (
+        "openai",
+        400,
+        "Requested token count exceeds the model's maximum context length of 4096 tokens.",
+        "context_overflow",
+    ),
+    ("openai", 400, "Unknown sampling parameter: frequency_penalty_x", "error"),
+]
+
+
+@pytest.mark.parametrize(("route", "status", "words", "finish"), REFUSALS)
+def test_only_a_refusal_in_a_windows_words_ends_a_rollout_as_context_overflow(route, status, words, finish):
+    """A 400 (or, on /generate, an abort without a status) that names the window; anything else is an error."""
+    tokenizer = Tokenizer(ScriptedTokenizer())
+    with SGLangTestServer(ScriptedEngine({None: "x" * 1000}), served_model_name="m") as server:
+        if status is None:
+            server.abort_next(words)
+        else:
+            server.fail_next(status, words)
+
+        async def go():
+            if route == "sglang":
+                backend = SGLangBackend(server.url, max_retries=0)
+            else:
+                backend = OpenAIBackend(server.url + "/v1", "m", max_retries=0)
+            try:
+                config = LoopConfig(max_tokens=50, context_limit=4096)
+                return await run_rollout("Count.", reasoner=backend, tokenizer=tokenizer, cleaner=None, config=config)
+            finally:
+                await backend.aclose()
+
+        result = asyncio.run(go())
+    assert result.finish_reason == finish and words in result.error
 
 
 def test_a_cleaning_prompt_with_no_room_is_recorded_not_sent():

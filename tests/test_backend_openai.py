@@ -180,3 +180,9 @@ def test_health_keeps_the_reason():
 def test_llama_server_window_is_one_slot_less_the_token_it_stops_before():
     window = ContextWindow.llama_server(256)  # server-context.cpp: prompt >= n_ctx refused, stops at n_ctx - 1
     assert window.room(200) == 55 and window.room(254) == 1 and window.room(255) == 0
+    # the manifest and the runner's warnings name where a window came from
+    assert window.source == "llama-server n_ctx 256"
+    assert (
+        ContextWindow.llama_server(256, source="http://h/v1/models meta.n_ctx").source
+        == "http://h/v1/models meta.n_ctx"
+    )

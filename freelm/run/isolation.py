@@ -8,7 +8,7 @@ request that fails (whether a name is served is the startup check's question,
 whether cleaning calls fail during the run the cleaning verdict's). Servers that get only
 one of the two (a separate ``--cleaner-endpoint``) cannot mix them and are not
 probed; nor is the in-process engine (its mixed batches are tested in
-``tests/test_backend_local_batch.py``). ``--skip-isolation-check`` skips it for
+``tests/backends/test_backend_local_batch.py``). ``--skip-isolation-check`` skips it for
 engines where the probe is impossible.
 """
 

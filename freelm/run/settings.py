@@ -6,7 +6,7 @@ hash is stored in every output line so resuming never mixes two experiments;
 those that only change how fast it runs (endpoints, concurrency, timeouts,
 retries) are deliberately left out, so a resume may use other servers. The hash
 of a given flag set must never change: outputs written before must resume
-(``tests/test_settings_hash.py`` pins values).
+(``tests/run/test_settings_hash.py`` pins values).
 """
 
 from __future__ import annotations

@@ -29,13 +29,12 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 import pytest
+from repo_paths import EMBEDDED, REPO
 
 from freelm.loopback import LoopbackServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-EMBEDDED = ROOT / "freelm" / "assets" / "embedded"
 VERSION = "0.3.36"
-CACHE = Path(os.environ.get("FREELM_LLAMA_DIR") or ROOT / ".cache" / "llama-server")
+CACHE = Path(os.environ.get("FREELM_LLAMA_DIR") or REPO / ".cache" / "llama-server")
 BINARY = Path(os.environ.get("FREELM_LLAMA_SERVER") or CACHE / f"build-{VERSION}" / "bin" / "llama-server")
 ALIAS = "smol"
 
@@ -162,10 +161,10 @@ def make_server(llama_server_binary, smollm2_gguf):
 def run_runner(args: list[str], *, background: bool = False, timeout: float = 300):
     """The real runner CLI (``runner.py``) in a subprocess, as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "runner.py"), *args, "--no-progress"]
+    command = [sys.executable, str(REPO / "runner.py"), *args, "--no-progress"]
     if background:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -20,12 +20,13 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_paths import EMBEDDED
 
 from freelm.demo.flags import CLEAN_EVERY, runner_args, vllm_engine
 from freelm.records import read_rollouts
 from freelm.smoke import compare, first_difference
 from freelm.tokenizer import Tokenizer
-from realserver.conftest import EMBEDDED, read_records, run_runner
+from realserver.conftest import read_records, run_runner
 
 pytestmark = [pytest.mark.realserver, pytest.mark.timeout(1200)]
 

@@ -42,6 +42,16 @@ def counting_setup(tmp_path_factory):
         yield server, tokenizer_dir, data
 
 
+@pytest.fixture(scope="module")
+def slow_setup(tmp_path_factory):
+    """As ``counting_setup``, with calls slow enough (0.1 s) that a signal sent once 3 rollouts are written
+    always lands mid-run: at 0.03 s a loaded machine could finish the other 21 before the test sent it,
+    and the runner then rightly exited 0."""
+    tokenizer, tokenizer_dir, data = counting_files(tmp_path_factory.mktemp("signals"), TARGET, PROBLEMS)
+    with SGLangTestServer(CountingEngine(tokenizer, target=TARGET, delay=0.1)) as server:
+        yield server, tokenizer_dir, data
+
+
 def runner_command(server, tokenizer_dir: Path, data: Path, out: Path) -> list[str]:
     return [
         sys.executable, str(REPO / "runner.py"), "--data", str(data), "--output", str(out),
@@ -102,9 +112,9 @@ def test_sigkill_at_random_points_then_resume_gives_every_rollout_exactly_once(c
     ids=["ctrl-c", "sigterm"],
 )
 def test_ctrl_c_and_sigterm_end_with_one_line_an_interrupted_manifest_and_a_resume_completes(
-    counting_setup, tmp_path, sig, code, line
+    slow_setup, tmp_path, sig, code, line
 ):
-    server, tokenizer_dir, data = counting_setup
+    server, tokenizer_dir, data = slow_setup
     out = tmp_path / "out.jsonl"
     command = runner_command(server, tokenizer_dir, data, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

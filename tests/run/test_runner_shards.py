@@ -23,7 +23,7 @@ from freelm.evaluation import eval_cli
 from freelm.manifest import manifest_path
 from freelm.records import RolloutRecord, RolloutResult, read_rollouts
 from freelm.run.cli import main as runner_main
-from freelm.shards import Shard, read_run, run_files, shard_of
+from freelm.shards import Shard, read_run, run_files, run_stem, shard_of
 from freelm.testing.counting import CountingEngine, counting_tokenizer
 from freelm.testing.sglang_server import SGLangTestServer
 from freelm.viewer import find_record
@@ -299,3 +299,66 @@ def test_the_slurm_array_script_runs_one_shard_per_task(setup, tmp_path):
     assert dry.returncode == 0 and "--num-shards 3 --shard-index 2" in dry.stdout
     outside = subprocess.run(["bash", *script, "--output", str(out)], env=base, capture_output=True, text=True)
     assert outside.returncode == 2 and "not a Slurm array task" in outside.stderr
+
+
+def test_which_shard_owns_a_key_is_pinned():
+    """A sharded run resumed or evaluated by a later version must find each key in the shard that wrote it."""
+    assert [shard_of("aime25", str(i), r, 5) for i in range(4) for r in (0, 1, 2)] == [
+        1, 2, 3, 4, 0, 1, 1, 2, 3, 1, 2, 3,
+    ]  # fmt: skip
+    assert [shard_of("aime25", "1", r, 4) for r in range(4)] == [0, 1, 2, 3]  # round-robin from a hashed start
+    assert run_stem("runs/x.shard-0-of-2.jsonl,runs/y.jsonl") == "x" == run_stem("runs/x.jsonl")
+
+
+def test_each_refusal_names_the_files_and_the_record_it_is_about(tmp_path):
+    shards = [_shard_by_name(tmp_path, i, 2) for i in range(2)]
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ValueError) as info:
+        read_run([shards[0], missing])
+    assert str(info.value) == f"{missing}: runner output not found"
+
+    plain = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path in plain:
+        path.write_text("")
+    with pytest.raises(ValueError) as info:
+        read_run([*shards, *plain])
+    assert str(info.value) == (
+        f"{plain[0]}, {plain[1]}: not a shard (no shard in its manifest or name), given with other files"
+    )
+
+    (tmp_path / "other").mkdir()
+    other = _shard_by_name(tmp_path / "other", 1, 3)
+    with pytest.raises(ValueError) as info:
+        read_run([shards[0], other])
+    assert str(info.value) == f"shards of different runs (--num-shards [2, 3]): {shards[0]} (0 of 2), {other} (1 of 3)"
+
+    # a record moved into the other shard: named by its line in that file and the shard that owns it
+    lines = shards[0].read_text().splitlines(keepends=True)
+    shards[1].write_text(shards[1].read_text() + lines[0])
+    record = json.loads(lines[0])
+    with pytest.raises(ValueError) as info:
+        read_run(shards)
+    number = len(shards[1].read_text().splitlines())
+    assert str(info.value) == (
+        f"{shards[1]}: record {number} (aime, {record['id']}, rollout {record['rollout']}) belongs to shard 0, not 1"
+    )
+
+
+def test_shards_of_other_settings_are_refused_naming_each_hash_even_an_empty_shard(tmp_path):
+    """An empty shard (every rollout failed) has no record to carry its hash: its manifest's is read."""
+    shards = [_shard_by_name(tmp_path, i, 2) for i in range(2)]
+    shards[1].write_text(shards[1].read_text().replace('"config_hash": "h"', '"config_hash": "h2"'))
+    with pytest.raises(ValueError) as info:
+        read_run(shards)
+    assert str(info.value) == (
+        f"shards written with different settings (config hash h in {shards[0]}, h2 in {shards[1]}): not one run"
+    )
+    shards[1].write_text("")
+    manifest_path(shards[1]).write_text(json.dumps({"config_hash": "h2", "shard": {"index": 1, "count": 2}}))
+    with pytest.raises(ValueError) as info:
+        read_run(shards)
+    assert str(info.value) == (
+        f"shards written with different settings (config hash h in {shards[0]}, h2 in {shards[1]}): not one run"
+    )
+    manifest_path(shards[1]).write_text(json.dumps({"config_hash": "h", "shard": {"index": 1, "count": 2}}))
+    assert len(read_run(shards)) == len(shards[0].read_text().splitlines())

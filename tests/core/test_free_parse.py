@@ -95,7 +95,8 @@ def test_truncated_list_recovery_starts_at_the_list_not_inside_a_string():
 
 
 def test_single_object_inside_prose_and_named_drops():
-    assert parse_commands('Delete this: {"prefix": "a", "suffix": "b"} thanks') == [Deletion("a", "b")]
+    single = parse_commands('Delete this: {"prefix": "a", "suffix": "b"} thanks')
+    assert single == [Deletion("a", "b")] and single.dropped == [] and single.error is None  # no note: not too deep
     parsed = parse_commands('[{"prefix": "a", "suffix": "b"}, 3, {"prefix": "x"}]')
     assert parsed.dropped == ["item 1: not an object", "item 2: needs string 'prefix' and 'suffix'"]
     assert parse_commands("</think>  ").error == "empty_output"

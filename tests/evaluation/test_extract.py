@@ -50,3 +50,9 @@ def test_extraction_reads_after_the_last_think_close():
     assert extract_answer(TWO_CLOSES + "Final: \\boxed{2}.").answer == "2"
     # a box only between the two closes is a draft: the response has not answered
     assert extract_answer(TWO_CLOSES + "No box in the end.").reason == "no_box"
+
+
+def test_a_brace_group_after_the_last_box_is_not_the_answer():
+    """Only a box's own braces are candidates: an exponent or set written after the box is not the answer."""
+    assert last_boxed("\\boxed{12}, since x^{2} + y_{1} = {3}") == "12"
+    assert extract_answer("t\n</think>\nSo \\boxed{12}; check: 2^{2} = {4}.").answer == "12"

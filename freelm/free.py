@@ -189,11 +189,12 @@ def _first_value(text: str, scan: _Scan, opener: str) -> list | dict | None:
     A region that fails to decode at position ``q`` makes every region
     containing ``q`` fail the same way (JSON's grammar is the same at every
     level), so those are skipped; each decoder call then scans text no earlier
-    call scanned.
+    call scanned. A region that starts AT ``q`` is not among them: the bracket
+    its enclosing value did not expect there is where this value begins.
     """
     failed_at = -1
     for region in scan.regions:
-        if region.opener != opener or region.start <= failed_at < region.end:
+        if region.opener != opener or region.start < failed_at < region.end:
             continue
         try:  # a slice, not raw_decode(text, start): JSONDecodeError counts the lines before its position
             return _DECODER.decode(text[region.start : region.end])

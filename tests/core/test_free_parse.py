@@ -114,3 +114,22 @@ def test_cleaner_parser_reads_after_the_last_think_close():
     assert parse_commands(raw) == [Deletion("Let me", "again.")]
     # nothing after the last close: no list at all (the draft is not taken)
     assert parse_commands(f"<think>\n</think>\n{draft}\n</think>\nnothing").error == "no_json_list"
+
+
+def test_a_list_that_starts_where_its_enclosing_bracket_stops_decoding_is_read_whole():
+    """``[ "x" [...] ]`` fails to decode at the inner ``[``: that list itself is valid and is the answer (it was
+    skipped as if it failed too, and the one-object fallback kept only its first command)."""
+    two = format_commands([Deletion("a", "b"), Deletion("c", "d")])
+    for raw in (f'[ "x" {two} ]', f"Plan: [ step one {two}"):
+        parsed = parse_commands(raw)
+        assert parsed == [Deletion("a", "b"), Deletion("c", "d")] and parsed.error is None, raw
+
+
+def test_truncated_list_recovery_takes_only_the_lists_own_items_up_to_one_that_cannot_decode():
+    item = '{"prefix": "a", "suffix": "b"}'
+    # an object in the prose before the list and one nested in an item are not items
+    parsed = parse_commands('Note {"k": 1}: [' + item[:-1] + ', "why": {"k": 2}}, {"prefix": "c')
+    assert parsed == [Deletion("a", "b")] and parsed.dropped == ["truncated_list_recovered"]
+    # an item the decoder refuses (an integer beyond Python's digit limit) ends the recovery there
+    parsed = parse_commands(f'[{item}, {{"prefix": {"1" * 5000}}}, {item}, {{"prefix": "c')
+    assert parsed == [Deletion("a", "b")] and parsed.dropped == ["truncated_list_recovered"]

@@ -213,6 +213,35 @@ def test_converter(name, row, expected, bad, error):
     assert error in message
 
 
+@pytest.mark.parametrize(("name", "row"), [(case[0], case[1]) for case in CASES], ids=[case[0] for case in CASES])
+def test_a_row_without_a_field_its_converter_needs_names_the_row_and_the_field(name, row):
+    """Each field taken out in turn: the row converts (the field is optional) or the error names row and field."""
+    prefix = f"{name}: data/train-00000-of-00001.parquet row 7: "
+    for field in row:
+        try:
+            BENCHMARKS[name].convert({k: v for k, v in row.items() if k != field}, _ref(name, 7))
+        except BenchmarkDataError as exc:
+            assert str(exc).startswith(prefix) and field in str(exc), (field, str(exc))
+
+
+def test_field_errors_list_what_the_row_has_and_refuse_booleans():
+    imo = dict(next(case[1] for case in CASES if case[0] == "imo_answerbench"))
+    ref = _ref("imo_answerbench", 7)
+    with pytest.raises(BenchmarkDataError) as info:
+        BENCHMARKS["imo_answerbench"].convert({}, ref)
+    assert str(info.value) == f"{ref}: missing field 'Problem ID' (fields present: none)"
+    with pytest.raises(BenchmarkDataError) as info:
+        BENCHMARKS["imo_answerbench"].convert({k: v for k, v in imo.items() if k != "Category"}, ref)
+    present = "Problem, Problem ID, Short Answer, Source, Subcategory"
+    assert str(info.value) == f"{ref}: missing field 'Category' (fields present: {present})"
+    with pytest.raises(BenchmarkDataError) as info:  # JSON true is an int to Python: never the answer "True"
+        BENCHMARKS["imo_answerbench"].convert({**imo, "Short Answer": True}, ref)
+    assert str(info.value) == f"{ref}: field 'Short Answer' must be a string or an integer, got True"
+    with pytest.raises(BenchmarkDataError) as info:
+        BENCHMARKS["beyond_aime"].convert({"problem": "p", "answer": True}, _ref("beyond_aime", 7))
+    assert str(info.value) == f"{_ref('beyond_aime', 7)}: field 'answer' must be an integer, got True"
+
+
 def test_hle_keeps_only_text_exact_answer_rows():
     convert_hle = BENCHMARKS["hle"].convert
     base = dict(CASES[[c[0] for c in CASES].index("hle")][1])

@@ -10,12 +10,19 @@ import subprocess
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from repo_paths import REPO
 
-from freelm.backends.base import BackendError, TransientBackendError
+from freelm.backends.base import (
+    BackendError,
+    ContextWindow,
+    GenerateRequest,
+    GenerateResult,
+    TransientBackendError,
+)
 from freelm.backends.pool import EndpointPool
 from freelm.cleaners import get_cleaner
 from freelm.data import Problem
@@ -54,8 +61,8 @@ def parse(*flags: str) -> RunSpec:
 BATCH_FLAGS = ("--clean-every", "20", "--context-limit", "400", "--max-tokens", "600")
 
 
-def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None):
-    """run_batch over a pool of one counting backend; returns (summary, backend)."""
+def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None, window=None):
+    """run_batch over a pool of one counting backend (``window``: the served one); returns (summary, backend)."""
     spec = RunSpec.from_argv(
         ["--data", "unused.jsonl", "--output", str(tmp_path / "out.jsonl"), "--n-rollouts", str(n_rollouts),
          "--concurrency", "4", "--no-progress", *BATCH_FLAGS, *flags]
@@ -69,7 +76,7 @@ def batch(tmp_path, tokenizer, *flags, n_rollouts=2, backend=None, probs=None):
 
     async def go():
         try:
-            return await run_batch(problems() if probs is None else probs, spec, components)
+            return await run_batch(problems() if probs is None else probs, spec, components, window=window)
         finally:
             await pool.aclose()
 
@@ -102,6 +109,35 @@ def test_batch_writes_one_record_per_rollout_with_identity_seed_and_hash(tmp_pat
     assert manifest["summary"]["done"] == 9 and manifest["ended_at"] is not None
     assert manifest["versions"]["freelm"] and manifest["endpoints"][0]["retries"] == 0
     assert not errors_path(out).exists()
+
+
+@dataclass
+class Recording(CountingBackend):
+    """The counting model, keeping every request: it counts whatever the prompt, so only this shows what was sent."""
+
+    requests: list[GenerateRequest] = field(default_factory=list)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.requests.append(request)
+        return await super().generate(request)
+
+
+def test_each_rollout_is_sent_its_own_problem_and_seed_inside_the_served_window(tmp_path, tokenizer):
+    backend = Recording(tokenizer, target=TARGET)
+    served = ContextWindow(max_input=298, max_total=300, source="a server smaller than --context-limit 400")
+    batch(tmp_path, tokenizer, "--seed", "7", "--temperature", "0.6", backend=backend, window=served)
+    reasoning = [r for r in backend.requests if r.adapter is None]
+    starts = [r for r in reasoning if tokenizer.decode(r.input_ids).endswith("<think>\n")]  # nothing generated yet
+    firsts = [tokenizer.decode(r.input_ids) for r in starts]
+    for i in range(3):  # two rollouts of each problem start from its prompt, none from another's
+        assert sum(f"Count to {TARGET}, puzzle {i}." in text for text in firsts) == 2, firsts
+    assert all(r.seed is not None for r in reasoning), [r.seed for r in backend.requests]
+    assert len(starts) == 6 and len({r.seed for r in starts}) == 6
+
+    def asked(r: GenerateRequest) -> int:  # prompt + the most it may generate
+        return (len(r.input_ids) if r.input_ids is not None else len(tokenizer.encode(r.text))) + r.max_new_tokens
+
+    assert max(asked(r) for r in reasoning) == 300  # up to the served window, never past it
 
 
 def test_resume_skips_present_rollouts_and_extends(tmp_path, tokenizer):
@@ -148,6 +184,13 @@ def test_failed_rollouts_go_to_the_errors_file_and_are_retried_next_run(tmp_path
     assert summary.failed == 2 and summary.done == 4 and len(keys(out)) == 4
     errors = [obj for _, obj in iter_jsonl(errors_path(out))]
     assert len(errors) == 2 and all("HTTP 400" in e["error"] for e in errors)
+    settings = parse(*BATCH_FLAGS).settings
+    missing = {("count", str(i), r) for i in range(3) for r in range(2)} - set(keys(out))
+    assert {(e["source"], e["id"], e["rollout"]) for e in errors} == missing
+    for e in errors:  # the line a user or a script reads to know what failed, with what, and when
+        assert e["seed"] == rollout_seed(settings.seed, "count", e["id"], e["rollout"])
+        assert e["config_hash"] == settings.config_hash and e["generated_tokens"] == 0 and e["rounds"] == 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", e["time"]), e["time"]
     assert json.loads(manifest_path(out).read_text())["status"] == "incomplete"
     summary, _ = batch(tmp_path, tokenizer, n_rollouts=2)
     assert summary.done == 2 and summary.failed == 0

@@ -74,7 +74,11 @@ def test_never_raises_on_arbitrary_text(raw):
 noise = st.text(alphabet=st.characters(blacklist_characters="[]{}`<", blacklist_categories=("Cs",)), max_size=40)
 
 
-@given(st.lists(st.tuples(st.text(min_size=1), st.text(min_size=1)), max_size=5), noise, noise)
+# a command's text is a span of the thinking, which never holds "</think>" (the answer is read after the last one)
+span = st.text(min_size=1).filter(lambda text: "</think>" not in text)
+
+
+@given(st.lists(st.tuples(span, span), max_size=5), noise, noise)
 def test_format_then_parse_is_identity_inside_noise(pairs, before, after):
     cmds = [Deletion(p, s) for p, s in pairs]
     body = format_commands(cmds)
@@ -120,7 +124,8 @@ def test_a_list_that_starts_where_its_enclosing_bracket_stops_decoding_is_read_w
     """``[ "x" [...] ]`` fails to decode at the inner ``[``: that list itself is valid and is the answer (it was
     skipped as if it failed too, and the one-object fallback kept only its first command)."""
     two = format_commands([Deletion("a", "b"), Deletion("c", "d")])
-    for raw in (f'[ "x" {two} ]', f"Plan: [ step one {two}"):
+    # ... and a list right after one the decoder refuses (an integer beyond Python's digit limit)
+    for raw in (f'[ "x" {two} ]', f"Plan: [ step one {two}", f"[{'1' * 5000}]{two}", f"[[{'1' * 5000}]{two}]"):
         parsed = parse_commands(raw)
         assert parsed == [Deletion("a", "b"), Deletion("c", "d")] and parsed.error is None, raw
 

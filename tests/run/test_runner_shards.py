@@ -137,8 +137,10 @@ def test_every_key_belongs_to_exactly_one_shard_and_shards_are_balanced():
         counts = [a + b for a, b in zip(counts, per_problem)]
     assert max(counts) - min(counts) <= 40 // 3
     assert Shard(1, 3).output(Path("runs/x.jsonl")) == Path("runs/x.shard-1-of-3.jsonl")
-    with pytest.raises(ValueError, match="--shard-index"):
-        Shard(3, 3)
+    for index in (3, -1):
+        with pytest.raises(ValueError) as info:
+            Shard(index, 3)
+        assert str(info.value) == f"--shard-index must be in 0..2 for --num-shards 3, got {index}"
 
 
 @pytest.fixture(scope="module")
@@ -332,16 +334,31 @@ def test_each_refusal_names_the_files_and_the_record_it_is_about(tmp_path):
         read_run([shards[0], other])
     assert str(info.value) == f"shards of different runs (--num-shards [2, 3]): {shards[0]} (0 of 2), {other} (1 of 3)"
 
-    # a record moved into the other shard: named by its line in that file and the shard that owns it
-    lines = shards[0].read_text().splitlines(keepends=True)
-    shards[1].write_text(shards[1].read_text() + lines[0])
-    record = json.loads(lines[0])
+    # any record moved into another shard: named by its line in that file and the shard that owns it
+    (tmp_path / "three").mkdir()
+    thirds = [_shard_by_name(tmp_path / "three", i, 3) for i in range(3)]
+    own = thirds[1].read_text()
+    for owner in (0, 2):
+        for line in thirds[owner].read_text().splitlines(keepends=True):
+            thirds[1].write_text(own + line)
+            record = json.loads(line)
+            with pytest.raises(ValueError) as info:
+                read_run(thirds)
+            assert str(info.value) == (
+                f"{thirds[1]}: record {len(own.splitlines()) + 1} (aime, {record['id']}, rollout {record['rollout']}) "
+                f"belongs to shard {owner}, not 1"
+            )
+
+
+def test_a_run_name_stands_for_its_file_its_shards_or_its_pattern_matches(tmp_path):
+    """A missing name without shards stays in the list (read_run then names it); a pattern must match something."""
+    missing = tmp_path / "missing.jsonl"
+    assert run_files(f"{missing},{missing}") == [missing, missing]
     with pytest.raises(ValueError) as info:
-        read_run(shards)
-    number = len(shards[1].read_text().splitlines())
-    assert str(info.value) == (
-        f"{shards[1]}: record {number} (aime, {record['id']}, rollout {record['rollout']}) belongs to shard 0, not 1"
-    )
+        run_files(tmp_path / "run.shard-*.jsonl")
+    assert str(info.value) == f"{tmp_path / 'run.shard-*.jsonl'}: no file matches this pattern"
+    shards = [_shard_by_name(tmp_path, i, 2) for i in range(2)]
+    assert run_files(tmp_path / "run.jsonl") == shards == run_files(tmp_path / "run.shard-*.jsonl")
 
 
 def test_shards_of_other_settings_are_refused_naming_each_hash_even_an_empty_shard(tmp_path):

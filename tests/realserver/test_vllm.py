@@ -187,8 +187,12 @@ def test_the_isolation_probe_catches_vllm_cpu_with_max_loras_1(vllm_server, demo
     refused, out = demo_run(tmp_path, "leak", "free", engine)
     assert refused.returncode == 2 and not out.exists(), refused.stderr[-2000:]
     assert "adapter isolation check failed" in refused.stderr and "--max-loras = adapters + 1" in refused.stderr
-    # the probe is not crying wolf: the same run with the check skipped silently differs from the in-process one
-    skipped, leaked = demo_run(tmp_path, "leak_skipped", "free", engine, "--limit", "16", "--skip-isolation-check")
+    # the probe is not crying wolf: the same run with the check skipped differs from the in-process one. How much
+    # the leak shows depends on how requests happen to batch: often only the answers change (a silent loss), and
+    # when base rows write deletion JSON into the thinking, the cleaner names spans that are not there and the
+    # unusable-cleaning gate stops the run (exit 3, CI on 2026-12-07). The run accepts that here to compare rollouts.
+    unchecked = ("--limit", "16", "--skip-isolation-check", "--accept-unusable-cleaning")
+    skipped, leaked = demo_run(tmp_path, "leak_skipped", "free", engine, *unchecked)
     ok(skipped)
     local = {r.key: r for r in read_rollouts(demo_runs["local.freelm"])}  # the same problems in process
     tokenizer = Tokenizer.from_pretrained(EMBEDDED / "base")

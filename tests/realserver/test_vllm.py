@@ -187,10 +187,9 @@ def test_the_isolation_probe_catches_vllm_cpu_with_max_loras_1(vllm_server, demo
     refused, out = demo_run(tmp_path, "leak", "free", engine)
     assert refused.returncode == 2 and not out.exists(), refused.stderr[-2000:]
     assert "adapter isolation check failed" in refused.stderr and "--max-loras = adapters + 1" in refused.stderr
-    # the probe is not crying wolf: the same run with the check skipped differs from the in-process one. How much
-    # the leak shows depends on how requests happen to batch: often only the answers change (a silent loss), and
-    # when base rows write deletion JSON into the thinking, the cleaner names spans that are not there and the
-    # unusable-cleaning gate stops the run (exit 3, CI on 2026-12-07). The run accepts that here to compare rollouts.
+    # the probe is not crying wolf: the same run with the check skipped differs from the in-process one. When the
+    # leak changes the thinking enough, the cleaner's spans stop resolving and the unusable-cleaning rule stops the
+    # run (exit 3, CI on 2026-12-07); the run accepts that here to compare its rollouts.
     unchecked = ("--limit", "16", "--skip-isolation-check", "--accept-unusable-cleaning")
     skipped, leaked = demo_run(tmp_path, "leak_skipped", "free", engine, *unchecked)
     ok(skipped)
@@ -198,7 +197,7 @@ def test_the_isolation_probe_catches_vllm_cpu_with_max_loras_1(vllm_server, demo
     tokenizer = Tokenizer.from_pretrained(EMBEDDED / "base")
     differences = [first_difference(r, local[r.key], tokenizer) for r in read_rollouts(leaked)]
     # with --max-loras 2 every rollout is identical (test_demo_settings_...), so any difference is the leak; how
-    # many differ depends on how requests batch (9 of 16 at load 0 on 2026-12-07), so no count is asked of luck
+    # many differ depends on how requests batch (9 of 16 at load 0 on 2026-12-07), so no count is asked
     assert len(differences) == 16 and any(d is not None for d in differences), differences
 
 
